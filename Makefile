@@ -1,0 +1,61 @@
+# Accordion: `make demo` and `make test` do everything from a fresh clone (see README.md).
+# Each step installs what it needs, is cached and idempotent, and prints what it does.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+TARGET := aarch64-unknown-linux-gnu
+# Cross builds use Debian's rustc-web (rustup's toolchain has no aarch64 std here).
+ifeq ($(shell uname -m),aarch64)
+  CROSS := env -u RUSTFLAGS cargo
+  CROSS_CLIPPY := env -u RUSTFLAGS cargo clippy
+else
+  CROSS := env -u RUSTFLAGS -u RUSTUP_TOOLCHAIN RUSTC=/usr/bin/rustc \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static /usr/bin/cargo
+  CROSS_CLIPPY := env -u RUSTFLAGS -u RUSTUP_TOOLCHAIN RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy
+endif
+STEP := scripts/step.sh
+
+.PHONY: all setup kernels build fmt-check clippy clippy-x86 clippy-arm64 unit-test node-test harness-test test demo clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+kernels: setup
+	@$(STEP) 'guest and node kernels (cached)' scripts/kernels.sh
+
+build: setup
+	@$(STEP) 'aarch64 build' $(CROSS) build --workspace --bins --examples --target $(TARGET)
+
+fmt-check: setup
+	@$(STEP) 'cargo fmt --check' cargo fmt --all --check
+
+clippy-x86: setup
+	@$(STEP) 'clippy x86_64 (-D warnings)' cargo clippy --workspace --all-targets -- -D warnings
+
+clippy-arm64: setup
+	@$(STEP) 'clippy aarch64 (-D warnings)' $(CROSS_CLIPPY) --workspace --all-targets --target $(TARGET) -- -D warnings
+
+clippy: clippy-x86 clippy-arm64
+
+# Unit tests of every crate for aarch64 (under qemu-user on x86_64), and xtask's natively.
+unit-test: setup
+	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
+
+# Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM.
+node-test: kernels
+	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test
+
+# The harness's own end-to-end checks (xtask/tests): exit status, stdout/stderr, timeouts.
+harness-test: kernels
+	@$(STEP) 'node harness tests' cargo test -p xtask
+
+test: fmt-check clippy unit-test node-test harness-test
+	@echo "make test: all steps passed"
+
+demo: kernels
+	cargo xtask demo
+
+clean:
+	cargo clean

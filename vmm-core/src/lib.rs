@@ -1,0 +1,3 @@
+//! accordion-vmm: Accordion's embedded ARM64 KVM microVM core.
+
+pub mod platform;

@@ -1,0 +1,283 @@
+//! `cargo xtask`: Accordion's build orchestration (the cargo xtask pattern).
+//!
+//! Everything that needs ARM64 KVM runs in an emulated ARM64 node on x86_64 hosts, or directly on an
+//! ARM64 host with /dev/kvm. See README.md and docs/BENCHMARKS.md.
+
+mod assets;
+mod bench;
+mod cpio;
+mod cross;
+mod node;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+pub type XResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+}
+
+#[derive(Parser)]
+#[command(about = "Accordion build orchestration", arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cross-build every workspace binary and example for aarch64 (static).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Fetch Debian's stock arm64 kernel and build the minimal guest kernel (cached).
+    Kernels,
+    /// Write the guest initramfs (busybox init) to a file.
+    GuestInitrd { out: PathBuf },
+    /// Boot the emulated ARM64 node and run a command in it as root; exits with its status.
+    Node(NodeArgs),
+    /// Run every integration test (tests/*.rs of each crate) for aarch64 in one node.
+    NodeTest {
+        /// Only test binaries whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        #[command(flatten)]
+        node: NodeOpts,
+    },
+    /// Benchmarks, run in one node each; medians printed (see docs/BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+    /// What `make demo` shows.
+    Demo,
+}
+
+#[derive(Args, Clone)]
+pub struct NodeOpts {
+    /// vCPUs of the emulated node.
+    #[arg(long, default_value_t = 2)]
+    smp: u32,
+    /// Memory of the emulated node (qemu syntax: 3G, 2048M).
+    #[arg(long, default_value = "3G")]
+    memory: String,
+    /// Hard limit for the whole node run, in seconds.
+    #[arg(long, default_value_t = 1200)]
+    timeout: u64,
+    /// Build and pack release binaries.
+    #[arg(long)]
+    release: bool,
+    /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
+    #[arg(long = "add", value_name = "HOST:NODE")]
+    add: Vec<String>,
+    /// Boot the node with containerd (not implemented yet: arrives with the shim issue).
+    #[arg(long)]
+    containerd: bool,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    opts: NodeOpts,
+    /// The command to run in the node, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            // 125: the harness failed, not the command (like `env`/`timeout` conventions).
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn step<T>(what: &str, f: impl FnOnce() -> XResult<T>) -> XResult<T> {
+    let t = Instant::now();
+    let r = f()?;
+    if std::env::var_os("ACCORDION_NODE_QUIET").is_none() {
+        eprintln!("xtask: {what} ({:.1}s)", t.elapsed().as_secs_f64());
+    }
+    Ok(r)
+}
+
+/// Forwards the variables a node command should see (e.g. CI's ACCORDION_REQUIRE_KVM=1).
+fn forwarded_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("ACCORDION_") && k != "ACCORDION_CACHE")
+        .chain([("RUST_BACKTRACE".to_string(), "1".to_string())])
+        .collect()
+}
+
+pub fn prepare_node(
+    opts: &NodeOpts,
+    tests: Vec<cross::Artifact>,
+    command: Vec<String>,
+) -> XResult<(node::NodeSpec, assets::Kernels, PathBuf)> {
+    if opts.containerd {
+        return Err(
+            "--containerd is not implemented yet: it arrives with the containerd shim issue".into(),
+        );
+    }
+    let mut extra = Vec::new();
+    for a in &opts.add {
+        let (h, n) = a
+            .split_once(':')
+            .ok_or_else(|| format!("--add {a}: expected HOST_PATH:NODE_PATH"))?;
+        if !n.starts_with('/') || !Path::new(h).is_file() {
+            return Err(
+                format!("--add {a}: host file must exist and node path be absolute").into(),
+            );
+        }
+        extra.push((PathBuf::from(h), n.to_string()));
+    }
+    let bins = step("aarch64 build", || {
+        cross::build(cross::Kind::Binaries, opts.release)
+    })?;
+    let kernels = step("kernels", assets::kernels)?;
+    let busybox = assets::busybox()?;
+    let spec = node::NodeSpec {
+        smp: opts.smp,
+        memory: opts.memory.clone(),
+        timeout: Duration::from_secs(opts.timeout),
+        bins,
+        tests,
+        extra,
+        env: forwarded_env(),
+        command,
+    };
+    Ok((spec, kernels, busybox))
+}
+
+/// Runs a node command, or on an ARM64 KVM host the command itself. Returns its exit status.
+pub fn run_in_node(spec: &node::NodeSpec, k: &assets::Kernels, busybox: &Path) -> XResult<i32> {
+    if node::host_can_run_directly() {
+        return direct::run(spec, k, busybox);
+    }
+    Ok(node::run(spec, k, busybox)?.exit_code)
+}
+
+fn run(cmd: Cmd) -> XResult<i32> {
+    match cmd {
+        Cmd::Build { release } => {
+            for a in cross::build(cross::Kind::Binaries, release)? {
+                println!("{}\t{}", a.name, a.path.display());
+            }
+            Ok(0)
+        }
+        Cmd::Kernels => {
+            let k = assets::kernels()?;
+            println!("{}", k.dir.display());
+            Ok(0)
+        }
+        Cmd::GuestInitrd { out } => {
+            let k = assets::kernels()?;
+            assets::write_guest_initrd(&k, &assets::busybox()?, &out)?;
+            Ok(0)
+        }
+        Cmd::Node(args) => {
+            let (spec, k, bb) = prepare_node(&args.opts, Vec::new(), args.command)?;
+            run_in_node(&spec, &k, &bb)
+        }
+        Cmd::NodeTest { filter, node: opts } => {
+            let mut tests = step("aarch64 integration tests build", || {
+                cross::build(cross::Kind::IntegrationTests, opts.release)
+            })?;
+            if let Some(f) = &filter {
+                tests.retain(|t| t.name.contains(f.as_str()));
+            }
+            if tests.is_empty() {
+                return Err("no integration tests matched".into());
+            }
+            // Each test binary runs in turn; failures are counted, never hidden.
+            let script = "fail=0; n=0\n\
+                 for t in /opt/accordion/tests/*; do\n\
+                   n=$((n+1)); echo \"=== node test binary: ${t##*/}\"\n\
+                   \"$t\" || { fail=$((fail+1)); echo \"=== FAILED: ${t##*/}\"; }\n\
+                 done\n\
+                 echo \"=== node test binaries: $n run, $fail failed\"\n\
+                 exit $fail\n";
+            let (spec, k, bb) =
+                prepare_node(&opts, tests, vec!["sh".into(), "-c".into(), script.into()])?;
+            run_in_node(&spec, &k, &bb)
+        }
+        Cmd::Bench { what } => bench::run(what),
+        Cmd::Demo => demo(),
+    }
+}
+
+fn demo() -> XResult<i32> {
+    let opts = NodeOpts {
+        smp: 2,
+        memory: "3G".into(),
+        timeout: 600,
+        release: false,
+        add: Vec::new(),
+        containerd: false,
+    };
+    println!("== Accordion demo: the emulated ARM64 node and its KVM");
+    let (spec, k, bb) = prepare_node(
+        &opts,
+        Vec::new(),
+        vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"node: $(uname -m), kernel $(uname -r), $(nproc) CPUs\"; accordion check".into(),
+        ],
+    )?;
+    run_in_node(&spec, &k, &bb)
+}
+
+/// ARM64 hosts with KVM: no node, the command runs here with our binaries first on PATH.
+mod direct {
+    use super::*;
+
+    pub fn run(spec: &node::NodeSpec, k: &assets::Kernels, busybox: &Path) -> XResult<i32> {
+        let stage = root().join("target/direct");
+        let bin = stage.join("bin");
+        let guest = stage.join("share/guest");
+        let tests = stage.join("tests");
+        for d in [&bin, &guest, &tests] {
+            std::fs::create_dir_all(d)?;
+        }
+        for a in &spec.bins {
+            std::fs::copy(&a.path, bin.join(&a.name))?;
+        }
+        for a in &spec.tests {
+            std::fs::copy(&a.path, tests.join(&a.name))?;
+        }
+        std::fs::copy(k.minimal(), guest.join("Image"))?;
+        std::fs::copy(k.debian(), guest.join("Image-debian"))?;
+        assets::write_guest_initrd(k, busybox, &guest.join("initrd.cpio"))?;
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // Node scripts refer to /opt/accordion/tests; point them at the staged copies.
+        let cmd: Vec<String> = spec
+            .command
+            .iter()
+            .map(|a| a.replace("/opt/accordion/tests", &tests.to_string_lossy()))
+            .collect();
+        let status = std::process::Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("PATH", path)
+            .env("ACCORDION_SHARE_DIR", stage.join("share"))
+            .envs(spec.env.iter().cloned())
+            .status()?;
+        Ok(status.code().unwrap_or(128 + 9))
+    }
+}

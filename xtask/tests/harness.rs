@@ -1,0 +1,68 @@
+//! End-to-end checks of the emulated ARM64 node harness, as a user runs it: `cargo xtask node -- …`.
+//! They boot real nodes (qemu-system-aarch64, TCG), so each takes several seconds.
+
+use std::process::{Command, Output};
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("ACCORDION_NODE_QUIET", "1")
+        .output()
+        .expect("run xtask")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// qemu processes still running whose command line names a node run directory of this checkout.
+fn stray_nodes() -> Vec<String> {
+    let marker = format!("{}/target/node/", env!("CARGO_MANIFEST_DIR").trim_end_matches("/xtask"));
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = text(&cmdline).replace('\0', " ");
+        if cmdline.starts_with("qemu-system-aarch64") && cmdline.contains(&marker) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[test]
+fn test_node_command_exit_status_propagates() {
+    let out = xtask(&["node", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn test_node_is_aarch64_with_kvm_and_keeps_streams_apart() {
+    let out = xtask(&[
+        "node",
+        "--",
+        "sh",
+        "-c",
+        "uname -m; test -c /dev/kvm && echo kvm-ok; echo to-stderr >&2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, "aarch64\nkvm-ok\n");
+    assert!(stderr.contains("to-stderr"), "stderr: {stderr}");
+}
+
+#[test]
+fn test_node_hung_command_is_killed_at_timeout_with_log_path() {
+    let out = xtask(&["node", "--timeout", "45", "--", "sleep", "600"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    assert!(stderr.contains("timed out after 45s"), "stderr: {stderr}");
+    assert!(stderr.contains("serial log: "), "stderr: {stderr}");
+    assert!(stray_nodes().is_empty(), "qemu left running: {:?}", stray_nodes());
+}
+
+#[test]
+fn test_node_bad_add_argument_is_a_clear_error() {
+    let out = xtask(&["node", "--add", "/nonexistent:/x", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("host file must exist"), "{}", text(&out.stderr));
+}
