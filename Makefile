@@ -49,7 +49,7 @@ node-test: kernels
 
 # The harness's own end-to-end checks (xtask/tests): exit status, stdout/stderr, timeouts.
 harness-test: kernels
-	@$(STEP) 'node harness tests' cargo test -p xtask
+	@$(STEP) 'node harness tests' cargo test -p xtask -- --test-threads=1
 
 test: fmt-check clippy unit-test node-test harness-test
 	@echo "make test: all steps passed"

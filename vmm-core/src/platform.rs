@@ -116,15 +116,17 @@ pub fn kvm_required() -> bool {
 mod arch {
     use kvm_bindings::{
         kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
-        KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER, KVM_CREATE_DEVICE_TEST,
+        KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER,
     };
     use kvm_ioctls::VmFd;
 
     pub(super) fn probe_vm(vm: &VmFd) -> (bool, bool) {
+        // A real (uninitialised) device in this scratch VM, not KVM_CREATE_DEVICE_TEST: in test mode
+        // KVM returns no fd and kvm-ioctls would wrap (and later close) fd 0.
         let mut gic = kvm_create_device {
             type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
             fd: 0,
-            flags: KVM_CREATE_DEVICE_TEST,
+            flags: 0,
         };
         let vgic_v3 = vm.create_device(&mut gic).is_ok();
         let filter = kvm_device_attr {

@@ -78,7 +78,12 @@ pub fn kernels() -> XResult<Kernels> {
     if let Some(dir) = std::env::var_os("ACCORDION_KERNELS_DIR") {
         let dir = PathBuf::from(dir);
         let debian_kver = std::fs::read_to_string(dir.join("debian-kver"))
-            .map_err(|e| format!("ACCORDION_KERNELS_DIR: {}: {e}", dir.join("debian-kver").display()))?
+            .map_err(|e| {
+                format!(
+                    "ACCORDION_KERNELS_DIR: {}: {e}",
+                    dir.join("debian-kver").display()
+                )
+            })?
             .trim()
             .to_string();
         return Ok(Kernels { dir, debian_kver });

@@ -49,7 +49,15 @@ pub fn build(kind: Kind, release: bool) -> XResult<Vec<Artifact>> {
     cmd.current_dir(root());
     match kind {
         Kind::Binaries => cmd.args(["build", "--workspace", "--bins", "--examples"]),
-        Kind::IntegrationTests => cmd.args(["test", "--workspace", "--tests", "--no-run"]),
+        // xtask's own tests drive the node from the host; they are not node tests.
+        Kind::IntegrationTests => cmd.args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--tests",
+            "--no-run",
+        ]),
     };
     cmd.args([
         "--target",
@@ -106,12 +114,27 @@ pub fn build(kind: Kind, release: bool) -> XResult<Vec<Artifact>> {
     Ok(artifacts)
 }
 
+/// The package of an artifact from its package_id: "path+file:///w/vmm-core#accordion-vmm@0.1.0",
+/// or "path+file:///w/xtask#0.1.0" when the name is the directory's.
 fn package_name(msg: &serde_json::Value) -> String {
-    // package_id looks like "path+file:///work/main/vmm-core#accordion-vmm@0.1.0".
     let id = msg["package_id"].as_str().unwrap_or("");
-    id.rsplit('#')
-        .next()
-        .and_then(|s| s.split('@').next())
-        .unwrap_or("pkg")
-        .to_string()
+    let (url, frag) = id.rsplit_once('#').unwrap_or((id, ""));
+    match frag.split_once('@') {
+        Some((name, _)) => name.to_string(),
+        None => url.rsplit('/').next().unwrap_or("pkg").to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_package_name_from_both_package_id_forms() {
+        let named =
+            serde_json::json!({"package_id": "path+file:///w/vmm-core#accordion-vmm@0.1.0"});
+        let plain = serde_json::json!({"package_id": "path+file:///w/xtask#0.1.0"});
+        assert_eq!(package_name(&named), "accordion-vmm");
+        assert_eq!(package_name(&plain), "xtask");
+    }
 }

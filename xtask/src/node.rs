@@ -99,9 +99,14 @@ hostname accordion-node
 ip link set lo up 2>/dev/null
 [ -f /accordion/env ] && . /accordion/env
 cd /root
+# The virtio consoles are ttys: keep them open and raw so bytes reach the host unchanged
+# (no \n -> \r\n); settings last only while the tty is open.
+exec 3<>/dev/hvc0 4<>/dev/hvc1
+stty raw -echo <&3
+stty raw -echo <&4
 read -r up _ < /proc/uptime
 echo "@@CMD-START uptime=$up" > /dev/ttyAMA0
-sh /accordion/cmd.sh < /dev/null > /dev/hvc0 2> /dev/hvc1
+sh /accordion/cmd.sh < /dev/null >&3 2>&4 3>&- 4>&-
 rc=$?
 read -r up _ < /proc/uptime
 echo "@@CMD-END uptime=$up" > /dev/ttyAMA0

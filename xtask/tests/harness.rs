@@ -17,10 +17,15 @@ fn text(b: &[u8]) -> String {
 
 /// qemu processes still running whose command line names a node run directory of this checkout.
 fn stray_nodes() -> Vec<String> {
-    let marker = format!("{}/target/node/", env!("CARGO_MANIFEST_DIR").trim_end_matches("/xtask"));
+    let marker = format!(
+        "{}/target/node/",
+        env!("CARGO_MANIFEST_DIR").trim_end_matches("/xtask")
+    );
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = text(&cmdline).replace('\0', " ");
         if cmdline.starts_with("qemu-system-aarch64") && cmdline.contains(&marker) {
             found.push(cmdline);
@@ -57,12 +62,20 @@ fn test_node_hung_command_is_killed_at_timeout_with_log_path() {
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
     assert!(stderr.contains("timed out after 45s"), "stderr: {stderr}");
     assert!(stderr.contains("serial log: "), "stderr: {stderr}");
-    assert!(stray_nodes().is_empty(), "qemu left running: {:?}", stray_nodes());
+    assert!(
+        stray_nodes().is_empty(),
+        "qemu left running: {:?}",
+        stray_nodes()
+    );
 }
 
 #[test]
 fn test_node_bad_add_argument_is_a_clear_error() {
     let out = xtask(&["node", "--add", "/nonexistent:/x", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("host file must exist"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("host file must exist"),
+        "{}",
+        text(&out.stderr)
+    );
 }
