@@ -15,7 +15,7 @@ else
 endif
 STEP := scripts/step.sh
 
-.PHONY: all setup kernels build fmt-check clippy clippy-x86 clippy-arm64 unit-test node-test harness-test test demo clean
+.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test node-test harness-test test demo clean
 
 all: build
 
@@ -24,6 +24,10 @@ setup:
 
 kernels: setup
 	@$(STEP) 'guest and node kernels (cached)' scripts/kernels.sh
+
+# Both kernels boot to a static /init under plain qemu (DT boot, TCG) and see their CPUs and vsock.
+kernel-smoke: kernels
+	@$(STEP) 'kernel smoke boots' scripts/kernels.sh --smoke
 
 build: setup
 	@$(STEP) 'aarch64 build' $(CROSS) build --workspace --bins --examples --target $(TARGET)
@@ -51,7 +55,7 @@ node-test: kernels
 harness-test: kernels
 	@$(STEP) 'node harness tests' cargo test -p xtask -- --test-threads=1
 
-test: fmt-check clippy unit-test node-test harness-test
+test: fmt-check clippy unit-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
 demo: kernels
