@@ -1,0 +1,260 @@
+//! What PID 1 owes the guest: the basic filesystems, a console, and a clean power-off.
+//!
+//! Runs only when the agent is PID 1 or is started with `--init`; on a host (tests, `--no-init`)
+//! none of this touches the machine.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Errors of PID-1 setup.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A mount failed.
+    #[error("Cannot mount {fstype} on {target}")]
+    Mount {
+        /// Filesystem type.
+        fstype: &'static str,
+        /// Mount point.
+        target: &'static str,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// A mount point could not be created.
+    #[error("Cannot create {target}")]
+    MountPoint {
+        /// Mount point.
+        target: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// /dev/console could not be opened.
+    #[error("Cannot open /dev/console")]
+    Console(#[source] io::Error),
+}
+
+/// One filesystem PID 1 mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountSpec {
+    /// Source (the device name for pseudo filesystems).
+    pub source: &'static str,
+    /// Mount point.
+    pub target: &'static str,
+    /// Filesystem type.
+    pub fstype: &'static str,
+    /// Mount flags.
+    pub flags: MsFlags,
+    /// Filesystem options.
+    pub data: &'static str,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
+/// The filesystems, in dependency order (proc first: mountinfo is how the others are checked).
+pub const MOUNTS: &[MountSpec] = &[
+    MountSpec {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountSpec {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    // The kernel's DEVTMPFS_MOUNT is off in Debian's arm64 kernel: PID 1 mounts /dev itself.
+    MountSpec {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: "mode=0755",
+    },
+    // gid 5 is "tty" by convention; static glibc has no NSS, so it is numeric.
+    MountSpec {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: "mode=0620,gid=5,ptmxmode=0666",
+    },
+    MountSpec {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: "mode=1777",
+    },
+    MountSpec {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: "mode=1777",
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: "mode=0755",
+    },
+];
+
+/// Mount points listed in a /proc/self/mountinfo text (field 5, with the kernel's octal escapes
+/// left as they are: our targets contain no characters that need them).
+pub fn mount_points(mountinfo: &str) -> Vec<&str> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .collect()
+}
+
+/// Mounts every filesystem of [`MOUNTS`] that is not mounted yet (a second run, or a kernel or
+/// initramfs that did some of it, is fine). Returns the failures; the agent logs them and serves
+/// anyway, since a missing /tmp is no reason to lose the VM.
+pub fn mount_all() -> Vec<InitError> {
+    let mut errors = Vec::new();
+    for spec in MOUNTS {
+        let mounted = if spec.target == "/proc" {
+            Path::new("/proc/self/mountinfo").exists()
+        } else {
+            fs::read_to_string("/proc/self/mountinfo")
+                .map(|info| mount_points(&info).contains(&spec.target))
+                .unwrap_or(false)
+        };
+        if mounted {
+            continue;
+        }
+        if let Err(source) = fs::create_dir_all(spec.target) {
+            errors.push(InitError::MountPoint {
+                target: spec.target,
+                source,
+            });
+            continue;
+        }
+        let data = (!spec.data.is_empty()).then_some(spec.data);
+        if let Err(source) = mount(
+            Some(spec.source),
+            spec.target,
+            Some(spec.fstype),
+            spec.flags,
+            data,
+        ) {
+            errors.push(InitError::Mount {
+                fstype: spec.fstype,
+                target: spec.target,
+                source,
+            });
+        }
+    }
+    // devtmpfs lacks these; shells and tools expect them. Existing ones are left alone.
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    errors
+}
+
+/// Makes fds 0–2 the console if the kernel could not (an initramfs without /dev/console starts
+/// init with no fds at all). Call after /dev is mounted.
+pub fn attach_console() -> Result<(), InitError> {
+    // SAFETY: F_GETFD only queries descriptor flags; it has no memory effects.
+    let stderr_open = unsafe { libc::fcntl(2, libc::F_GETFD) } >= 0;
+    if stderr_open {
+        return Ok(());
+    }
+    let console = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .map_err(InitError::Console)?;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto 0–2 replaces descriptors the process does not hold (they were closed,
+        // checked above); `console` stays open for the call.
+        if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
+            return Err(InitError::Console(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Powers the VM off: every other process gets SIGTERM, then SIGKILL after `grace`; filesystems
+/// are synced; reboot(2) with RB_POWER_OFF. Only PID 1 may do this — anywhere else (a host test
+/// running as root) it would power off the machine, so the process just exits there.
+pub fn power_off(reason: &str, grace: Duration) -> ! {
+    crate::info!("powering off: {reason}");
+    if std::process::id() != 1 {
+        crate::warn!("not PID 1: exiting instead of powering off");
+        std::process::exit(0);
+    }
+    // kill(-1) reaches every process but ourselves. The reaper thread collects the zombies.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    // ESRCH from a null signal to -1 means no other process is left.
+    while Instant::now() < deadline && kill(Pid::from_raw(-1), None).is_ok() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let err = reboot(RebootMode::RB_POWER_OFF).err();
+    // Only reached if reboot(2) failed; PID 1 must not exit (the kernel would panic), so wait.
+    crate::error!("reboot(RB_POWER_OFF) failed: {err:?}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_mount_points_from_mountinfo() {
+        let info = "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n\
+                    23 22 0:22 / /sys rw shared:2 - sysfs sysfs rw\n";
+        assert_eq!(mount_points(info), vec!["/proc", "/sys"]);
+    }
+
+    #[test]
+    fn test_mounts_proc_first_and_parents_before_children() {
+        assert_eq!(MOUNTS[0].target, "/proc");
+        for (i, spec) in MOUNTS.iter().enumerate() {
+            for later in &MOUNTS[i + 1..] {
+                assert!(
+                    !spec.target.starts_with(&format!("{}/", later.target)),
+                    "{} before its parent {}",
+                    spec.target,
+                    later.target
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,816 @@
+//! Host side of the agent protocol: gRPC (`accordion.agent.v1`) to the guest agent through the
+//! VMM's hybrid-vsock Unix socket.
+//!
+//! Hybrid vsock (Firecracker's convention, which our VMM follows): the host connects to the VMM's
+//! Unix socket, writes `CONNECT <port>\n`, and the VMM answers `OK <host port>\n` once the guest
+//! accepted; from then on the socket carries the guest connection's bytes. A VMM that cannot reach
+//! the port (the guest is still booting, nobody listens yet) closes the socket instead, so that
+//! is retried; any other answer means we are not talking to a hybrid-vsock endpoint and is an error.
+//!
+//! Every call has its own deadline (a hung guest must never hang the shim), and failures are typed:
+//! the caller can tell a guest that is not up yet from one that went away or refused a call.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use accordion_proto::agent::v1 as pb;
+use accordion_proto::agent::v1::agent_client::AgentClient as RawClient;
+use accordion_proto::{AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request, Status};
+
+/// Longest handshake reply accepted ("OK 4294967295\n" is 14 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+/// Stdin is sent in chunks of this size (well under the agent's message limit).
+const STDIN_CHUNK: usize = 32 * 1024;
+/// Queued stdin messages before reading stdin waits for the agent.
+const STDIN_QUEUE: usize = 16;
+
+/// Errors of the agent client.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    /// The VMM's Unix socket could not be connected to (last attempt).
+    #[error("Cannot connect to {path}")]
+    Connect {
+        /// The hybrid-vsock socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket answered something other than `OK <port>` to `CONNECT`.
+    #[error("Hybrid-vsock handshake failed: {detail}")]
+    Handshake {
+        /// What was received or went wrong.
+        detail: String,
+    },
+    /// An operation did not finish before its deadline.
+    #[error("{operation} timed out after {after:?}{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Timeout {
+        /// What was being done.
+        operation: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+        /// The last retryable error before giving up, if any.
+        last_error: Option<String>,
+    },
+    /// The agent answered the call with an error.
+    #[error("Agent refused the call: {code:?}: {message}")]
+    Rpc {
+        /// gRPC status code.
+        code: Code,
+        /// The agent's message.
+        message: String,
+    },
+    /// The connection to the agent is gone (the guest died, was stopped, or the VMM closed it).
+    #[error("Agent is gone: {message}")]
+    AgentGone {
+        /// What was observed.
+        message: String,
+    },
+    /// The agent broke the protocol (e.g. an exec stream without `started` or without an exit).
+    #[error("Agent protocol violation: {0}")]
+    Protocol(String),
+    /// Reading the exec's stdin or writing its output locally failed.
+    #[error("Exec stdio failed")]
+    Stdio(#[source] io::Error),
+}
+
+impl AgentClientError {
+    /// Whether retrying the connection might help (the guest may still be booting).
+    fn is_retryable_connect(&self) -> bool {
+        !matches!(self, AgentClientError::Handshake { .. })
+    }
+}
+
+impl From<Status> for AgentClientError {
+    fn from(status: Status) -> Self {
+        // A status the agent sent arrives without a source. One tonic made from a local transport
+        // failure (connection reset mid-stream: "h2 protocol error", code UNKNOWN) carries the
+        // error as its source; a closed connection or failed reconnect is UNAVAILABLE.
+        let transport_failed = std::error::Error::source(&status).is_some();
+        match status.code() {
+            Code::Unavailable => AgentClientError::AgentGone {
+                message: status.message().to_owned(),
+            },
+            _ if transport_failed => AgentClientError::AgentGone {
+                message: error_chain(&status),
+            },
+            code => AgentClientError::Rpc {
+                code,
+                message: status.message().to_owned(),
+            },
+        }
+    }
+}
+
+type Result<T, E = AgentClientError> = std::result::Result<T, E>;
+
+/// Timing of the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Deadline of each unary call (and of an exec's start).
+    pub rpc_timeout: Duration,
+    /// First pause between connection attempts; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest pause between connection attempts.
+    pub max_backoff: Duration,
+    /// How long one handshake may wait for the VMM's answer.
+    pub handshake_timeout: Duration,
+    /// The guest's agent port.
+    pub port: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            rpc_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            port: AGENT_VSOCK_PORT,
+        }
+    }
+}
+
+/// Parses the VMM's answer to `CONNECT`: `OK <host port>` (without the newline).
+pub fn parse_handshake_reply(line: &[u8]) -> Result<u32> {
+    let text = std::str::from_utf8(line).map_err(|_| AgentClientError::Handshake {
+        detail: format!("non-UTF-8 reply {line:?}"),
+    })?;
+    text.strip_prefix("OK ")
+        .and_then(|port| port.parse().ok())
+        .ok_or_else(|| AgentClientError::Handshake {
+            detail: format!("unexpected reply {text:?}"),
+        })
+}
+
+/// Connects to the hybrid-vsock socket at `path` and performs the handshake for `port`. The reply
+/// is read byte by byte: the guest's first bytes (the HTTP/2 server preface) may follow it at once
+/// and must stay in the socket for the gRPC layer.
+pub async fn hybrid_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
+    let mut stream =
+        UnixStream::connect(path)
+            .await
+            .map_err(|source| AgentClientError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+    let handshake = async {
+        // A front that answers at once and closes can make this write fail (EPIPE) while its
+        // answer already sits in our receive buffer: the answer, if any, decides.
+        let written = stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .await;
+        let mut line = Vec::with_capacity(16);
+        loop {
+            let byte = match stream.read_u8().await {
+                Ok(byte) => byte,
+                Err(read_err) => return Err(written.err().unwrap_or(read_err)),
+            };
+            if byte == b'\n' {
+                return Ok::<_, io::Error>(Some(line));
+            }
+            line.push(byte);
+            if line.len() > MAX_HANDSHAKE_LINE {
+                return Ok(None);
+            }
+        }
+    };
+    let line = match tokio::time::timeout(timeout, handshake).await {
+        Err(_) => {
+            return Err(AgentClientError::Timeout {
+                operation: "hybrid-vsock handshake",
+                after: timeout,
+                last_error: None,
+            })
+        }
+        // EOF or reset before an answer: the VMM could not reach the guest port (yet).
+        Ok(Err(source)) => {
+            return Err(AgentClientError::Connect {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Ok(Ok(None)) => {
+            return Err(AgentClientError::Handshake {
+                detail: format!("reply longer than {MAX_HANDSHAKE_LINE} bytes"),
+            })
+        }
+        Ok(Ok(Some(line))) => line,
+    };
+    parse_handshake_reply(&line)?;
+    Ok(stream)
+}
+
+/// Calls `attempt` until it succeeds, fails with a non-retryable error, or `deadline` passes,
+/// pausing with exponential backoff in between.
+async fn retry_until<T, F, Fut>(
+    deadline: Duration,
+    config: &ClientConfig,
+    operation: &'static str,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let end = Instant::now() + deadline;
+    let mut backoff = config.initial_backoff;
+    let mut last_error = None;
+    loop {
+        let remaining = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if !e.is_retryable_connect() => return Err(e),
+            Ok(Err(e)) => last_error = Some(error_chain(&e)),
+            // The deadline cut this attempt short; the previous failure is the informative one.
+            Err(_) => {}
+        }
+        let remaining = end.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(AgentClientError::Timeout {
+                operation,
+                after: deadline,
+                last_error,
+            });
+        }
+        tokio::time::sleep(backoff.min(remaining)).await;
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// How an exec ended (domain form of the wire `ExecExit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, when the process exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Exited with 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The status a shell would report: the code, or 128 + the signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 255,
+        }
+    }
+}
+
+impl From<pb::ExecExit> for ExitStatus {
+    fn from(exit: pb::ExecExit) -> Self {
+        Self {
+            code: exit.code,
+            signal: exit.signal,
+        }
+    }
+}
+
+/// Guest facts (domain form of `GetGuestInfoResponse`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// `uname -r` in the guest.
+    pub kernel_release: String,
+    /// Possible CPUs, as a cpulist, and their count.
+    pub cpus_possible: (String, u32),
+    /// Present CPUs.
+    pub cpus_present: (String, u32),
+    /// Online CPUs.
+    pub cpus_online: (String, u32),
+    /// Memory, bytes.
+    pub memory_total_bytes: u64,
+    /// Available memory, bytes.
+    pub memory_available_bytes: u64,
+    /// Guest uptime.
+    pub uptime: Duration,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+impl From<pb::GetGuestInfoResponse> for GuestInfo {
+    fn from(r: pb::GetGuestInfoResponse) -> Self {
+        Self {
+            kernel_release: r.kernel_release,
+            cpus_possible: (r.cpus_possible, r.cpus_possible_count),
+            cpus_present: (r.cpus_present, r.cpus_present_count),
+            cpus_online: (r.cpus_online, r.cpus_online_count),
+            memory_total_bytes: r.memory_total_bytes,
+            memory_available_bytes: r.memory_available_bytes,
+            uptime: Duration::from_millis(r.uptime_ms),
+            agent_version: r.agent_version,
+        }
+    }
+}
+
+/// What to run with [`AgentClient::exec_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Working directory ("/" when empty).
+    pub cwd: String,
+    /// Run on a pty (output arrives on stdout only).
+    pub tty: bool,
+    /// Deadline for the whole exec; none by default (a command may run as long as it likes, but
+    /// starting it is still bounded by the RPC timeout). When it passes the exec is abandoned,
+    /// which makes the agent kill it.
+    pub timeout: Option<Duration>,
+}
+
+/// A connection to one guest's agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    raw: RawClient<Channel>,
+    config: ClientConfig,
+}
+
+impl AgentClient {
+    /// Connects through the hybrid-vsock socket `uds`, retrying with backoff until `deadline`
+    /// (the VMM may not have created the socket yet, the guest may still be booting).
+    pub async fn connect(uds: impl AsRef<Path>, deadline: Duration) -> Result<Self> {
+        Self::connect_with(uds, deadline, ClientConfig::default()).await
+    }
+
+    /// [`AgentClient::connect`] with explicit timing.
+    pub async fn connect_with(
+        uds: impl AsRef<Path>,
+        deadline: Duration,
+        config: ClientConfig,
+    ) -> Result<Self> {
+        let path = uds.as_ref().to_owned();
+        let channel = retry_until(deadline, &config, "connecting to the agent", || {
+            let path = path.clone();
+            async move {
+                let stream = hybrid_connect(&path, config.port, config.handshake_timeout).await?;
+                // The first connection is the one just made; tonic calls the connector again to
+                // reconnect (after the agent restarted), and that does a fresh handshake.
+                let first = Arc::new(Mutex::new(Some(stream)));
+                let connector = tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    let first = first.clone();
+                    async move {
+                        let ready = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        let stream = match ready {
+                            Some(stream) => stream,
+                            None => {
+                                hybrid_connect(&path, config.port, config.handshake_timeout).await?
+                            }
+                        };
+                        Ok::<_, AgentClientError>(TokioIo::new(stream))
+                    }
+                });
+                // The URI is only a label: the connector decides where bytes go.
+                Endpoint::from_static("http://agent.vsock")
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .connect_with_connector(connector)
+                    .await
+                    .map_err(|e| AgentClientError::AgentGone {
+                        message: error_chain(&e),
+                    })
+            }
+        })
+        .await?;
+        let raw = RawClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { raw, config })
+    }
+
+    /// The generated client on this connection, without size limits on what it sends (for tools
+    /// and fault tests). Calls through it have no deadline unless the caller sets one.
+    pub fn raw(&self) -> RawClient<Channel> {
+        self.raw.clone().max_encoding_message_size(usize::MAX)
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        // Tells the agent too (grpc-timeout), so it can stop working on an abandoned call.
+        request.set_timeout(self.config.rpc_timeout);
+        request
+    }
+
+    async fn unary<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.rpc_timeout, call).await {
+            Err(_) => Err(AgentClientError::Timeout {
+                operation,
+                after: self.config.rpc_timeout,
+                last_error: None,
+            }),
+            Ok(result) => Ok(result?.into_inner()),
+        }
+    }
+
+    /// Asks the agent whether it serves; returns its version.
+    pub async fn health(&self) -> Result<String> {
+        let request = self.request(pb::HealthRequest {});
+        Ok(self
+            .unary("Health", self.raw.clone().health(request))
+            .await?
+            .agent_version)
+    }
+
+    /// Kernel, CPU and memory facts of the guest.
+    pub async fn guest_info(&self) -> Result<GuestInfo> {
+        let request = self.request(pb::GetGuestInfoRequest {});
+        Ok(self
+            .unary("GetGuestInfo", self.raw.clone().get_guest_info(request))
+            .await?
+            .into())
+    }
+
+    /// Sends `signal` to a running exec.
+    pub async fn signal(&self, exec_id: &str, signal: i32) -> Result<()> {
+        let request = self.request(pb::SignalRequest {
+            exec_id: exec_id.to_owned(),
+            signal,
+        });
+        self.unary("Signal", self.raw.clone().signal(request))
+            .await
+            .map(drop)
+    }
+
+    /// Asks the agent to power the guest off. It answers before doing so.
+    pub async fn shutdown(&self) -> Result<()> {
+        let request = self.request(pb::ShutdownRequest {});
+        self.unary("Shutdown", self.raw.clone().shutdown(request))
+            .await
+            .map(drop)
+    }
+
+    /// Runs `argv` in the guest with `env`, feeding it `stdin` (or nothing), writing its output
+    /// to `stdout` and `stderr`; returns how it ended.
+    pub async fn exec<I, O, E>(
+        &self,
+        argv: &[&str],
+        env: &[&str],
+        stdin: Option<I>,
+        stdout: O,
+        stderr: E,
+    ) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        let spec = ExecSpec {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            env: env.iter().map(|s| (*s).to_owned()).collect(),
+            ..ExecSpec::default()
+        };
+        self.exec_with(spec, stdin, stdout, stderr).await
+    }
+
+    /// [`AgentClient::exec`] with every option.
+    pub async fn exec_with<I, O, E>(
+        &self,
+        spec: ExecSpec,
+        stdin: Option<I>,
+        mut stdout: O,
+        mut stderr: E,
+    ) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        use pb::exec_request::Request as Req;
+        use pb::exec_response::Response as Resp;
+
+        let (tx, rx) = mpsc::channel(STDIN_QUEUE);
+        let start = pb::ExecStart {
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            tty: spec.tty,
+        };
+        // The channel is new and has room: this cannot fail.
+        let _ = tx.try_send(pb::ExecRequest {
+            request: Some(Req::Start(start)),
+        });
+        let feeder = tokio::spawn(feed_stdin(stdin, tx));
+        // Stops feeding stdin however this function returns.
+        let _feeder = AbortOnDrop(feeder);
+
+        let rpc_timeout = self.config.rpc_timeout;
+        let timed_out = |operation| AgentClientError::Timeout {
+            operation,
+            after: rpc_timeout,
+            last_error: None,
+        };
+        let mut responses =
+            tokio::time::timeout(rpc_timeout, self.raw.clone().exec(ReceiverStream::new(rx)))
+                .await
+                .map_err(|_| timed_out("Exec start"))??
+                .into_inner();
+        match tokio::time::timeout(rpc_timeout, responses.message())
+            .await
+            .map_err(|_| timed_out("Exec start"))??
+        {
+            Some(pb::ExecResponse {
+                response: Some(Resp::Started(_)),
+            }) => {}
+            other => {
+                return Err(AgentClientError::Protocol(format!(
+                    "expected started, got {other:?}"
+                )))
+            }
+        }
+
+        let pump = async {
+            loop {
+                match responses.message().await? {
+                    Some(pb::ExecResponse {
+                        response: Some(Resp::Stdout(data)),
+                    }) => stdout
+                        .write_all(&data)
+                        .await
+                        .map_err(AgentClientError::Stdio)?,
+                    Some(pb::ExecResponse {
+                        response: Some(Resp::Stderr(data)),
+                    }) => stderr
+                        .write_all(&data)
+                        .await
+                        .map_err(AgentClientError::Stdio)?,
+                    Some(pb::ExecResponse {
+                        response: Some(Resp::Exit(exit)),
+                    }) => {
+                        stdout.flush().await.map_err(AgentClientError::Stdio)?;
+                        stderr.flush().await.map_err(AgentClientError::Stdio)?;
+                        return Ok(ExitStatus::from(exit));
+                    }
+                    Some(other) => {
+                        return Err(AgentClientError::Protocol(format!("unexpected {other:?}")))
+                    }
+                    None => {
+                        return Err(AgentClientError::AgentGone {
+                            message: "exec stream ended without an exit status".into(),
+                        })
+                    }
+                }
+            }
+        };
+        match spec.timeout {
+            None => pump.await,
+            Some(limit) => {
+                tokio::time::timeout(limit, pump)
+                    .await
+                    .map_err(|_| AgentClientError::Timeout {
+                        operation: "Exec",
+                        after: limit,
+                        last_error: None,
+                    })?
+            }
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends `stdin` in chunks, then `close_stdin`. The request stream stays open afterwards: ending
+/// it early is harmless for the agent, but a live stream is what the future tty resize needs.
+async fn feed_stdin<I: AsyncRead + Unpin>(stdin: Option<I>, tx: mpsc::Sender<pb::ExecRequest>) {
+    use pb::exec_request::Request as Req;
+    if let Some(mut stdin) = stdin {
+        let mut buf = vec![0u8; STDIN_CHUNK];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .send(pb::ExecRequest {
+                            request: Some(Req::Stdin(buf[..n].to_vec())),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A broken local stdin ends the input; the command still gets its EOF.
+                Err(_) => break,
+            }
+        }
+    }
+    let _ = tx
+        .send(pb::ExecRequest {
+            request: Some(Req::CloseStdin(pb::CloseStdin {})),
+        })
+        .await;
+    tx.closed().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    fn temp_socket(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("accordion-client-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir.join("vsock.sock")
+    }
+
+    fn fast() -> ClientConfig {
+        ClientConfig {
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            handshake_timeout: Duration::from_millis(500),
+            ..ClientConfig::default()
+        }
+    }
+
+    /// A hybrid-vsock front that answers every CONNECT with `reply` and then closes.
+    fn answer_with(path: &Path, reply: &'static [u8]) {
+        let listener = UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(reply).await;
+            }
+        });
+    }
+
+    #[test]
+    fn test_parse_handshake_reply_ok_port() {
+        assert_eq!(
+            parse_handshake_reply(b"OK 1073741824").expect("ok"),
+            1_073_741_824
+        );
+    }
+
+    #[test]
+    fn test_parse_handshake_reply_garbage_is_handshake_error() {
+        for reply in [&b"NOPE"[..], b"OK", b"OK x", b"ok 5", b"\xff\xfe"] {
+            assert!(
+                matches!(
+                    parse_handshake_reply(reply),
+                    Err(AgentClientError::Handshake { .. })
+                ),
+                "{reply:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_exit_status_shell_code() {
+        assert_eq!(
+            ExitStatus {
+                code: Some(5),
+                signal: None
+            }
+            .shell_code(),
+            5
+        );
+        assert_eq!(
+            ExitStatus {
+                code: None,
+                signal: Some(9)
+            }
+            .shell_code(),
+            137
+        );
+        assert!(!ExitStatus {
+            code: None,
+            signal: Some(9)
+        }
+        .success());
+    }
+
+    #[test]
+    fn test_status_unavailable_is_agent_gone() {
+        assert!(matches!(
+            AgentClientError::from(Status::unavailable("x")),
+            AgentClientError::AgentGone { .. }
+        ));
+        assert!(matches!(
+            AgentClientError::from(Status::not_found("x")),
+            AgentClientError::Rpc {
+                code: Code::NotFound,
+                ..
+            }
+        ));
+        let reset = Status::from_error(Box::new(io::Error::from(io::ErrorKind::ConnectionReset)));
+        assert!(matches!(
+            AgentClientError::from(reset),
+            AgentClientError::AgentGone { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn test_connect_garbage_handshake_fails_fast_with_handshake_error() {
+        let path = temp_socket("garbage");
+        answer_with(&path, b"HELLO THERE\n");
+        let started = Instant::now();
+        let err = AgentClient::connect_with(&path, Duration::from_secs(5), fast())
+            .await
+            .expect_err("garbage");
+        assert!(matches!(err, AgentClientError::Handshake { .. }), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "not retried until the deadline"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_connect_nobody_serving_times_out_at_deadline() {
+        let path = temp_socket("absent");
+        let deadline = Duration::from_millis(400);
+        let started = Instant::now();
+        let err = AgentClient::connect_with(&path, deadline, fast())
+            .await
+            .expect_err("nobody");
+        let elapsed = started.elapsed();
+        match err {
+            AgentClientError::Timeout {
+                after,
+                last_error: Some(last),
+                ..
+            } => {
+                assert_eq!(after, deadline);
+                assert!(last.contains("Cannot connect"), "{last}");
+            }
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        assert!(
+            elapsed >= deadline && elapsed < deadline + Duration::from_secs(1),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_connect_front_closing_without_answer_is_retried_until_deadline() {
+        // What a VMM does while the guest does not listen on the port yet.
+        let path = temp_socket("closing");
+        answer_with(&path, b"");
+        let err = AgentClient::connect_with(&path, Duration::from_millis(300), fast())
+            .await
+            .expect_err("closed");
+        assert!(
+            matches!(
+                err,
+                AgentClientError::Timeout {
+                    last_error: Some(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_hybrid_connect_leaves_bytes_after_reply_in_socket() {
+        let path = temp_socket("preface");
+        answer_with(&path, b"OK 77\nPRI * HTTP/2.0");
+        let mut stream = hybrid_connect(&path, 1024, Duration::from_secs(2))
+            .await
+            .expect("handshake");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("read");
+        assert_eq!(rest, b"PRI * HTTP/2.0");
+    }
+}
