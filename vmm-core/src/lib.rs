@@ -1,3 +1,29 @@
-//! accordion-vmm: Accordion's embedded ARM64 KVM microVM core.
+//! Accordion's microVM core: an ARM64 KVM virtual machine as a Rust API.
+//!
+//! ```no_run
+//! use accordion_vmm::{Vm, VmConfig};
+//! let mut config = VmConfig::new("/opt/accordion/share/guest/Image");
+//! config.initrd = Some("/opt/accordion/share/guest/initrd.cpio".into());
+//! config.max_vcpus = 128;
+//! let vm = Vm::start(config)?;
+//! println!("guest stopped: {:?}", vm.wait());
+//! # Ok::<(), accordion_vmm::VmError>(())
+//! ```
 
+pub mod acpi;
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod exit;
+#[cfg(target_arch = "aarch64")]
+mod machine;
+pub mod memory;
 pub mod platform;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConfigError, VmConfig, VsockConfig};
+pub use exit::ExitReason;
+pub use vcpu::VcpuState;
+pub use vm::{Vm, VmError};

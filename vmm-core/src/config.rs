@@ -1,0 +1,283 @@
+//! What a caller asks for, checked before anything touches KVM.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::arch::aarch64::layout;
+
+/// Default number of possible vCPUs (DESIGN.md).
+pub const DEFAULT_MAX_VCPUS: u32 = 64;
+/// Default guest RAM.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Less RAM than this cannot hold a kernel, an initramfs and the boot block.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Guest RAM must end below the 48-bit physical address limit of common hosts.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Linux's arm64 COMMAND_LINE_SIZE.
+pub const MAX_CMDLINE_LEN: usize = 2048 - RESERVED_CMDLINE_LEN;
+/// Room kept for what the VMM appends (` accordion.boot_timer=0x...`).
+pub const RESERVED_CMDLINE_LEN: usize = 64;
+/// Default kernel command line: quiet (every console byte is a trap), reboot at once on panic so
+/// the VM exits instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// A hybrid vsock device: the host side is a Unix socket (Firecracker's convention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest CID (3 or more; 0-2 are reserved).
+    pub cid: u64,
+    /// Host Unix socket path.
+    pub uds_path: PathBuf,
+}
+
+/// A microVM to start.
+pub struct VmConfig {
+    /// Raw arm64 `Image`.
+    pub kernel: PathBuf,
+    /// Initramfs (newc cpio, optionally compressed).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs plugged at boot.
+    pub boot_vcpus: u32,
+    /// Possible vCPUs: all are created at boot, only `boot_vcpus` are plugged.
+    pub max_vcpus: u32,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// Optional vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
+            .field("memory_mib", &self.memory_mib)
+            .field("boot_vcpus", &self.boot_vcpus)
+            .field("max_vcpus", &self.max_vcpus)
+            .field("vsock", &self.vsock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmConfig {
+    /// A 1-vCPU, 64-possible, 256 MiB VM booting `kernel`, console discarded.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            boot_vcpus: 1,
+            max_vcpus: DEFAULT_MAX_VCPUS,
+            console: Box::new(std::io::sink()),
+            vsock: None,
+        }
+    }
+
+    /// Checks everything that does not need the files or KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.boot_vcpus == 0 {
+            return Err(ConfigError::NoBootVcpus);
+        }
+        if self.boot_vcpus > self.max_vcpus {
+            return Err(ConfigError::BootAboveMax {
+                boot: self.boot_vcpus,
+                max: self.max_vcpus,
+            });
+        }
+        if self.max_vcpus > layout::MAX_VCPUS {
+            return Err(ConfigError::MaxAboveLimit {
+                max: self.max_vcpus,
+                limit: layout::MAX_VCPUS,
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall {
+                mib: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge {
+                mib: self.memory_mib,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max: MAX_CMDLINE_LEN - 1,
+            });
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.cid < 3 {
+                return Err(ConfigError::VsockCid(vsock.cid));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// A configuration that cannot be started.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// boot_vcpus is 0.
+    #[error("At least one vCPU must be plugged at boot")]
+    NoBootVcpus,
+    /// boot_vcpus exceeds max_vcpus.
+    #[error("{boot} boot vCPUs exceed max_vcpus {max}")]
+    BootAboveMax {
+        /// Requested boot vCPUs.
+        boot: u32,
+        /// Requested possible vCPUs.
+        max: u32,
+    },
+    /// max_vcpus exceeds what the address map (redistributor window) holds.
+    #[error("max_vcpus {max} exceeds Accordion's limit of {limit}")]
+    MaxAboveLimit {
+        /// Requested possible vCPUs.
+        max: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// max_vcpus exceeds KVM_CAP_MAX_VCPUS.
+    #[error("max_vcpus {max} exceeds this host's KVM limit of {kvm}")]
+    MaxAboveKvm {
+        /// Requested possible vCPUs.
+        max: u32,
+        /// KVM's limit.
+        kvm: usize,
+    },
+    /// Not enough RAM to boot anything.
+    #[error("{mib} MiB of memory is too small (minimum {min} MiB)")]
+    MemoryTooSmall {
+        /// Requested MiB.
+        mib: u64,
+        /// Minimum MiB.
+        min: u64,
+    },
+    /// More RAM than the address map allows.
+    #[error("{mib} MiB of memory is too large (maximum {max} MiB)")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        mib: u64,
+        /// Maximum MiB.
+        max: u64,
+    },
+    /// Kernel command line too long for Linux.
+    #[error("Kernel command line is {len} bytes (maximum {max})")]
+    CmdlineTooLong {
+        /// Length.
+        len: usize,
+        /// Maximum.
+        max: usize,
+    },
+    /// Kernel command line contains NUL.
+    #[error("Kernel command line contains a NUL byte")]
+    CmdlineNul,
+    /// Reserved vsock CID.
+    #[error("vsock CID {0} is reserved (use 3 or more)")]
+    VsockCid(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig::new("/opt/accordion/share/guest/Image")
+    }
+
+    #[test]
+    fn test_defaults_are_valid_with_64_possible_vcpus() {
+        let c = config();
+        assert_eq!((c.boot_vcpus, c.max_vcpus, c.memory_mib), (1, 64, 256));
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_zero_boot_vcpus_is_rejected() {
+        let c = VmConfig {
+            boot_vcpus: 0,
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::NoBootVcpus));
+    }
+
+    #[test]
+    fn test_boot_vcpus_above_max_is_rejected() {
+        let c = VmConfig {
+            boot_vcpus: 9,
+            max_vcpus: 8,
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::BootAboveMax { boot: 9, max: 8 })
+        );
+    }
+
+    #[test]
+    fn test_max_vcpus_above_layout_limit_is_rejected() {
+        let c = VmConfig {
+            max_vcpus: 513,
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MaxAboveLimit {
+                max: 513,
+                limit: 512
+            })
+        );
+    }
+
+    #[test]
+    fn test_memory_below_minimum_is_rejected() {
+        let c = VmConfig {
+            memory_mib: 16,
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MemoryTooSmall { mib: 16, min: 32 })
+        );
+    }
+
+    #[test]
+    fn test_reserved_vsock_cid_is_rejected() {
+        let c = VmConfig {
+            vsock: Some(VsockConfig {
+                cid: 2,
+                uds_path: "/tmp/v.sock".into(),
+            }),
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
+    }
+
+    #[test]
+    fn test_overlong_cmdline_is_rejected() {
+        let c = VmConfig {
+            cmdline: "x".repeat(4096),
+            ..config()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::CmdlineTooLong { len: 4096, .. })
+        ));
+    }
+}

@@ -1,0 +1,133 @@
+//! Why a VM stopped, and the latch that records it once for every thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (PSCI SYSTEM_OFF).
+    PowerOff,
+    /// The guest asked for a reset (PSCI SYSTEM_RESET; also `panic=-1` after a panic).
+    Reset,
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    Crash,
+    /// The host asked the VM to stop (`Vm::shutdown` or drop).
+    Shutdown,
+    /// A vCPU hit something the VMM cannot handle.
+    VcpuFailed {
+        /// vCPU index.
+        vcpu: usize,
+        /// What happened.
+        error: String,
+    },
+}
+
+/// KVM_SYSTEM_EVENT_* codes.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+impl ExitReason {
+    /// Maps a KVM system event of `kind` raised by vCPU `vcpu`.
+    pub fn from_system_event(vcpu: usize, kind: u32) -> Self {
+        match kind {
+            SYSTEM_EVENT_SHUTDOWN => Self::PowerOff,
+            SYSTEM_EVENT_RESET => Self::Reset,
+            SYSTEM_EVENT_CRASH => Self::Crash,
+            other => Self::VcpuFailed {
+                vcpu,
+                error: format!("unknown system event {other}"),
+            },
+        }
+    }
+}
+
+/// Records the first exit reason and wakes whoever waits for it.
+#[derive(Debug, Default)]
+pub struct ExitLatch {
+    set: AtomicBool,
+    reason: Mutex<Option<ExitReason>>,
+    cond: Condvar,
+}
+
+impl ExitLatch {
+    /// Records `reason` unless one is already recorded; returns whether this call recorded it.
+    pub fn trip(&self, reason: ExitReason) -> bool {
+        let mut guard = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_some() {
+            return false;
+        }
+        *guard = Some(reason);
+        self.set.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+        true
+    }
+
+    /// Whether a reason is recorded (cheap; vCPU threads check it before every KVM_RUN).
+    pub fn is_tripped(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until a reason is recorded.
+    pub fn wait(&self) -> ExitReason {
+        let mut guard = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(reason) = guard.as_ref() {
+                return reason.clone();
+            }
+            guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits up to `timeout` for a reason.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let guard = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .cond
+            .wait_timeout_while(guard, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn test_first_reason_wins() {
+        let latch = ExitLatch::default();
+        assert!(latch.trip(ExitReason::PowerOff));
+        assert!(!latch.trip(ExitReason::Shutdown));
+        assert_eq!(latch.wait(), ExitReason::PowerOff);
+    }
+
+    #[test]
+    fn test_wait_wakes_when_another_thread_trips() {
+        let latch = Arc::new(ExitLatch::default());
+        let tripper = latch.clone();
+        let t = std::thread::spawn(move || tripper.trip(ExitReason::Reset));
+        assert_eq!(latch.wait(), ExitReason::Reset);
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn test_wait_timeout_without_reason_is_none() {
+        let latch = ExitLatch::default();
+        assert_eq!(latch.wait_timeout(Duration::from_millis(10)), None);
+        assert!(!latch.is_tripped());
+    }
+
+    #[test]
+    fn test_system_events_map_to_reasons() {
+        assert_eq!(ExitReason::from_system_event(0, 1), ExitReason::PowerOff);
+        assert_eq!(ExitReason::from_system_event(0, 2), ExitReason::Reset);
+        assert!(matches!(
+            ExitReason::from_system_event(3, 9),
+            ExitReason::VcpuFailed { vcpu: 3, .. }
+        ));
+    }
+}

@@ -1,0 +1,28 @@
+//! Everything a running VM's threads share.
+
+use crate::bus::Bus;
+use crate::exit::{ExitLatch, ExitReason};
+use crate::memory::GuestRam;
+use crate::vcpu::Vcpus;
+
+/// A running VM: its vCPUs, devices and KVM objects.
+///
+/// Field order is drop order: vCPU fds and devices go before the VM fd, guest RAM goes last (KVM's
+/// memslot points into it).
+pub(crate) struct Machine {
+    pub(crate) vcpus: Vcpus,
+    pub(crate) bus: Bus,
+    pub(crate) exit: ExitLatch,
+    pub(crate) _gic: kvm_ioctls::DeviceFd,
+    pub(crate) _vm: kvm_ioctls::VmFd,
+    pub(crate) _ram: GuestRam,
+}
+
+impl Machine {
+    /// Records why the VM stops (first reason wins) and kicks every vCPU out of the guest.
+    pub(crate) fn request_exit(&self, reason: ExitReason) {
+        if self.exit.trip(reason) {
+            self.vcpus.kick_all();
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! vCPU threads and the PSCI policy that starts and stops them.
+//!
+//! Every possible vCPU has a slot holding its state, its fd while no thread runs it, and the
+//! thread handle while one does. A thread exists only between the guest's CPU_ON and CPU_OFF (or
+//! VM exit); on CPU_OFF it hands the fd back to the slot and ends.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_mp_state, kvm_run, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2,
+    KVM_MP_STATE_STOPPED,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use std::os::unix::thread::JoinHandleExt;
+
+use super::kick;
+use super::{VcpuError, VcpuState};
+use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn};
+use crate::arch::aarch64::regs;
+use crate::exit::ExitReason;
+use crate::machine::Machine;
+
+/// MPIDR affinity fields; CPU_ON names its target by these.
+const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+struct Slot {
+    state: VcpuState,
+    fd: Option<VcpuFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// All possible vCPUs.
+pub(crate) struct Vcpus {
+    slots: Vec<Mutex<Slot>>,
+    mpidrs: Vec<u64>,
+    /// VCPU_INIT for a warm reset: preferred target + PSCI 0.2, powered on.
+    reset_init: kvm_vcpu_init,
+}
+
+/// Creates and initialises every possible vCPU (secondaries powered off) and reads their MPIDRs.
+/// Returns the fds with MPIDRs, and the VCPU_INIT to reuse for resets.
+pub(crate) fn create_all(
+    vm: &VmFd,
+    count: u32,
+) -> Result<(Vec<(VcpuFd, u64)>, kvm_vcpu_init), VcpuError> {
+    let kvm_err = |step, index| {
+        move |source| VcpuError::Kvm {
+            step,
+            index,
+            source,
+        }
+    };
+    let mut init = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut init)
+        .map_err(kvm_err("get the preferred target for", 0))?;
+    init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for index in 0..count as usize {
+        let fd = vm
+            .create_vcpu(index as u64)
+            .map_err(kvm_err("create", index))?;
+        let mut this_init = init;
+        if index > 0 {
+            // Secondaries wait for PSCI CPU_ON (which we intercept) like on real hardware.
+            this_init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+        }
+        fd.vcpu_init(&this_init)
+            .map_err(kvm_err("initialise", index))?;
+        let mpidr = regs::get(&fd, regs::MPIDR_EL1).map_err(kvm_err("read the MPIDR of", index))?;
+        vcpus.push((fd, mpidr));
+    }
+    Ok((vcpus, init))
+}
+
+/// How a thread's run loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The guest turned this vCPU off: keep the fd for a later CPU_ON.
+    PoweredOff,
+    /// The VM is stopping.
+    VmExit,
+}
+
+impl Vcpus {
+    /// Takes ownership of the created vCPUs; the first `boot_vcpus` are plugged.
+    pub(crate) fn new(
+        created: Vec<(VcpuFd, u64)>,
+        boot_vcpus: u32,
+        reset_init: kvm_vcpu_init,
+    ) -> Self {
+        let mut slots = Vec::with_capacity(created.len());
+        let mut mpidrs = Vec::with_capacity(created.len());
+        for (index, (fd, mpidr)) in created.into_iter().enumerate() {
+            // vCPU 0 becomes Online when its thread starts.
+            let state = match VcpuState::at_boot(index as u32, boot_vcpus) {
+                VcpuState::Online => VcpuState::Plugged,
+                other => other,
+            };
+            slots.push(Mutex::new(Slot {
+                state,
+                fd: Some(fd),
+                thread: None,
+            }));
+            mpidrs.push(mpidr);
+        }
+        Self {
+            slots,
+            mpidrs,
+            reset_init,
+        }
+    }
+
+    fn lock(&self, index: usize) -> MutexGuard<'_, Slot> {
+        self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// MPIDR of every possible vCPU.
+    pub(crate) fn mpidrs(&self) -> &[u64] {
+        &self.mpidrs
+    }
+
+    /// State of every possible vCPU.
+    pub(crate) fn states(&self) -> Vec<VcpuState> {
+        (0..self.slots.len()).map(|i| self.lock(i).state).collect()
+    }
+
+    fn index_of(&self, mpidr: u64) -> Option<usize> {
+        self.mpidrs
+            .iter()
+            .position(|m| m & MPIDR_AFFINITY_MASK == mpidr & MPIDR_AFFINITY_MASK)
+    }
+
+    /// Starts vCPU `index` at `entry` with x0 = `x0` in a new thread. The caller holds its slot.
+    fn launch(
+        &self,
+        machine: &Arc<Machine>,
+        index: usize,
+        slot: &mut Slot,
+        entry: u64,
+        x0: u64,
+    ) -> Result<(), VcpuError> {
+        let fd = slot.fd.take().ok_or(VcpuError::Kvm {
+            step: "find the fd of",
+            index,
+            source: kvm_ioctls::Error::new(libc::EBADF),
+        })?;
+        let kvm_err = |step| {
+            move |source| VcpuError::Kvm {
+                step,
+                index,
+                source,
+            }
+        };
+        // VCPU_INIT again is KVM's warm reset: registers to their reset values, powered on.
+        let reset = fd
+            .vcpu_init(&self.reset_init)
+            .map_err(kvm_err("reset"))
+            .and_then(|()| regs::set(&fd, regs::PC, entry).map_err(kvm_err("set the PC of")))
+            .and_then(|()| regs::set(&fd, regs::x(0), x0).map_err(kvm_err("set x0 of")));
+        if let Err(e) = reset {
+            slot.fd = Some(fd);
+            return Err(e);
+        }
+        // A previous thread of this vCPU handed its fd back before ending; reap it.
+        if let Some(old) = slot.thread.take() {
+            let _ = old.join();
+        }
+        let thread_machine = Arc::clone(machine);
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_thread(thread_machine, index, fd))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        slot.thread = Some(handle);
+        slot.state = VcpuState::Online;
+        Ok(())
+    }
+
+    /// Starts the boot vCPU at the kernel entry with x0 = DTB address (arm64 boot protocol).
+    pub(crate) fn start_boot_vcpu(
+        &self,
+        machine: &Arc<Machine>,
+        entry: u64,
+        dtb: u64,
+    ) -> Result<(), VcpuError> {
+        kick::install()?;
+        let mut slot = self.lock(0);
+        self.launch(machine, 0, &mut slot, entry, dtb)
+    }
+
+    /// PSCI CPU_ON: denied for unplugged vCPUs, a warm reset and a new thread for plugged ones.
+    fn cpu_on(
+        &self,
+        machine: &Arc<Machine>,
+        target: u64,
+        entry: u64,
+        context_id: u64,
+    ) -> PsciReturn {
+        let Some(index) = self.index_of(target) else {
+            return PsciReturn::InvalidParameters;
+        };
+        let mut slot = self.lock(index);
+        if let Some(refusal) = cpu_on_refusal(Some(slot.state.psci_target())) {
+            log::debug!(
+                "PSCI CPU_ON of vCPU {index} ({:?}): {refusal:?}",
+                slot.state
+            );
+            return refusal;
+        }
+        if machine.exit.is_tripped() {
+            return PsciReturn::Denied;
+        }
+        match self.launch(machine, index, &mut slot, entry, context_id) {
+            Ok(()) => {
+                log::debug!("PSCI CPU_ON of vCPU {index} at {entry:#x}");
+                PsciReturn::Success
+            }
+            Err(e) => {
+                log::error!("PSCI CPU_ON of vCPU {index} failed: {e}");
+                PsciReturn::InternalFailure
+            }
+        }
+    }
+
+    /// Kicks every running vCPU out of KVM_RUN.
+    pub(crate) fn kick_all(&self) {
+        for index in 0..self.slots.len() {
+            let slot = self.lock(index);
+            if let Some(thread) = slot.thread.as_ref().filter(|t| !t.is_finished()) {
+                kick::kick(thread.as_pthread_t());
+            }
+        }
+    }
+
+    /// Joins every vCPU thread, kicking stragglers, giving up on those still running at `timeout`.
+    pub(crate) fn join_all(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for index in 0..self.slots.len() {
+            let Some(thread) = self.lock(index).thread.take() else {
+                continue;
+            };
+            while !thread.is_finished() && Instant::now() < deadline {
+                kick::kick(thread.as_pthread_t());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                if thread.join().is_err() {
+                    log::error!("vCPU {index} thread panicked");
+                }
+            } else {
+                log::error!("vCPU {index} thread did not stop within {timeout:?}; leaving it");
+            }
+        }
+    }
+}
+
+fn vcpu_thread(machine: Arc<Machine>, index: usize, mut fd: VcpuFd) {
+    let armed = kick::arm(fd.get_kvm_run() as *mut kvm_run);
+    // The launcher holds our slot until our handle is stored, so from here on kicks reach us.
+    drop(machine.vcpus.lock(index));
+    let outcome = run_loop(&machine, index, &mut fd);
+    drop(armed);
+    let mut slot = machine.vcpus.lock(index);
+    if outcome == Outcome::PoweredOff {
+        slot.state = VcpuState::Plugged;
+    }
+    slot.fd = Some(fd);
+}
+
+/// Control flow after a PSCI call.
+enum Flow {
+    Continue,
+    PoweredOff,
+    Failed,
+}
+
+fn run_loop(machine: &Arc<Machine>, index: usize, fd: &mut VcpuFd) -> Outcome {
+    loop {
+        if machine.exit.is_tripped() {
+            return Outcome::VmExit;
+        }
+        let failure = match fd.run() {
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                machine.bus.read(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                machine.bus.write(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::Hypercall(call)) => {
+                let nr = call.nr;
+                match handle_psci(machine, index, fd, nr) {
+                    Flow::Continue => continue,
+                    Flow::PoweredOff => return Outcome::PoweredOff,
+                    Flow::Failed => return Outcome::VmExit,
+                }
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                machine.request_exit(ExitReason::from_system_event(index, kind));
+                return Outcome::VmExit;
+            }
+            Ok(other) => format!("unexpected exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                continue;
+            }
+            Err(e) => format!("KVM_RUN failed: {e}"),
+        };
+        log::error!("vCPU {index}: {failure}");
+        machine.request_exit(ExitReason::VcpuFailed {
+            vcpu: index,
+            error: failure,
+        });
+        return Outcome::VmExit;
+    }
+}
+
+fn handle_psci(machine: &Arc<Machine>, index: usize, fd: &VcpuFd, nr: u64) -> Flow {
+    let args = regs::get(fd, regs::x(1))
+        .and_then(|x1| Ok((x1, regs::get(fd, regs::x(2))?, regs::get(fd, regs::x(3))?)));
+    let ret = match args.map(|(x1, x2, x3)| PsciCall::decode(nr, x1, x2, x3)) {
+        Ok(PsciCall::CpuOn {
+            target,
+            entry,
+            context_id,
+        }) => machine.vcpus.cpu_on(machine, target, entry, context_id),
+        Ok(PsciCall::CpuOff) => {
+            // KVM answers AFFINITY_INFO itself, so it must learn that this vCPU is off.
+            match fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_STOPPED,
+            }) {
+                Ok(()) => {
+                    log::debug!("PSCI CPU_OFF of vCPU {index}");
+                    return Flow::PoweredOff;
+                }
+                Err(e) => {
+                    log::error!("vCPU {index}: cannot stop it for CPU_OFF: {e}");
+                    PsciReturn::Denied
+                }
+            }
+        }
+        Ok(PsciCall::Unknown(nr)) => {
+            log::warn!("vCPU {index}: unexpected forwarded SMCCC call {nr:#x}");
+            PsciReturn::NotSupported
+        }
+        Err(e) => {
+            log::error!("vCPU {index}: cannot read PSCI arguments: {e}");
+            PsciReturn::InternalFailure
+        }
+    };
+    match regs::set(fd, regs::x(0), ret.as_x0()) {
+        Ok(()) => Flow::Continue,
+        Err(e) => {
+            machine.request_exit(ExitReason::VcpuFailed {
+                vcpu: index,
+                error: format!("cannot return from PSCI: {e}"),
+            });
+            Flow::Failed
+        }
+    }
+}

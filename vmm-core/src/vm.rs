@@ -1,0 +1,503 @@
+//! `Vm::start`: how an Accordion microVM is built, in the order of DESIGN.md's boot sequence.
+
+#[cfg(target_arch = "aarch64")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::acpi::{
+    AcpiConfig, AcpiError, AcpiTables, CpuDesc, GicDesc, SerialDevice, VirtioMmioDevice,
+};
+use crate::arch::aarch64::boot_block::BootBlockError;
+use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
+use crate::arch::aarch64::layout;
+use crate::bus::BusError;
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::boot_timer::BootTime;
+use crate::devices::irq::IrqError;
+use crate::exit::ExitReason;
+use crate::memory::MemoryError;
+use crate::platform::PlatformError;
+use crate::vcpu::{VcpuError, VcpuState};
+
+#[cfg(target_arch = "aarch64")]
+/// How long `shutdown` waits for vCPU threads before leaving them behind.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors from starting a VM. Everything up to `Kvm` is detected before any VM exists.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("Invalid VM configuration")]
+    Config(#[from] ConfigError),
+    /// The kernel or initrd is unusable or does not fit.
+    #[error("Cannot use the kernel or initrd")]
+    Kernel(#[from] KernelError),
+    /// The vsock device could not be created.
+    #[error("Cannot create the vsock device")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// This host architecture has no backend.
+    #[error("Accordion VMs run only on aarch64 hosts")]
+    UnsupportedArch,
+    /// /dev/kvm is missing or unusable.
+    #[error("KVM is not usable")]
+    Platform(#[from] PlatformError),
+    /// Guest RAM could not be set up.
+    #[error("Cannot set up guest RAM")]
+    Memory(#[from] MemoryError),
+    /// A KVM VM-level step failed.
+    #[error("Cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// vCPU creation or start failed.
+    #[error("Cannot set up vCPUs")]
+    Vcpu(#[from] VcpuError),
+    /// The interrupt controller could not be set up.
+    #[cfg(target_arch = "aarch64")]
+    #[error("Cannot set up the interrupt controller")]
+    Gic(#[from] crate::arch::aarch64::gic::GicError),
+    /// The boot block (EFI, DTB, ACPI) could not be built.
+    #[error("Cannot build the firmware tables")]
+    BootBlock(#[from] BootBlockError),
+    /// A device could not be mapped.
+    #[error("Cannot map a device")]
+    Bus(#[from] BusError),
+    /// An interrupt line could not be created.
+    #[error("Cannot create an interrupt line")]
+    Irq(#[from] IrqError),
+}
+
+/// The MPIDR KVM gives vCPU `index` (Aff0 = low 4 bits, Aff1 and Aff2 above; bit 31 RES1).
+pub fn kvm_default_mpidr(index: u32) -> u64 {
+    let id = u64::from(index);
+    (1 << 31) | (id & 0xf) | (((id >> 4) & 0xff) << 8) | (((id >> 12) & 0xff) << 16)
+}
+
+/// Everything checkable without KVM: settings, the kernel's Image header, and where the kernel,
+/// initrd and boot block go in RAM.
+fn preflight(config: &VmConfig) -> Result<(KernelFile, BootPlacement), VmError> {
+    config.validate()?;
+    let kernel = KernelFile::inspect(&config.kernel)?;
+    let initrd_size = config
+        .initrd
+        .as_deref()
+        .map(kernel::initrd_size)
+        .transpose()?;
+    let placement = kernel::place(
+        layout::RAM_BASE,
+        config.memory_bytes(),
+        &kernel,
+        initrd_size,
+    )?;
+    Ok((kernel, placement))
+}
+
+/// Refuses more possible vCPUs than KVM_CAP_MAX_VCPUS allows.
+pub fn check_kvm_vcpu_limit(max_vcpus: u32, kvm_limit: usize) -> Result<(), ConfigError> {
+    if max_vcpus as usize > kvm_limit {
+        return Err(ConfigError::MaxAboveKvm {
+            max: max_vcpus,
+            kvm: kvm_limit,
+        });
+    }
+    Ok(())
+}
+
+/// virtio-mmio slot of the vsock device.
+pub const VSOCK_SLOT: u32 = 0;
+/// Register window of a virtio-mmio transport (registers + config space) as ACPI describes it.
+const VIRTIO_MMIO_WINDOW: u32 = 0x200;
+
+/// The virtio-mmio transport in `slot`, as the DSDT describes it.
+fn virtio_mmio_desc(slot: u32) -> Option<VirtioMmioDevice> {
+    Some(VirtioMmioDevice {
+        slot,
+        base: layout::virtio_mmio_base(slot)?,
+        size: VIRTIO_MMIO_WINDOW,
+        gsi: layout::spi_intid(layout::virtio_mmio_spi(slot)?),
+    })
+}
+
+/// What ACPI describes for a VM with these vCPUs and virtio slots.
+fn acpi_config(mpidrs: &[u64], boot_vcpus: u32, virtio_slots: &[u32]) -> AcpiConfig {
+    let possible = mpidrs.len() as u32;
+    AcpiConfig {
+        cpus: mpidrs
+            .iter()
+            .zip(0u32..)
+            .map(|(&mpidr, uid)| CpuDesc {
+                uid,
+                mpidr,
+                plugged: uid < boot_vcpus,
+            })
+            .collect(),
+        gic: GicDesc {
+            gicd_base: layout::GICD_BASE,
+            gicr_base: layout::GICR_BASE,
+            gicr_size: layout::gicr_size(possible) as u32,
+        },
+        serial: SerialDevice {
+            base: layout::SERIAL_BASE,
+            size: layout::DEVICE_SIZE as u32,
+            gsi: layout::spi_intid(layout::SERIAL_SPI),
+        },
+        virtio: virtio_slots
+            .iter()
+            .filter_map(|&s| virtio_mmio_desc(s))
+            .collect(),
+    }
+}
+
+/// The ACPI tables a VM with `boot_vcpus` of `max_vcpus` gets (MPIDRs as KVM assigns them), for
+/// inspection without KVM (`accordion acpi-dump`).
+pub fn acpi_tables(boot_vcpus: u32, max_vcpus: u32) -> Result<AcpiTables, AcpiError> {
+    let mpidrs: Vec<u64> = (0..max_vcpus).map(kvm_default_mpidr).collect();
+    AcpiTables::build(&acpi_config(&mpidrs, boot_vcpus, &[]), 0)
+}
+
+/// Wall time of each step of `Vm::start`, for the log.
+#[cfg(target_arch = "aarch64")]
+struct StepTimes {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+#[cfg(target_arch = "aarch64")]
+impl StepTimes {
+    fn new(start: std::time::Instant) -> Self {
+        Self {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+impl std::fmt::Display for StepTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: Duration = self.steps.iter().map(|(_, d)| *d).sum();
+        write!(f, "{:.1} ms", total.as_secs_f64() * 1e3)?;
+        for (step, d) in &self.steps {
+            write!(f, "; {step} {:.1}", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
+/// A running microVM. Dropping it shuts it down.
+pub struct Vm {
+    #[cfg(target_arch = "aarch64")]
+    machine: Arc<crate::machine::Machine>,
+    #[cfg(not(target_arch = "aarch64"))]
+    never: std::convert::Infallible,
+    boot_time: BootTime,
+    acpi: AcpiTables,
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Vm {
+    /// Builds and starts a VM: the boot vCPU runs the kernel when this returns.
+    pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+        use crate::arch::aarch64::boot_block::{BootBlock, BootBlockSpec};
+        use crate::arch::aarch64::{gic, psci};
+        use crate::bus::Bus;
+        use crate::devices::boot_timer::BootTimer;
+        use crate::devices::irq::IrqLine;
+        use crate::devices::serial::SerialDevice as Uart;
+        use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::vsock::Vsock;
+        use crate::devices::virtio::VirtioInterrupt;
+        use crate::machine::Machine;
+        use crate::memory::GuestRam;
+        use crate::vcpu::{self, Vcpus};
+        use std::sync::Mutex;
+
+        let started = std::time::Instant::now();
+        let mut steps = StepTimes::new(started);
+
+        // 1. Check the request: settings, the kernel's Image header, and where everything goes
+        //    in RAM. Bad input stops here, before any KVM object exists.
+        let (kernel, placement) = preflight(&config)?;
+        steps.mark("checks");
+        let kvm = crate::platform::open_kvm()?;
+        check_kvm_vcpu_limit(config.max_vcpus, kvm.get_max_vcpus())?;
+
+        // 2. Guest RAM (memfd-backed) with the kernel at its base and the initrd above it.
+        let ram = GuestRam::new(layout::RAM_BASE, config.memory_bytes())?;
+        kernel::load_kernel(&ram, &kernel, &placement)?;
+        if let Some(path) = &config.initrd {
+            kernel::load_initrd(&ram, path, &placement)?;
+        }
+
+        steps.mark("guest RAM");
+        // 3. The VM and its one memslot.
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        let host_addr = ram
+            .host_address()
+            .ok_or(VmError::Memory(MemoryError::TooLarge(ram.size())))?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: ram.base(),
+            memory_size: ram.size(),
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the region is RAM mapped by `ram`, which the Machine keeps alive for as long as
+        // the VM fd (it is dropped after it), and nothing else is mapped at those guest addresses.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| VmError::Kvm("map guest RAM", e))?;
+
+        // 4. Every possible vCPU, then the GICv3 sized for all of them (KVM accepts no vCPU after
+        //    VGIC init), then the SMCCC filter so CPU_ON/CPU_OFF reach us before any KVM_RUN.
+        let (created, reset_init) = vcpu::create_all(&vm, config.max_vcpus)?;
+        let mpidrs: Vec<u64> = created.iter().map(|(_, mpidr)| *mpidr).collect();
+        steps.mark("VM + vCPUs");
+        let gic = gic::create_vgic(&vm, config.max_vcpus)?;
+        psci::forward_to_vmm(&vm)
+            .map_err(|e| VmError::Kvm("forward PSCI CPU_ON/CPU_OFF (SMCCC filter)", e))?;
+
+        steps.mark("VGIC + SMCCC filter");
+        // 5. Firmware-less boot block at the top of RAM: EFI system table and memory map, stub
+        //    DTB, ACPI tables describing every possible vCPU.
+        let virtio_slots: Vec<u32> = config.vsock.iter().map(|_| VSOCK_SLOT).collect();
+        let acpi_config = acpi_config(&mpidrs, config.boot_vcpus, &virtio_slots);
+        // The guest init finds the boot timer through the command line (guest/ initramfs).
+        let cmdline = format!(
+            "{} accordion.boot_timer={:#x}",
+            config.cmdline,
+            layout::BOOT_TIMER_BASE
+        );
+        let block = BootBlock::build(&BootBlockSpec {
+            ram_base: ram.base(),
+            ram_end: ram.end(),
+            cmdline: &cmdline,
+            initrd: placement.initrd.map(|(start, size)| (start, start + size)),
+            acpi: &acpi_config,
+            has_its: false,
+        })?;
+        debug_assert_eq!(block.base, placement.boot_block);
+        ram.write(block.base, &block.bytes)?;
+
+        steps.mark("boot block");
+        // 6. Devices, each on the MMIO bus with an irqfd: the console UART, the boot timer and,
+        //    when configured, virtio-vsock.
+        let mut bus = Bus::new();
+        let uart_irq = IrqLine::new(layout::SERIAL_SPI)?;
+        vm.register_irqfd(uart_irq.eventfd(), uart_irq.spi())
+            .map_err(|e| VmError::Kvm("wire the serial interrupt", e))?;
+        bus.insert(
+            "serial",
+            layout::SERIAL_BASE,
+            layout::DEVICE_SIZE,
+            Arc::new(Mutex::new(Uart::new(uart_irq, config.console))),
+        )?;
+        let boot_time = BootTime::default();
+        bus.insert(
+            "boot-timer",
+            layout::BOOT_TIMER_BASE,
+            layout::DEVICE_SIZE,
+            Arc::new(Mutex::new(BootTimer::new(started, boot_time.clone()))),
+        )?;
+
+        if let Some(vsock) = &config.vsock {
+            let irq = IrqLine::new(layout::VIRTIO_MMIO_FIRST_SPI + VSOCK_SLOT)?;
+            vm.register_irqfd(irq.eventfd(), irq.spi())
+                .map_err(|e| VmError::Kvm("wire the vsock interrupt", e))?;
+            let device = Vsock::new(vsock.cid, &vsock.uds_path)?;
+            let transport = MmioTransport::new(
+                Box::new(device),
+                ram.memory().clone(),
+                Arc::new(VirtioInterrupt::new(irq)),
+            );
+            let base = layout::VIRTIO_MMIO_BASE + u64::from(VSOCK_SLOT) * layout::DEVICE_SIZE;
+            bus.insert(
+                "virtio-vsock",
+                base,
+                layout::DEVICE_SIZE,
+                Arc::new(Mutex::new(transport)),
+            )?;
+        }
+
+        steps.mark("devices");
+        // 7. Run the boot vCPU at the kernel entry; the guest turns the other plugged vCPUs on
+        //    with PSCI CPU_ON, which spawns their threads.
+        let machine = Arc::new(Machine {
+            vcpus: Vcpus::new(created, config.boot_vcpus, reset_init),
+            bus,
+            exit: Default::default(),
+            _gic: gic,
+            _vm: vm,
+            _ram: ram,
+        });
+        machine
+            .vcpus
+            .start_boot_vcpu(&machine, placement.kernel_load, block.dtb_addr)?;
+        steps.mark("boot vCPU");
+        log::info!("VM started: {steps}");
+        Ok(Vm {
+            machine,
+            boot_time,
+            acpi: block.acpi,
+        })
+    }
+
+    /// Blocks until the VM stops, joins its vCPU threads and says why it stopped.
+    pub fn wait(&self) -> ExitReason {
+        let reason = self.machine.exit.wait();
+        self.machine.vcpus.join_all(JOIN_TIMEOUT);
+        reason
+    }
+
+    /// Like `wait`, giving up after `timeout` (then the VM keeps running).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.machine.exit.wait_timeout(timeout)?;
+        self.machine.vcpus.join_all(JOIN_TIMEOUT);
+        Some(reason)
+    }
+
+    /// Stops the VM (if the guest has not already) and joins its vCPU threads.
+    pub fn shutdown(&self) -> ExitReason {
+        self.machine.request_exit(ExitReason::Shutdown);
+        self.wait()
+    }
+
+    /// State of every possible vCPU, by index.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.machine.vcpus.states()
+    }
+
+    /// MPIDR of every possible vCPU, by index.
+    pub fn vcpu_mpidrs(&self) -> Vec<u64> {
+        self.machine.vcpus.mpidrs().to_vec()
+    }
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+impl Vm {
+    /// Validates the request, then reports that this host has no backend.
+    pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+        preflight(&config)?;
+        Err(VmError::UnsupportedArch)
+    }
+
+    /// Blocks until the VM stops.
+    pub fn wait(&self) -> ExitReason {
+        match self.never {}
+    }
+
+    /// Like `wait`, giving up after `timeout`.
+    pub fn wait_timeout(&self, _timeout: Duration) -> Option<ExitReason> {
+        match self.never {}
+    }
+
+    /// Stops the VM.
+    pub fn shutdown(&self) -> ExitReason {
+        match self.never {}
+    }
+
+    /// State of every possible vCPU.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        match self.never {}
+    }
+
+    /// MPIDR of every possible vCPU.
+    pub fn vcpu_mpidrs(&self) -> Vec<u64> {
+        match self.never {}
+    }
+}
+
+impl Vm {
+    /// Time from `Vm::start` to the guest's boot-timer write, once it happened.
+    pub fn boot_time(&self) -> Option<Duration> {
+        *self.boot_time.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ACPI tables the guest was given.
+    pub fn acpi_tables(&self) -> &AcpiTables {
+        &self.acpi
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "aarch64")]
+        {
+            self.machine.request_exit(ExitReason::Shutdown);
+            self.machine.vcpus.join_all(JOIN_TIMEOUT);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_kvm_default_mpidr_spreads_index_over_aff0_and_aff1() {
+        assert_eq!(kvm_default_mpidr(0), 0x8000_0000);
+        assert_eq!(kvm_default_mpidr(17), 0x8000_0101);
+        assert_eq!(kvm_default_mpidr(127), 0x8000_070f);
+    }
+
+    #[test]
+    fn test_acpi_tables_for_dump_describe_all_possible_vcpus() {
+        let tables = acpi_tables(1, 128).unwrap();
+        let madt = tables
+            .tables()
+            .iter()
+            .find(|t| t.signature == "APIC")
+            .unwrap();
+        // Header 44 + GICD 24 + GICR 16 + 128 GICCs of 82 bytes.
+        assert_eq!(madt.bytes.len(), 44 + 24 + 16 + 128 * 82);
+    }
+
+    #[test]
+    fn test_vsock_slot_is_described_at_its_mmio_base_and_spi() {
+        let config = acpi_config(&[kvm_default_mpidr(0)], 1, &[VSOCK_SLOT]);
+        assert_eq!(
+            config.virtio,
+            [VirtioMmioDevice {
+                slot: 0,
+                base: 0x0e00_0000,
+                size: 0x200,
+                gsi: 48
+            }]
+        );
+    }
+
+    #[test]
+    fn test_max_vcpus_above_kvm_limit_is_refused() {
+        assert_eq!(
+            check_kvm_vcpu_limit(128, 64),
+            Err(ConfigError::MaxAboveKvm { max: 128, kvm: 64 })
+        );
+        assert_eq!(check_kvm_vcpu_limit(512, 512), Ok(()));
+    }
+
+    #[test]
+    fn test_start_with_zero_boot_vcpus_fails_before_kvm() {
+        let config = VmConfig {
+            boot_vcpus: 0,
+            ..VmConfig::new("/nonexistent")
+        };
+        assert!(matches!(
+            Vm::start(config),
+            Err(VmError::Config(ConfigError::NoBootVcpus))
+        ));
+    }
+
+    #[test]
+    fn test_start_with_missing_kernel_fails_before_kvm() {
+        let config = VmConfig::new("/nonexistent/Image");
+        assert!(matches!(
+            Vm::start(config),
+            Err(VmError::Kernel(KernelError::KernelRead(..)))
+        ));
+    }
+}
