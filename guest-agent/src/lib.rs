@@ -6,6 +6,7 @@ pub mod args;
 pub mod exec;
 pub mod init;
 pub mod log;
+pub mod modules;
 pub mod pty;
 pub mod reaper;
 pub mod server;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use accordion_agent::args::{Listen, Options, USAGE};
 use accordion_agent::server::{self, error_chain, AgentService, ServeError};
-use accordion_agent::{error, info, init, reaper::Reaper, warn};
+use accordion_agent::{error, info, init, modules, reaper::Reaper, warn};
 use tokio::sync::Notify;
 
 /// Attempts to bind the vsock port before giving up (the transport may still be initialising).
@@ -44,6 +44,14 @@ fn main() -> ExitCode {
         // to report it, and serving matters more.
         let _ = init::attach_console();
         for e in mount_errors {
+            warn!("{}", error_chain(&e));
+        }
+        // virtio-mmio and vsock must be up before the agent can bind its port.
+        let (loaded, module_errors) = modules::load_all();
+        if !loaded.is_empty() {
+            info!("loaded {} kernel modules", loaded.len());
+        }
+        for e in module_errors {
             warn!("{}", error_chain(&e));
         }
     }

@@ -172,6 +172,117 @@ pub fn write_guest_initrd(k: &Kernels, busybox: &Path, dest: &Path) -> XResult<(
     Ok(())
 }
 
+/// Busybox applets linked in the agent's initramfs: busybox is a debugging tool and the shell that
+/// `accordion run -- sh -c …` commands use, never the init.
+const GUEST_APPLETS: &[&str] = &[
+    "sh",
+    "ash",
+    "cat",
+    "echo",
+    "printf",
+    "ls",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "ln",
+    "touch",
+    "head",
+    "tail",
+    "wc",
+    "grep",
+    "sed",
+    "awk",
+    "sort",
+    "uniq",
+    "tr",
+    "cut",
+    "seq",
+    "sleep",
+    "true",
+    "false",
+    "test",
+    "[",
+    "env",
+    "id",
+    "uname",
+    "nproc",
+    "ps",
+    "kill",
+    "dmesg",
+    "mount",
+    "umount",
+    "free",
+    "df",
+    "dd",
+    "md5sum",
+    "sha256sum",
+    "yes",
+    "date",
+    "hostname",
+    "ip",
+    "stat",
+    "readlink",
+    "xargs",
+    "find",
+    "chmod",
+    "devmem",
+    "taskset",
+    "top",
+    "uptime",
+];
+
+/// Writes the guest initramfs whose PID 1 is the agent: `/init` is accordion-agent, plus busybox
+/// (a tool, not the init) and, for Debian's stock kernel, the modules the agent loads itself.
+pub fn write_agent_initrd(k: &Kernels, busybox: &Path, agent: &Path, dest: &Path) -> XResult<()> {
+    let mut w = cpio::Writer::new(BufWriter::new(File::create(dest)?));
+    for d in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "etc",
+    ] {
+        w.dir(d)?;
+    }
+    w.dir("lib")?;
+    w.dir("lib/modules")?;
+    let agent = stripped(agent, dest)?;
+    w.file_from("init", 0o755, &agent)?;
+    let _ = std::fs::remove_file(&agent);
+    w.file_from("bin/busybox", 0o755, busybox)?;
+    for applet in GUEST_APPLETS {
+        w.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+    w.file("etc/group", 0o644, b"root:x:0:\n")?;
+    add_modules(&mut w, k, "modules-guest.order")?;
+    w.finish()?;
+    Ok(())
+}
+
+/// A copy of an aarch64 binary without debug info (symbols stay, for backtraces), next to `near`.
+/// Debug builds are ~15x larger than that, and every byte of an initramfs lives in guest RAM.
+pub fn stripped(bin: &Path, near: &Path) -> XResult<PathBuf> {
+    let name = bin
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let out = near.with_file_name(format!("{name}.stripped"));
+    let strip = if cfg!(target_arch = "aarch64") {
+        "strip"
+    } else {
+        "aarch64-linux-gnu-strip"
+    };
+    let status = Command::new(strip)
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .map_err(|e| format!("cannot run {strip} (binutils-aarch64-linux-gnu): {e}"))?;
+    if !status.success() {
+        return Err(format!("{strip} {} failed ({status})", bin.display()).into());
+    }
+    Ok(out)
+}
+
 /// Adds `lib/modules/<kver>/…` for the modules an order file names, plus `insmod.list`.
 pub fn add_modules<W: std::io::Write>(
     w: &mut cpio::Writer<W>,

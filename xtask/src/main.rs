@@ -261,6 +261,9 @@ mod direct {
         std::fs::copy(k.minimal(), guest.join("Image"))?;
         std::fs::copy(k.debian(), guest.join("Image-debian"))?;
         assets::write_guest_initrd(k, busybox, &guest.join("initrd.cpio"))?;
+        if let Some(agent) = spec.bins.iter().find(|a| a.name == "accordion-agent") {
+            assets::write_agent_initrd(k, busybox, &agent.path, &guest.join("agent-initrd.cpio"))?;
+        }
         let path = format!(
             "{}:{}",
             bin.display(),

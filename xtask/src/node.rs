@@ -96,6 +96,9 @@ if [ -f "/lib/modules/$kver/insmod.list" ]; then
     while read -r m; do insmod "/lib/modules/$kver/$m" 2>/dev/null || echo "node: insmod $m failed" > /dev/ttyAMA0; done < "/lib/modules/$kver/insmod.list"
 fi
 hostname accordion-node
+# Guest RAM is memfd-backed and madvise(MADV_HUGEPAGE)d by the VMM; Debian's default "never" for
+# shmem would make every nested guest fault its RAM in 4 KiB pages (boots twice as slow).
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 ip link set lo up 2>/dev/null
 [ -f /accordion/env ] && . /accordion/env
 cd /root
@@ -181,12 +184,20 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     assets::write_guest_initrd(k, busybox, &guest_initrd)?;
     w.file_from(&format!("{guest}/initrd.cpio"), 0o644, &guest_initrd)?;
     std::fs::remove_file(&guest_initrd)?;
+    if let Some(agent) = spec.bins.iter().find(|a| a.name == "accordion-agent") {
+        let agent_initrd = dest.with_file_name("agent-initrd.cpio");
+        assets::write_agent_initrd(k, busybox, &agent.path, &agent_initrd)?;
+        w.file_from(&format!("{guest}/agent-initrd.cpio"), 0o644, &agent_initrd)?;
+        std::fs::remove_file(&agent_initrd)?;
+    }
 
     // The node runs Debian's kernel: its modules for vhost-vsock, tun, overlay, bridges.
     assets::add_modules(&mut w, k, "modules-node.order")?;
 
     for a in &spec.bins {
-        w.file_from(&format!("usr/local/bin/{}", a.name), 0o755, &a.path)?;
+        let small = assets::stripped(&a.path, dest)?;
+        w.file_from(&format!("usr/local/bin/{}", a.name), 0o755, &small)?;
+        std::fs::remove_file(&small)?;
     }
     for a in &spec.tests {
         w.file_from(&format!("opt/accordion/tests/{}", a.name), 0o755, &a.path)?;
