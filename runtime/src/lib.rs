@@ -3,3 +3,4 @@
 
 pub mod agent_client;
 pub mod cli;
+pub mod sandbox;
