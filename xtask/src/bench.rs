@@ -4,10 +4,24 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use crate::{node, prepare_node, NodeOpts, XResult};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::{node, prepare_node, root, run_in_node, NodeOpts, XResult};
 
 #[derive(Subcommand)]
 pub enum Bench {
+    /// Boot time, accordion vs QEMU + KVM (Debian trixie's arm64 qemu) in the same node, same kernel
+    /// and initramfs: process start → the guest init's console marker; 1-of-1, 1-of-128 and
+    /// 128-of-128 vCPUs; VMM RSS. Medians over --runs.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Runs of the 128-of-128 configuration (0 skips it): ~4.5 min each in the emulated node,
+        /// where 128 guest vCPUs share the node's two emulated CPUs.
+        #[arg(long, default_value_t = 1)]
+        runs_128: usize,
+    },
     /// The emulated node itself: boot to the command, and whole-run wall time, over N runs.
     Node {
         #[arg(long, default_value_t = 5)]
@@ -23,8 +37,73 @@ pub fn median(mut v: Vec<Duration>) -> Option<Duration> {
     Some(v[v.len() / 2])
 }
 
+/// scripts/node-qemu.sh: the peer VMM as a tree to pack at the node's root.
+fn node_qemu() -> XResult<PathBuf> {
+    let out = Command::new(root().join("scripts/node-qemu.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/node-qemu.sh: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("node-qemu: "))
+        .filter(|_| out.status.success())
+        .ok_or("scripts/node-qemu.sh failed")?;
+    Ok(PathBuf::from(dir.trim()).join("root"))
+}
+
+/// The node script of `bench boot`: every configuration boots the same minimal kernel and busybox
+/// initramfs, whose /init prints `@@EXIT-CODE=` and powers off.
+fn boot_script(runs: usize, runs_128: usize) -> String {
+    let g = "/opt/accordion/share/guest";
+    let acc = |label: &str, n: usize, vcpus: u32, max: u32| {
+        format!(
+            "accordion-bench run --label {label} --runs {n} --out $OUT -- boot --kernel {g}/Image \
+             --initrd {g}/initrd.cpio --vcpus {vcpus} --max-vcpus {max} --memory 256\n"
+        )
+    };
+    let mut s = String::from("set -e\nOUT=/root/bench.txt\n: > $OUT\n");
+    // A first boot warms the node's page cache; it is not measured.
+    s.push_str(&format!(
+        "boot --kernel {g}/Image --initrd {g}/initrd.cpio --memory 256 > /dev/null 2>&1 || true\n"
+    ));
+    s.push_str(&acc("acc-1of1", runs, 1, 1));
+    s.push_str(&acc("acc-1of128", runs, 1, 128));
+    s.push_str(&format!(
+        "accordion-bench run --label qemu-1of1 --runs {runs} --out $OUT -- qemu-system-aarch64 \
+         -M virt,gic-version=3 -accel kvm -cpu host -smp 1 -m 256M -kernel {g}/Image \
+         -initrd {g}/initrd.cpio -append 'console=ttyAMA0 panic=-1 quiet' -nographic -no-reboot \
+         -nic none\n"
+    ));
+    if runs_128 > 0 {
+        s.push_str(&acc("acc-128of128", runs_128, 128, 128));
+    }
+    s.push_str("accordion-bench report $OUT\n");
+    s
+}
+
 pub fn run(b: Bench) -> XResult<i32> {
     match b {
+        Bench::Boot { runs, runs_128 } => {
+            let opts = NodeOpts {
+                smp: 2,
+                memory: "3G".into(),
+                timeout: 3600,
+                release: true,
+                add: Vec::new(),
+                containerd: false,
+            };
+            let qemu = node_qemu()?;
+            let (mut spec, k, bb) = prepare_node(
+                &opts,
+                Vec::new(),
+                vec!["sh".into(), "-c".into(), boot_script(runs, runs_128)],
+            )?;
+            spec.trees.push((qemu, String::new()));
+            println!("bench boot: minimal 6.12 kernel + busybox initramfs, 256 MiB, in the emulated node");
+            run_in_node(&spec, &k, &bb)
+        }
         Bench::Node { runs } => {
             let opts = NodeOpts {
                 smp: 2,

@@ -155,6 +155,7 @@ pub fn prepare_node(
         bins,
         tests,
         extra,
+        trees: Vec::new(),
         env: forwarded_env(),
         command,
     };

@@ -35,6 +35,8 @@ pub struct NodeSpec {
     pub tests: Vec<Artifact>,
     /// Extra host files: (host path, absolute node path).
     pub extra: Vec<(PathBuf, String)>,
+    /// Host directory trees packed at a node path (regular files, directories and symlinks).
+    pub trees: Vec<(PathBuf, String)>,
     pub env: Vec<(String, String)>,
     pub command: Vec<String>,
 }
@@ -210,6 +212,10 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
         w.file_from(node, perm, host)?;
     }
 
+    for (host, node) in &spec.trees {
+        add_tree(&mut w, host, node.trim_end_matches('/'), &mut mkdirs)?;
+    }
+
     let mut env = String::new();
     for (k, v) in &spec.env {
         env.push_str(&format!("export {k}={}\n", sh_quote(v)));
@@ -222,6 +228,39 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
         format!("exec {}\n", cmd.join(" ")).as_bytes(),
     )?;
     w.finish()?;
+    Ok(())
+}
+
+/// Packs the tree under `host` at `node` (e.g. "" for the root), parents first.
+fn add_tree<W: Write>(
+    w: &mut cpio::Writer<W>,
+    host: &Path,
+    node: &str,
+    mkdirs: &mut impl FnMut(&mut cpio::Writer<W>, &str) -> std::io::Result<()>,
+) -> XResult<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(host)
+        .map_err(|e| format!("{}: {e}", host.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = format!("{node}/{}", e.file_name().to_string_lossy());
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            mkdirs(w, &name)?;
+            add_tree(w, &e.path(), &name, mkdirs)?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(e.path())?;
+            w.symlink(&name, &target.to_string_lossy())?;
+        } else {
+            let perm = if is_executable(&e.path()) {
+                0o755
+            } else {
+                0o644
+            };
+            w.file_from(&name, perm, &e.path())?;
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,240 @@
+//! accordion-bench: boot-time measurements inside the node, for `cargo xtask bench boot`.
+//!
+//! `accordion-bench run --label L --marker STR --runs N --out FILE -- cmd…` starts `cmd` N times,
+//! timing process start → the first stdout line containing STR (the guest init's console marker),
+//! sampling the process's RSS at that moment, and reading the VMM's own boot-timer line (`boot
+//! timer N ms` on stderr) when it prints one. `accordion-bench report FILE` prints medians and the
+//! ratios the benchmark is about.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    marker_ms: f64,
+    boot_timer_ms: Option<f64>,
+    rss_anon_kb: u64,
+    rss_file_kb: u64,
+    rss_shmem_kb: u64,
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn one_run(marker: &str, cmd: &[String], timeout: Duration) -> Result<Sample, String> {
+    let start = Instant::now();
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cmd[0]))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut sample = Sample::default();
+    let mut found = false;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if !found && line.contains(marker) {
+            sample.marker_ms = start.elapsed().as_secs_f64() * 1e3;
+            sample.rss_anon_kb = status_kb(pid, "RssAnon:");
+            sample.rss_file_kb = status_kb(pid, "RssFile:");
+            sample.rss_shmem_kb = status_kb(pid, "RssShmem:");
+            found = true;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let _ = child.wait();
+    let err = err_reader.join().unwrap_or_default();
+    sample.boot_timer_ms = err
+        .split("boot timer ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next().and_then(|v| v.parse().ok()));
+    if found {
+        Ok(sample)
+    } else {
+        Err(format!(
+            "marker {marker:?} never appeared; stderr: {}",
+            err.trim()
+        ))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let mut label = String::new();
+    let mut marker = String::from("@@EXIT-CODE");
+    let mut runs = 5usize;
+    let mut out = String::from("/root/bench.txt");
+    let mut i = 0;
+    while i < args.len() && args[i] != "--" {
+        let v = args
+            .get(i + 1)
+            .cloned()
+            .ok_or(format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--label" => label = v,
+            "--marker" => marker = v,
+            "--runs" => runs = v.parse().map_err(|_| "bad --runs")?,
+            "--out" => out = v,
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    let cmd: Vec<String> = args
+        .get(i + 1..)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default();
+    if cmd.is_empty() || label.is_empty() {
+        return Err(
+            "usage: accordion-bench run --label L [--marker S] [--runs N] [--out F] -- cmd…".into(),
+        );
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .map_err(|e| format!("{out}: {e}"))?;
+    for n in 0..runs {
+        let s = one_run(&marker, &cmd, Duration::from_secs(600))?;
+        let line = format!(
+            "{label} {:.1} {} {} {} {}",
+            s.marker_ms,
+            s.boot_timer_ms
+                .map_or("-".to_string(), |b| format!("{b:.1}")),
+            s.rss_anon_kb,
+            s.rss_file_kb,
+            s.rss_shmem_kb
+        );
+        println!(
+            "{label} run {}: marker {:.0} ms, boot timer {:?} ms",
+            n + 1,
+            s.marker_ms,
+            s.boot_timer_ms
+        );
+        writeln!(file, "{line}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn report(path: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut by: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    for l in text.lines() {
+        let f: Vec<String> = l.split_whitespace().map(str::to_string).collect();
+        if f.len() == 6 {
+            by.entry(f[0].clone()).or_default().push(f);
+        }
+    }
+    let col = |label: &str, i: usize| -> Option<f64> {
+        median(
+            by.get(label)?
+                .iter()
+                .filter_map(|f| f[i].parse().ok())
+                .collect(),
+        )
+    };
+    println!(
+        "{:<14} {:>5} {:>16} {:>16} {:>14}",
+        "config", "runs", "to marker (ms)", "boot timer (ms)", "VMM RSS (KiB)"
+    );
+    for (label, rows) in &by {
+        let rss = col(label, 3).unwrap_or(0.0) + col(label, 4).unwrap_or(0.0);
+        println!(
+            "{label:<14} {:>5} {:>16.0} {:>16} {:>14.0}",
+            rows.len(),
+            col(label, 1).unwrap_or(f64::NAN),
+            col(label, 2).map_or("-".to_string(), |v| format!("{v:.0}")),
+            rss
+        );
+    }
+    let ratio = |name: &str, a: &str, b: &str, i: usize| {
+        if let (Some(x), Some(y)) = (col(a, i), col(b, i)) {
+            println!("{name}: {a} / {b} = {:.2}x", x / y);
+        }
+    };
+    ratio(
+        "(a) qemu vs accordion, to marker",
+        "qemu-1of1",
+        "acc-1of1",
+        1,
+    );
+    ratio(
+        "(b) 1-of-128 vs 1-of-1, to marker",
+        "acc-1of128",
+        "acc-1of1",
+        1,
+    );
+    ratio(
+        "(b) 1-of-128 vs 1-of-1, boot timer",
+        "acc-1of128",
+        "acc-1of1",
+        2,
+    );
+    ratio(
+        "(c) 128-of-128 vs 1-of-128, to marker",
+        "acc-128of128",
+        "acc-1of128",
+        1,
+    );
+    ratio(
+        "(c) 128-of-128 vs 1-of-128, boot timer",
+        "acc-128of128",
+        "acc-1of128",
+        2,
+    );
+    if let (Some(a), Some(f)) = (col("acc-1of128", 3), col("acc-1of128", 4)) {
+        println!(
+            "(d) accordion VMM RSS after boot, 1-of-128, guest RAM (RssShmem) excluded: {:.0} KiB (anon {a:.0} + file {f:.0})",
+            a + f
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("report") => args
+            .get(1)
+            .ok_or("usage: accordion-bench report FILE".to_string())
+            .and_then(|p| report(p)),
+        _ => Err("usage: accordion-bench run … | report FILE".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("accordion-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
