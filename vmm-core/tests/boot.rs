@@ -7,12 +7,14 @@
 // Test helpers: any failure here is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use accordion_vmm::{ExitReason, VcpuState, Vm, VmConfig};
+
+mod common;
+use common::{guest_dir, newc_entry, Console};
 
 /// Generous: nested TCG boots of the Debian kernel take tens of seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -35,12 +37,6 @@ fn one_vm_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn guest_dir() -> PathBuf {
-    let share =
-        std::env::var_os("ACCORDION_SHARE_DIR").unwrap_or_else(|| "/opt/accordion/share".into());
-    PathBuf::from(share).join("guest")
-}
-
 /// Whether KVM is usable here; skips (or fails under ACCORDION_REQUIRE_KVM=1) when it is not.
 fn kvm_available() -> bool {
     match accordion_vmm::platform::open_kvm() {
@@ -57,32 +53,6 @@ fn kvm_available() -> bool {
     }
 }
 
-/// One newc cpio entry.
-fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let header = format!(
-        "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
-        0,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.resize(out.len().next_multiple_of(4), 0);
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
 /// The default initramfs plus a segment holding `script` as /accordion/cmd. The segment starts
 /// 512-aligned: the kernel only finds an uncompressed segment at an aligned offset.
 fn initrd_with(script: &str, name: &str) -> PathBuf {
@@ -95,34 +65,6 @@ fn initrd_with(script: &str, name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("accordion-test-{}-{name}.cpio", std::process::id()));
     std::fs::write(&path, image).unwrap();
     path
-}
-
-/// A console sink the test reads back.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// The value of the first `key=value` line.
-    fn value(&self, key: &str) -> Option<String> {
-        let prefix = format!("{key}=");
-        self.text()
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(str::to_string))
-    }
 }
 
 struct Booted {

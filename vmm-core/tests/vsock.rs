@@ -10,19 +10,15 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use accordion_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
 
+mod common;
+use common::{guest_dir, newc_entry, Console};
+
 const TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_CID: u64 = 3;
-
-fn guest_dir() -> PathBuf {
-    let share =
-        std::env::var_os("ACCORDION_SHARE_DIR").unwrap_or_else(|| "/opt/accordion/share".into());
-    PathBuf::from(share).join("guest")
-}
 
 fn vsock_peer() -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
@@ -43,50 +39,6 @@ fn prerequisites() -> Option<PathBuf> {
     assert!(!accordion_vmm::platform::kvm_required(), "{why}");
     eprintln!("SKIPPED: {why}");
     None
-}
-
-fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let header = format!(
-        "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
-        0,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.resize(out.len().next_multiple_of(4), 0);
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 fn read_line(stream: &UnixStream) -> String {
