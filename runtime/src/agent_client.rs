@@ -28,6 +28,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 
+use crate::error_chain;
+
 /// Longest handshake reply accepted ("OK 4294967295\n" is 14 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
 /// Stdin is sent in chunks of this size (well under the agent's message limit).
@@ -249,17 +251,6 @@ where
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
 /// How an exec ended (domain form of the wire `ExecExit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitStatus {
@@ -345,6 +336,8 @@ pub struct ExecSpec {
     /// starting it is still bounded by the RPC timeout). When it passes the exec is abandoned,
     /// which makes the agent kill it.
     pub timeout: Option<Duration>,
+    /// With `tty`: the terminal size (rows, cols) to start with.
+    pub tty_size: Option<(u32, u32)>,
 }
 
 /// A connection to one guest's agent.
@@ -411,6 +404,13 @@ impl AgentClient {
     /// and fault tests). Calls through it have no deadline unless the caller sets one.
     pub fn raw(&self) -> RawClient<Channel> {
         self.raw.clone().max_encoding_message_size(usize::MAX)
+    }
+
+    /// This connection with another per-call deadline (e.g. a short one for status queries).
+    pub fn with_rpc_timeout(&self, rpc_timeout: Duration) -> Self {
+        let mut client = self.clone();
+        client.config.rpc_timeout = rpc_timeout;
+        client
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -500,101 +500,134 @@ impl AgentClient {
         &self,
         spec: ExecSpec,
         stdin: Option<I>,
-        mut stdout: O,
-        mut stderr: E,
+        stdout: O,
+        stderr: E,
     ) -> Result<ExitStatus>
     where
         I: AsyncRead + Unpin + Send + 'static,
         O: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
-        use pb::exec_request::Request as Req;
-        use pb::exec_response::Response as Resp;
+        let mut raw = self.raw.clone();
+        drive_exec(
+            |requests| async move { raw.exec(requests).await },
+            self.config.rpc_timeout,
+            spec,
+            stdin,
+            stdout,
+            stderr,
+        )
+        .await
+    }
+}
 
-        let (tx, rx) = mpsc::channel(STDIN_QUEUE);
-        let start = pb::ExecStart {
-            argv: spec.argv,
-            env: spec.env,
-            cwd: spec.cwd,
-            tty: spec.tty,
-        };
-        // The channel is new and has room: this cannot fail.
+/// Runs one exec over any transport that speaks `accordion.agent.v1` Exec messages: the agent
+/// itself, or the control socket that forwards them. `open` starts the call with the request
+/// stream; the start (and the `started` answer) must come within `rpc_timeout`.
+pub async fn drive_exec<F, Fut, I, O, E>(
+    open: F,
+    rpc_timeout: Duration,
+    spec: ExecSpec,
+    stdin: Option<I>,
+    mut stdout: O,
+    mut stderr: E,
+) -> Result<ExitStatus>
+where
+    F: FnOnce(ReceiverStream<pb::ExecRequest>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<tonic::Streaming<pb::ExecResponse>>, Status>>,
+    I: AsyncRead + Unpin + Send + 'static,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    use pb::exec_request::Request as Req;
+    use pb::exec_response::Response as Resp;
+
+    let (tx, rx) = mpsc::channel(STDIN_QUEUE);
+    let start = pb::ExecStart {
+        argv: spec.argv,
+        env: spec.env,
+        cwd: spec.cwd,
+        tty: spec.tty,
+    };
+    // The channel is new and has room for both: these cannot fail.
+    let _ = tx.try_send(pb::ExecRequest {
+        request: Some(Req::Start(start)),
+    });
+    if let Some((rows, cols)) = spec.tty_size {
         let _ = tx.try_send(pb::ExecRequest {
-            request: Some(Req::Start(start)),
+            request: Some(Req::Resize(pb::TtyResize { rows, cols })),
         });
-        let feeder = tokio::spawn(feed_stdin(stdin, tx));
-        // Stops feeding stdin however this function returns.
-        let _feeder = AbortOnDrop(feeder);
+    }
+    let feeder = tokio::spawn(feed_stdin(stdin, tx));
+    // Stops feeding stdin however this function returns.
+    let _feeder = AbortOnDrop(feeder);
 
-        let rpc_timeout = self.config.rpc_timeout;
-        let timed_out = |operation| AgentClientError::Timeout {
-            operation,
-            after: rpc_timeout,
-            last_error: None,
-        };
-        let mut responses =
-            tokio::time::timeout(rpc_timeout, self.raw.clone().exec(ReceiverStream::new(rx)))
-                .await
-                .map_err(|_| timed_out("Exec start"))??
-                .into_inner();
-        match tokio::time::timeout(rpc_timeout, responses.message())
-            .await
-            .map_err(|_| timed_out("Exec start"))??
-        {
-            Some(pb::ExecResponse {
-                response: Some(Resp::Started(_)),
-            }) => {}
-            other => {
-                return Err(AgentClientError::Protocol(format!(
-                    "expected started, got {other:?}"
-                )))
-            }
+    let timed_out = |operation| AgentClientError::Timeout {
+        operation,
+        after: rpc_timeout,
+        last_error: None,
+    };
+    let mut responses = tokio::time::timeout(rpc_timeout, open(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| timed_out("Exec start"))??
+        .into_inner();
+    match tokio::time::timeout(rpc_timeout, responses.message())
+        .await
+        .map_err(|_| timed_out("Exec start"))??
+    {
+        Some(pb::ExecResponse {
+            response: Some(Resp::Started(_)),
+        }) => {}
+        other => {
+            return Err(AgentClientError::Protocol(format!(
+                "expected started, got {other:?}"
+            )))
         }
+    }
 
-        let pump = async {
-            loop {
-                match responses.message().await? {
-                    Some(pb::ExecResponse {
-                        response: Some(Resp::Stdout(data)),
-                    }) => stdout
-                        .write_all(&data)
-                        .await
-                        .map_err(AgentClientError::Stdio)?,
-                    Some(pb::ExecResponse {
-                        response: Some(Resp::Stderr(data)),
-                    }) => stderr
-                        .write_all(&data)
-                        .await
-                        .map_err(AgentClientError::Stdio)?,
-                    Some(pb::ExecResponse {
-                        response: Some(Resp::Exit(exit)),
-                    }) => {
-                        stdout.flush().await.map_err(AgentClientError::Stdio)?;
-                        stderr.flush().await.map_err(AgentClientError::Stdio)?;
-                        return Ok(ExitStatus::from(exit));
-                    }
-                    Some(other) => {
-                        return Err(AgentClientError::Protocol(format!("unexpected {other:?}")))
-                    }
-                    None => {
-                        return Err(AgentClientError::AgentGone {
-                            message: "exec stream ended without an exit status".into(),
-                        })
-                    }
+    let pump = async {
+        loop {
+            match responses.message().await? {
+                Some(pb::ExecResponse {
+                    response: Some(Resp::Stdout(data)),
+                }) => stdout
+                    .write_all(&data)
+                    .await
+                    .map_err(AgentClientError::Stdio)?,
+                Some(pb::ExecResponse {
+                    response: Some(Resp::Stderr(data)),
+                }) => stderr
+                    .write_all(&data)
+                    .await
+                    .map_err(AgentClientError::Stdio)?,
+                Some(pb::ExecResponse {
+                    response: Some(Resp::Exit(exit)),
+                }) => {
+                    stdout.flush().await.map_err(AgentClientError::Stdio)?;
+                    stderr.flush().await.map_err(AgentClientError::Stdio)?;
+                    return Ok(ExitStatus::from(exit));
+                }
+                Some(other) => {
+                    return Err(AgentClientError::Protocol(format!("unexpected {other:?}")))
+                }
+                None => {
+                    return Err(AgentClientError::AgentGone {
+                        message: "exec stream ended without an exit status".into(),
+                    })
                 }
             }
-        };
-        match spec.timeout {
-            None => pump.await,
-            Some(limit) => {
-                tokio::time::timeout(limit, pump)
-                    .await
-                    .map_err(|_| AgentClientError::Timeout {
-                        operation: "Exec",
-                        after: limit,
-                        last_error: None,
-                    })?
-            }
+        }
+    };
+    match spec.timeout {
+        None => pump.await,
+        Some(limit) => {
+            tokio::time::timeout(limit, pump)
+                .await
+                .map_err(|_| AgentClientError::Timeout {
+                    operation: "Exec",
+                    after: limit,
+                    last_error: None,
+                })?
         }
     }
 }

@@ -3,4 +3,17 @@
 
 pub mod agent_client;
 pub mod cli;
+pub mod control;
 pub mod sandbox;
+
+/// An error and its sources on one line: "outer: inner: innermost".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

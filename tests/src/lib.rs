@@ -1,1 +1,116 @@
+//! Helpers shared by the end-to-end tests in `tests/tests/`: they drive the `accordion` binary as a
+//! user would, in the emulated ARM64 node (or on an ARM64 KVM host).
 
+// Test helpers: a failure here is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+/// Where guest assets are installed.
+pub fn share() -> PathBuf {
+    std::env::var_os("ACCORDION_SHARE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/accordion/share"))
+}
+
+/// Whether this machine can run sandboxes; panics under ACCORDION_REQUIRE_KVM=1 when not.
+pub fn can_run() -> bool {
+    let missing = if !std::path::Path::new("/dev/kvm").exists() {
+        Some("/dev/kvm is missing".to_string())
+    } else if !share().join("guest/agent-initrd.cpio").exists() {
+        Some(format!("no guest assets in {}", share().display()))
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("ACCORDION_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("ACCORDION_REQUIRE_KVM=1 but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// One microVM at a time: the node has two CPUs and nested guests are slow. Hold it for a test.
+pub fn one_vm() -> MutexGuard<'static, ()> {
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `accordion args…` with stdin from /dev/null and returns what it did.
+pub fn accordion(args: &[&str]) -> Output {
+    accordion_with_stdin(args, None)
+}
+
+/// Runs `accordion args…` feeding it `stdin`.
+pub fn accordion_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("accordion")
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run accordion (is it on PATH?)");
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    child.wait_with_output().expect("wait for accordion")
+}
+
+/// Bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Names under /run/accordion.
+pub fn run_dir_entries() -> Vec<String> {
+    std::fs::read_dir("/run/accordion")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of running `accordion` processes (sandbox owners and CLIs).
+pub fn accordion_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/exe"))
+                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "accordion"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts `out` exited with `code`, showing its output when it did not.
+pub fn assert_code(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

@@ -3,68 +3,14 @@
 //! virtio-vsock. Needs /dev/kvm and the guest assets; fails instead of skipping when
 //! ACCORDION_REQUIRE_KVM=1.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::Mutex;
-
-/// One microVM at a time: the node has two CPUs and nested guests are slow.
-static ONE_VM: Mutex<()> = Mutex::new(());
-
-fn share() -> PathBuf {
-    std::env::var_os("ACCORDION_SHARE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/accordion/share"))
-}
-
-/// Whether this machine can run sandboxes; panics under ACCORDION_REQUIRE_KVM=1 when not.
-fn can_run() -> bool {
-    let missing = if !std::path::Path::new("/dev/kvm").exists() {
-        Some("/dev/kvm is missing".to_string())
-    } else if !share().join("guest/agent-initrd.cpio").exists() {
-        Some(format!("no guest assets in {}", share().display()))
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("ACCORDION_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("ACCORDION_REQUIRE_KVM=1 but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
-}
-
-fn accordion(args: &[&str]) -> Output {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    Command::new("accordion")
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run accordion (is it on PATH?)")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn run_dir_entries() -> Vec<String> {
-    std::fs::read_dir("/run/accordion")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use accordion_tests::{accordion, can_run, one_vm, run_dir_entries, share, text};
 
 #[test]
 fn test_run_keeps_stdout_and_stderr_apart_and_propagates_exit_5() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     let out = accordion(&[
         "run",
         "--name",
@@ -88,6 +34,7 @@ fn test_run_minimal_kernel_1_of_128_has_only_cpu0_online() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     let out = accordion(&[
         "run",
         "--vcpus",
@@ -108,6 +55,7 @@ fn test_run_debian_kernel_1_of_128_has_only_cpu0_online_and_exit_3() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     let kernel = share().join("guest/Image-debian");
     let out = accordion(&[
         "run",
@@ -131,6 +79,7 @@ fn test_run_with_missing_kernel_is_a_clear_error_and_leaves_nothing() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     let out = accordion(&[
         "run",
         "--name",
@@ -154,6 +103,7 @@ fn test_run_refuses_boot_vcpus_above_max() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     let out = accordion(&["run", "--vcpus", "9", "--max-vcpus", "8", "--", "true"]);
     assert_eq!(
         out.status.code(),

@@ -1,10 +1,17 @@
 //! The `accordion` operator CLI.
 
+use std::future::Future;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 
 mod acpi_dump;
 mod check;
+mod exec;
+mod ps;
 mod run;
+mod status;
+mod stop;
 
 #[derive(Parser)]
 #[command(
@@ -21,8 +28,16 @@ pub struct Cli {
 pub enum Command {
     /// Check that this host's KVM can run Accordion (PSCI 0.2, 128 vCPUs, GICv3, SMCCC filter).
     Check,
-    /// Boot a sandbox, run a command in it, print its output and exit with its status.
+    /// Boot a sandbox and run a command in it (exit with its status), or start one detached (-d).
     Run(run::RunArgs),
+    /// Run a command in a running sandbox; exits with its status.
+    Exec(exec::ExecArgs),
+    /// List sandboxes.
+    Ps,
+    /// Show a sandbox: state, vCPUs, memory, uptime, agent, boot timings.
+    Status(status::StatusArgs),
+    /// Stop a sandbox (graceful, forced after a timeout) and remove everything it left.
+    Stop(stop::StopArgs),
     /// Write the ACPI tables of a VM shape to a directory (for iasl/acpiexec); needs no KVM.
     AcpiDump(acpi_dump::AcpiDumpArgs),
 }
@@ -33,18 +48,45 @@ pub fn main() -> i32 {
     match cli.cmd {
         Command::Check => check::run(),
         Command::Run(args) => run::run(args),
+        Command::Exec(args) => block_on("exec", exec::run(args)),
+        Command::Ps => block_on("ps", ps::run()),
+        Command::Status(args) => block_on("status", status::run(args)),
+        Command::Stop(args) => block_on("stop", stop::run(args)),
         Command::AcpiDump(args) => acpi_dump::run(&args),
     }
 }
 
-/// An error and its sources on one line: "outer: inner: innermost".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
+pub use crate::error_chain;
+
+/// Runs `main` on a fresh tokio runtime and returns its exit code. The runtime is left behind
+/// without waiting: a read of our stdin blocked in a worker thread would otherwise keep the
+/// process alive after the command ended.
+fn block_on(command: &str, main: impl Future<Output = i32>) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("accordion {command}: cannot start the async runtime: {e}");
+            return 125;
+        }
+    };
+    let code = runtime.block_on(main);
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+/// The environment commands run with in the guest unless told otherwise.
+fn default_env() -> Vec<String> {
+    vec![
+        "PATH=/bin:/sbin:/usr/bin:/usr/sbin".into(),
+        "HOME=/root".into(),
+    ]
+}
+
+/// Milliseconds, for humans.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

@@ -1,11 +1,16 @@
 //! `accordion run`: boot a sandbox, run one command in it through the guest agent, print its stdout
 //! and stderr on ours, exit with its status, tear everything down.
 
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use crate::agent_client::ExecSpec;
+use crate::control::server::{self, Ended};
 use crate::sandbox::{self, Sandbox, SandboxSpec};
 
 #[derive(Args, Debug)]
@@ -13,6 +18,10 @@ pub struct RunArgs {
     /// Sandbox name (default: run-<pid>); its state lives in /run/accordion/<name>.
     #[arg(long)]
     pub name: Option<String>,
+    /// Detach: return once the guest agent answers and leave the sandbox running (drive it with
+    /// `accordion exec/status/stop`). Prints the sandbox name.
+    #[arg(short = 'd', long, conflicts_with = "command")]
+    pub detach: bool,
     /// Guest kernel (raw arm64 Image). Default: <share>/guest/Image.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -38,8 +47,8 @@ pub struct RunArgs {
     /// Print how long each step took (on stderr).
     #[arg(long)]
     pub timings: bool,
-    /// The command to run in the guest.
-    #[arg(last = true, required = true)]
+    /// The command to run in the guest (not with -d).
+    #[arg(last = true, required_unless_present = "detach")]
     pub command: Vec<String>,
 }
 
@@ -65,27 +74,16 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: RunArgs) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("accordion run: cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
-    runtime.block_on(run_async(args))
+    if args.detach {
+        return run_detached(args);
+    }
+    super::block_on("run", run_foreground(args))
 }
 
-async fn run_async(args: RunArgs) -> i32 {
+fn spec_of(args: &RunArgs, name: String) -> SandboxSpec {
     let share = sandbox::share_dir().join("guest");
-    let spec = SandboxSpec {
-        name: args
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("run-{}", std::process::id())),
+    SandboxSpec {
+        name,
         kernel: args.kernel.clone().unwrap_or_else(|| share.join("Image")),
         initrd: args
             .initrd
@@ -96,52 +94,188 @@ async fn run_async(args: RunArgs) -> i32 {
         max_vcpus: args.max_vcpus,
         memory_mib: args.memory,
         agent_timeout: Duration::from_secs(args.agent_timeout),
-    };
+    }
+}
+
+fn default_name(args: &RunArgs) -> String {
+    args.name
+        .clone()
+        .unwrap_or_else(|| format!("run-{}", std::process::id()))
+}
+
+async fn run_foreground(args: RunArgs) -> i32 {
+    let spec = spec_of(&args, default_name(&args));
     let sandbox = match Sandbox::boot(&spec).await {
-        Ok(s) => s,
+        Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("accordion run: {}", super::error_chain(&e));
             return 125;
         }
     };
-    let t_exec = Instant::now();
-    let argv: Vec<&str> = args.command.iter().map(String::as_str).collect();
-    let env = ["PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/root"];
-    let result = sandbox
-        .agent()
-        .exec(
-            &argv,
-            &env,
-            Some(tokio::io::stdin()),
-            tokio::io::stdout(),
-            tokio::io::stderr(),
-        )
-        .await;
-    let exec_time = t_exec.elapsed();
     let boot = sandbox.timings();
-    let t_stop = Instant::now();
-    let code = match result {
-        Ok(status) => status.shell_code(),
-        Err(e) => {
-            eprintln!("accordion run: {}", super::error_chain(&e));
-            125
+    let t_exec = Instant::now();
+    let exec = {
+        let sandbox = Arc::clone(&sandbox);
+        let spec = ExecSpec {
+            argv: args.command.clone(),
+            env: super::default_env(),
+            ..ExecSpec::default()
+        };
+        async move {
+            let result = sandbox
+                .agent()
+                .exec_with(
+                    spec,
+                    Some(tokio::io::stdin()),
+                    tokio::io::stdout(),
+                    tokio::io::stderr(),
+                )
+                .await;
+            (result, t_exec.elapsed())
         }
     };
-    let reason = sandbox.stop(Duration::from_secs(10)).await;
+    // The control socket serves while the command runs (`accordion ps/status/exec/stop` see it).
+    let t_stop;
+    let (code, exec_time, reason) = match server::serve(Arc::clone(&sandbox), exec).await {
+        Ok((Ended::WorkDone((result, exec_time)), reason)) => {
+            t_stop = Instant::now();
+            let code = match result {
+                Ok(status) => status.shell_code(),
+                Err(e) => {
+                    eprintln!("accordion run: {}", super::error_chain(&e));
+                    125
+                }
+            };
+            (code, exec_time, reason)
+        }
+        Ok((ended, reason)) => {
+            t_stop = Instant::now();
+            eprintln!(
+                "accordion run: sandbox {} was stopped ({ended:?}, {reason:?})",
+                spec.name
+            );
+            (137, t_exec.elapsed(), reason)
+        }
+        Err(e) => {
+            t_stop = Instant::now();
+            eprintln!("accordion run: {}", super::error_chain(&e));
+            let reason = sandbox.stop(server::DEFAULT_STOP_GRACE).await;
+            (125, t_exec.elapsed(), reason)
+        }
+    };
     if args.timings {
         eprintln!(
             "accordion run: VM started {:.1} ms, agent ready {:.1} ms, command {:.1} ms, stop {:.1} ms ({reason:?})",
-            ms(boot.vm_started),
-            ms(boot.agent_ready),
-            ms(exec_time),
-            ms(t_stop.elapsed())
+            super::ms(boot.vm_started),
+            super::ms(boot.agent_ready),
+            super::ms(exec_time),
+            super::ms(t_stop.elapsed())
         );
     }
     code
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+/// `run -d`: fork a process that owns the sandbox (new session, stdio detached) and return once
+/// it reports the agent ready, or its error. Forking (rather than re-executing ourselves) keeps the
+/// parsed arguments as they are; it happens before any thread exists.
+fn run_detached(args: RunArgs) -> i32 {
+    use nix::unistd::{fork, ForkResult};
+
+    let name = default_name(&args);
+    if let Err(e) = sandbox::validate_name(&name) {
+        eprintln!("accordion run: {e}");
+        return 125;
+    }
+    let (read_end, write_end) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("accordion run: cannot create a pipe: {e}");
+            return 125;
+        }
+    };
+    // SAFETY: the process has one thread (no runtime exists yet), so the child may run anything.
+    match unsafe { fork() } {
+        Err(e) => {
+            eprintln!("accordion run: cannot fork: {e}");
+            125
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(write_end);
+            let mut report = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut report);
+            match report.strip_prefix("ready\n") {
+                Some(_) => {
+                    println!("{name}");
+                    0
+                }
+                None if report.trim().is_empty() => {
+                    eprintln!("accordion run: the sandbox process died before it was ready");
+                    125
+                }
+                None => {
+                    eprint!("accordion run: {report}");
+                    125
+                }
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(read_end);
+            let code = daemon(args, name, write_end);
+            std::process::exit(code)
+        }
+    }
+}
+
+/// The detached sandbox process: boots, tells the parent, serves until stopped.
+fn daemon(args: RunArgs, name: String, ready: OwnedFd) -> i32 {
+    // Our own session: the caller's terminal and process group signals no longer reach us.
+    let _ = nix::unistd::setsid();
+    detach_stdio(None);
+    let spec = spec_of(&args, name);
+    let mut ready = std::fs::File::from(ready);
+    super::block_on("run", async move {
+        let sandbox = match Sandbox::boot(&spec).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                let _ = writeln!(ready, "{}", super::error_chain(&e));
+                return 125;
+            }
+        };
+        // Our stderr (logs, a panic) goes to the state directory from now on.
+        detach_stdio(Some(&sandbox.dir().join("host.log")));
+        let _ = ready.write_all(b"ready\n");
+        drop(ready);
+        match server::serve(sandbox, std::future::pending::<()>()).await {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("accordion run: {}", super::error_chain(&e));
+                1
+            }
+        }
+    })
+}
+
+/// Points stdin and stdout at /dev/null and stderr at `log` (or /dev/null), so a detached process
+/// holds none of its caller's pipes (a caller reading our output to EOF would wait forever).
+fn detach_stdio(log: Option<&std::path::Path>) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let err = match log {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    };
+    if let Ok(null) = null {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    if let Ok(err) = err {
+        let _ = nix::unistd::dup2_stderr(&err);
+    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 use std::fs::{DirBuilder, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use accordion_vmm::{ExitReason, Vm, VmConfig, VsockConfig};
+use accordion_vmm::{ExitReason, VcpuState, Vm, VmConfig, VsockConfig};
 
 use crate::agent_client::{AgentClient, AgentClientError};
 
@@ -24,6 +25,20 @@ pub fn share_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/accordion/share"))
 }
 
+/// The state directory of sandbox `name`.
+pub fn state_dir(name: &str) -> PathBuf {
+    run_root().join(name)
+}
+
+/// The operator control socket of sandbox `name`.
+pub fn control_socket(name: &str) -> PathBuf {
+    state_dir(name).join(CONTROL_SOCKET)
+}
+
+/// File names inside a sandbox's state directory.
+pub(crate) const CONTROL_SOCKET: &str = "control.sock";
+const PID_FILE: &str = "pid";
+
 /// The guest CID of every sandbox: each VM has its own vsock device, so CIDs need not differ.
 const GUEST_CID: u64 = 3;
 
@@ -32,7 +47,7 @@ const GUEST_CID: u64 = 3;
 pub enum SandboxError {
     #[error("Invalid sandbox name {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.'")]
     Name(String),
-    #[error("Sandbox {0} already exists")]
+    #[error("Sandbox {0} already exists (see `accordion ps`; `accordion stop {0}` removes it)")]
     Exists(String),
     #[error("Cannot create the state directory {0}")]
     StateDir(PathBuf, #[source] std::io::Error),
@@ -93,12 +108,20 @@ pub struct BootTimings {
 }
 
 /// A running sandbox. Dropping it forces the VM down and removes its state directory.
+///
+/// Shared (`Arc`) between the control server's calls and the task that owns its life: every
+/// method takes `&self`, and `stop` may be called from any of them (the first one stops it).
 pub struct Sandbox {
     name: String,
     dir: PathBuf,
-    vm: Option<Vm>,
+    /// `None` once stopped.
+    vm: Mutex<Option<Vm>>,
+    /// Why it stopped, once `stop` ran.
+    stopped: Mutex<Option<ExitReason>>,
     agent: AgentClient,
     timings: BootTimings,
+    max_vcpus: u32,
+    memory_mib: u64,
 }
 
 impl Sandbox {
@@ -113,6 +136,12 @@ impl Sandbox {
             .create(&root)
             .map_err(|e| SandboxError::StateDir(root.clone(), e))?;
         let dir = root.join(&spec.name);
+        if remove_if_stale(&dir) {
+            eprintln!(
+                "accordion: removed the state of sandbox {} (its process is gone)",
+                spec.name
+            );
+        }
         match DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -122,6 +151,9 @@ impl Sandbox {
         }
         // From here on the directory is ours: remove it on every failure.
         let mut cleanup = RemoveDirOnDrop(Some(dir.clone()));
+        let pid_path = dir.join(PID_FILE);
+        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+            .map_err(|e| SandboxError::StateDir(pid_path, e))?;
         let console_path = dir.join("console.log");
         let console = File::create(&console_path)
             .map_err(|e| SandboxError::StateDir(console_path.clone(), e))?;
@@ -174,9 +206,12 @@ impl Sandbox {
         Ok(Sandbox {
             name: spec.name.clone(),
             dir,
-            vm: Some(vm),
+            vm: Mutex::new(Some(vm)),
+            stopped: Mutex::new(None),
             agent,
             timings,
+            max_vcpus: spec.max_vcpus,
+            memory_mib: spec.memory_mib,
         })
     }
 
@@ -196,14 +231,54 @@ impl Sandbox {
         self.timings
     }
 
+    /// Possible vCPUs of the VM.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus
+    }
+
+    /// Guest memory configured for the VM, MiB.
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib
+    }
+
+    fn vm(&self) -> std::sync::MutexGuard<'_, Option<Vm>> {
+        self.vm.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Why the VM stopped, if it has (by itself or through `stop`).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        if let Some(reason) = self
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Some(reason);
+        }
+        self.vm().as_ref()?.wait_timeout(Duration::ZERO)
+    }
+
+    /// The VMM's view of every possible vCPU (empty once stopped).
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.vm().as_ref().map(Vm::vcpu_states).unwrap_or_default()
+    }
+
+    /// Time from `Vm::start` to the guest's init writing the boot timer, if it did.
+    pub fn guest_init_time(&self) -> Option<Duration> {
+        self.vm().as_ref()?.boot_time()
+    }
+
     /// Stops the sandbox: asks the agent to power the guest off, waits up to `grace` for it, then
-    /// forces the VM down. The state directory is removed either way. Returns why the VM stopped.
-    pub async fn stop(mut self, grace: Duration) -> ExitReason {
-        let Some(vm) = self.vm.take() else {
-            return ExitReason::Shutdown;
+    /// forces the VM down. The state directory is removed either way. Returns why the VM stopped;
+    /// later calls return the same reason.
+    pub async fn stop(&self, grace: Duration) -> ExitReason {
+        let Some(vm) = self.vm().take() else {
+            return self.exit_reason().unwrap_or(ExitReason::Shutdown);
         };
-        // A dead agent is fine here: the VM is forced down below.
-        let _ = self.agent.shutdown().await;
+        if vm.wait_timeout(Duration::ZERO).is_none() {
+            // A dead agent is fine here: the VM is forced down below.
+            let _ = self.agent.shutdown().await;
+        }
         let reason = tokio::task::spawn_blocking(move || {
             let reason = vm.wait_timeout(grace).unwrap_or_else(|| vm.shutdown());
             drop(vm);
@@ -212,16 +287,45 @@ impl Sandbox {
         .await
         .unwrap_or(ExitReason::Shutdown);
         let _ = std::fs::remove_dir_all(&self.dir);
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
         reason
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(vm) = self.vm.take() {
+        if let Some(vm) = self.vm().take() {
             vm.shutdown();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The pid recorded in a sandbox's state directory.
+pub fn recorded_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a live process running the same executable as this one (a recycled pid of
+/// some other program does not count).
+pub fn pid_is_ours(pid: u32) -> bool {
+    let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+    match (exe(&pid.to_string()), exe("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
+/// Removes a state directory whose recorded process is gone (it crashed or was killed); returns
+/// whether it did. A directory without a pid file is left alone: its owner may be starting.
+pub fn remove_if_stale(dir: &Path) -> bool {
+    match recorded_pid(dir) {
+        Some(pid) if !pid_is_ours(pid) => std::fs::remove_dir_all(dir).is_ok(),
+        _ => false,
     }
 }
 

@@ -1,0 +1,61 @@
+//! `accordion ps`: every sandbox under the run root, asked through its control socket.
+
+use std::time::Duration;
+
+use crate::control::client::ControlClient;
+use crate::sandbox;
+
+/// Per-sandbox limit, so one hung sandbox does not hang the listing.
+const PER_SANDBOX: Duration = Duration::from_secs(5);
+
+pub async fn run() -> i32 {
+    let root = sandbox::run_root();
+    let mut names: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            eprintln!("accordion ps: cannot read {}: {e}", root.display());
+            return 1;
+        }
+    };
+    names.sort();
+    println!(
+        "{:<24} {:<13} {:>6} {:>9} {:>10} {:>8}",
+        "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"
+    );
+    for name in names {
+        let status = tokio::time::timeout(PER_SANDBOX, async {
+            ControlClient::connect_to(&name).await?.status().await
+        })
+        .await;
+        match status {
+            Ok(Ok(s)) => println!(
+                "{:<24} {:<13} {:>6} {:>8}M {:>9.1}s {:>8}",
+                s.name,
+                s.state,
+                format!("{}/{}", s.guest_cpus_online_count, s.max_vcpus),
+                s.memory_configured_bytes >> 20,
+                s.uptime_ms as f64 / 1e3,
+                s.pid
+            ),
+            _ => {
+                let dir = sandbox::state_dir(&name);
+                let state = match sandbox::recorded_pid(&dir) {
+                    Some(pid) if sandbox::pid_is_ours(pid) => "unreachable",
+                    Some(_) => "stale",
+                    None => "starting",
+                };
+                let pid = sandbox::recorded_pid(&dir).map_or("-".into(), |p| p.to_string());
+                println!(
+                    "{name:<24} {state:<13} {:>6} {:>9} {:>10} {pid:>8}",
+                    "-", "-", "-"
+                );
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,110 @@
+//! `accordion status NAME`.
+
+use accordion_proto::control::v1 as cpb;
+use clap::Args;
+
+use crate::control::client::ControlClient;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The sandbox.
+    pub name: String,
+}
+
+pub async fn run(args: StatusArgs) -> i32 {
+    let status = match ControlClient::connect_to(&args.name).await {
+        Ok(client) => client.status().await,
+        Err(e) => Err(e),
+    };
+    match status {
+        Ok(status) => {
+            print!("{}", render(&status));
+            0
+        }
+        Err(e) => {
+            eprintln!("accordion status: {}", super::error_chain(&e));
+            1
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// One `key: value` line per fact, stable for scripts.
+fn render(s: &cpb::StatusResponse) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k}: {v}\n"));
+    line("name", s.name.clone());
+    line("state", s.state.clone());
+    line("pid", s.pid.to_string());
+    if !s.exit_reason.is_empty() {
+        line("exit reason", s.exit_reason.clone());
+    }
+    if !s.agent_error.is_empty() {
+        line("agent error", s.agent_error.clone());
+    }
+    line(
+        "vcpus",
+        format!(
+            "{} online in the guest, {} plugged, {} running, {} possible",
+            s.guest_cpus_online_count, s.vcpus_plugged, s.vcpus_online, s.max_vcpus
+        ),
+    );
+    line("guest cpus online", s.guest_cpus_online.clone());
+    line(
+        "memory",
+        format!(
+            "{} MiB configured, {} MiB in the guest, {} MiB available",
+            s.memory_configured_bytes / MIB,
+            s.memory_total_bytes / MIB,
+            s.memory_available_bytes / MIB
+        ),
+    );
+    line("uptime", format!("{:.1} s", s.uptime_ms as f64 / 1e3));
+    line("agent version", s.agent_version.clone());
+    line("kernel", s.kernel_release.clone());
+    if let Some(b) = &s.boot {
+        let init = match b.kernel_started_ms {
+            0 => "n/a".to_string(),
+            ms => format!("{ms} ms"),
+        };
+        line(
+            "boot",
+            format!(
+                "VM created {} ms, guest init {init}, agent ready {} ms",
+                b.vm_created_ms, b.agent_ready_ms
+            ),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_render_shows_cpus_agent_and_boot() {
+        let s = cpb::StatusResponse {
+            name: "b1".into(),
+            state: "running".into(),
+            vcpus_plugged: 1,
+            vcpus_online: 1,
+            max_vcpus: 8,
+            guest_cpus_online: "0".into(),
+            guest_cpus_online_count: 1,
+            agent_version: "0.1.0".into(),
+            boot: Some(cpb::BootTimings {
+                vm_created_ms: 5,
+                kernel_started_ms: 0,
+                agent_ready_ms: 900,
+            }),
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("vcpus: 1 online in the guest, 1 plugged, 1 running, 8 possible\n"));
+        assert!(text.contains("agent version: 0.1.0\n"));
+        assert!(text.contains("boot: VM created 5 ms, guest init n/a, agent ready 900 ms\n"));
+        assert!(!text.contains("exit reason"));
+    }
+}

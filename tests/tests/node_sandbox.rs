@@ -1,0 +1,206 @@
+//! Detached sandboxes as an operator drives them: `accordion run -d`, `exec`, `status`, `ps`,
+//! `stop`, in the emulated ARM64 node (or on an ARM64 KVM host). Fails instead of skipping when
+//! ACCORDION_REQUIRE_KVM=1 and KVM or the guest assets are missing.
+
+use std::time::{Duration, Instant};
+
+use accordion_tests::{
+    accordion, accordion_pids, accordion_with_stdin, assert_code, can_run, one_vm, run_dir_entries,
+    text,
+};
+
+/// Starts a detached sandbox `name` with 1 of 8 vCPUs on the minimal kernel.
+fn start(name: &str) {
+    let out = accordion(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--vcpus",
+        "1",
+        "--max-vcpus",
+        "8",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), format!("{name}\n"));
+}
+
+/// `accordion status NAME` as key → value.
+fn status(name: &str) -> std::collections::HashMap<String, String> {
+    let out = accordion(&["status", name]);
+    assert_code(&out, 0);
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Stops `name` and checks nothing of it is left: no state directory, and its process (which
+/// held the VM, its vCPU threads and sockets) gone.
+fn stop_and_check_clean(name: &str) {
+    let pid: u32 = status(name)["pid"].parse().expect("pid");
+    let out = accordion(&["stop", name]);
+    assert_code(&out, 0);
+    assert!(
+        !run_dir_entries().contains(&name.to_string()),
+        "state directory left: {:?}",
+        run_dir_entries()
+    );
+    assert!(
+        !accordion_pids().contains(&pid),
+        "sandbox process {pid} still runs"
+    );
+}
+
+#[test]
+fn test_detached_run_exec_status_ps_stop_leave_nothing() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    start("b1");
+
+    let out = accordion(&["exec", "b1", "--", "nproc"]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), "1\n");
+
+    let out = accordion(&[
+        "exec",
+        "b1",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 5",
+    ]);
+    assert_code(&out, 5);
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    let out = accordion(&["exec", "b1", "--", "sh", "-c", "kill -9 $$"]);
+    assert_code(&out, 137);
+
+    let input: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let out = accordion_with_stdin(&["exec", "b1", "--", "cat"], Some(&input));
+    assert_code(&out, 0);
+    assert!(out.stdout == input, "stdin did not come back intact");
+
+    let out = accordion(&[
+        "exec",
+        "b1",
+        "-e",
+        "GREETING=hi",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $PWD",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), "hi /tmp\n");
+
+    let s = status("b1");
+    assert_eq!(s["state"], "running", "{s:?}");
+    assert!(
+        s["vcpus"].starts_with("1 online in the guest, 1 plugged, 1 running, 8 possible"),
+        "{s:?}"
+    );
+    assert_eq!(s["guest cpus online"], "0");
+    assert!(!s["agent version"].is_empty(), "{s:?}");
+    assert!(s["boot"].contains("agent ready"), "{s:?}");
+
+    let out = accordion(&["ps"]);
+    assert_code(&out, 0);
+    let ps = text(&out.stdout);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("b1 ") && l.contains("running") && l.contains("1/8")),
+        "{ps}"
+    );
+
+    // The same name again is refused and does not disturb the first.
+    let out = accordion(&["run", "-d", "--name", "b1"]);
+    assert_code(&out, 125);
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(status("b1")["state"], "running");
+
+    stop_and_check_clean("b1");
+}
+
+#[test]
+fn test_stop_and_exec_of_unknown_name_are_clear_errors() {
+    let _vm = one_vm();
+    let out = accordion(&["stop", "nosuch"]);
+    assert_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("No sandbox named \"nosuch\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = accordion(&["exec", "nosuch", "--", "true"]);
+    assert_code(&out, 125);
+    assert!(
+        text(&out.stderr).contains("No sandbox named"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn test_guest_that_dies_is_reported_dead_then_stop_cleans_up() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    start("dying");
+    // The guest goes away under the agent (reboot(2) straight from a command, no agent involved).
+    let _ = accordion(&["exec", "dying", "--", "sh", "-c", "poweroff -f"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status("dying");
+        if s["state"] == "dead" {
+            assert!(s.contains_key("exit reason"), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not dead: {s:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = accordion(&["exec", "dying", "--", "true"]);
+    assert_code(&out, 125);
+    assert!(text(&out.stderr).contains("dead"), "{}", text(&out.stderr));
+    stop_and_check_clean("dying");
+}
+
+#[test]
+fn test_killed_sandbox_process_leaves_state_that_stop_and_run_clean() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    start("orphan");
+    let pid = status("orphan")["pid"].parse::<i32>().expect("pid");
+    // SIGKILL: the owner cannot clean up; its state directory stays behind.
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let out = accordion(&["ps"]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("orphan ") && l.contains("stale")),
+        "{}",
+        text(&out.stdout)
+    );
+    // A new sandbox of that name replaces the stale state.
+    start("orphan");
+    assert_eq!(status("orphan")["state"], "running");
+    stop_and_check_clean("orphan");
+}
