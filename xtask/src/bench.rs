@@ -13,7 +13,8 @@ use crate::{node, prepare_node, root, run_in_node, NodeOpts, XResult};
 pub enum Bench {
     /// Boot time, accordion vs QEMU + KVM (Debian trixie's arm64 qemu) in the same node, same kernel
     /// and initramfs: process start → the guest init's console marker; 1-of-1, 1-of-128 and
-    /// 128-of-128 vCPUs; VMM RSS. Medians over --runs.
+    /// 128-of-128 vCPUs; VMM RSS; process start → the agent answering and running a command; the
+    /// exec round trip of `true` (10 x --runs samples, median and p99). Medians over --runs.
     Boot {
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -76,6 +77,18 @@ fn boot_script(runs: usize, runs_128: usize) -> String {
          -M virt,gic-version=3 -accel kvm -cpu host -smp 1 -m 256M -kernel {g}/Image \
          -initrd {g}/initrd.cpio -append 'console=ttyAMA0 panic=-1 quiet' -nographic -no-reboot \
          -nic none\n"
+    ));
+    // Process start → the agent (PID 1) has answered Health and run a first command.
+    s.push_str(&format!(
+        "accordion-bench run --label acc-agent --marker @@AGENT-UP --runs {runs} --out $OUT -- \
+         accordion run --kernel {g}/Image --memory 256M --vcpus 1 --max-vcpus 1 -- echo @@AGENT-UP\n"
+    ));
+    // Operator exec round trip (CLI process start + control socket + agent exec of `true`).
+    s.push_str(&format!(
+        "accordion run -d --name bench-exec --kernel {g}/Image --memory 256M --vcpus 1 --max-vcpus 1 >/dev/null\n\
+         accordion-bench latency --label exec-true --runs {} --out $OUT -- accordion exec bench-exec -- true\n\
+         accordion stop bench-exec >/dev/null\n",
+        runs * 10
     ));
     if runs_128 > 0 {
         s.push_str(&acc("acc-128of128", runs_128, 128, 128));

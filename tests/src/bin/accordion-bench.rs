@@ -4,7 +4,8 @@
 //! timing process start → the first stdout line containing STR (the guest init's console marker),
 //! sampling the process's RSS at that moment, and reading the VMM's own boot-timer line (`boot
 //! timer N ms` on stderr) when it prints one. `accordion-bench report FILE` prints medians and the
-//! ratios the benchmark is about.
+//! ratios the benchmark is about. `accordion-bench latency --label L --runs N --out FILE -- cmd…`
+//! times N whole runs of a short command (e.g. `accordion exec NAME -- true`), for medians and p99.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -177,13 +178,74 @@ fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// The value at quantile `q` (0..=1) of `v`, nearest rank.
+fn quantile(mut v: Vec<f64>, q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+/// `latency`: N timed runs of a command that must succeed; one `LAT label ms` line per run.
+fn latency(args: &[String]) -> Result<(), String> {
+    let (mut label, mut runs, mut out) = (String::new(), 50usize, String::from("/root/bench.txt"));
+    let mut i = 0;
+    while i < args.len() && args[i] != "--" {
+        let v = args
+            .get(i + 1)
+            .cloned()
+            .ok_or(format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--label" => label = v,
+            "--runs" => runs = v.parse().map_err(|_| "bad --runs")?,
+            "--out" => out = v,
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    let cmd: Vec<String> = args
+        .get(i + 1..)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default();
+    if cmd.is_empty() || label.is_empty() {
+        return Err("usage: accordion-bench latency --label L [--runs N] [--out F] -- cmd…".into());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .map_err(|e| format!("{out}: {e}"))?;
+    for n in 0..runs {
+        let start = Instant::now();
+        let status = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot start {}: {e}", cmd[0]))?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if !status.success() {
+            return Err(format!("{label} run {}: {status}", n + 1));
+        }
+        writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn report(path: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let mut by: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for l in text.lines() {
         let f: Vec<String> = l.split_whitespace().map(str::to_string).collect();
         if f.len() == 6 {
             by.entry(f[0].clone()).or_default().push(f);
+        } else if f.len() == 3 && f[0] == "LAT" {
+            if let Ok(ms) = f[2].parse() {
+                lat.entry(f[1].clone()).or_default().push(ms);
+            }
         }
     }
     let col = |label: &str, i: usize| -> Option<f64> {
@@ -243,6 +305,20 @@ fn report(path: &str) -> Result<(), String> {
         "acc-1of128",
         2,
     );
+    ratio(
+        "(e) qemu boot-to-init vs accordion start-to-agent-exec",
+        "qemu-1of1",
+        "acc-agent",
+        1,
+    );
+    for (label, v) in &lat {
+        println!(
+            "(f) {label}: {} runs, median {:.1} ms, p99 {:.1} ms",
+            v.len(),
+            quantile(v.clone(), 0.5).unwrap_or(f64::NAN),
+            quantile(v.clone(), 0.99).unwrap_or(f64::NAN)
+        );
+    }
     if let (Some(vmm), Some(guest)) = (col("acc-1of128", 3), col("acc-1of128", 4)) {
         println!(
             "(d) accordion VMM RSS after boot, 1-of-128, guest RAM excluded: {vmm:.0} KiB (guest RAM resident: {guest:.0} KiB)"
@@ -255,11 +331,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
+        Some("latency") => latency(&args[1..]),
         Some("report") => args
             .get(1)
             .ok_or("usage: accordion-bench report FILE".to_string())
             .and_then(|p| report(p)),
-        _ => Err("usage: accordion-bench run … | report FILE".into()),
+        _ => Err("usage: accordion-bench run … | latency … | report FILE".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
