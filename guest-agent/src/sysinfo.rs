@@ -97,7 +97,10 @@ pub fn format_cpulist(cpus: &[u32]) -> String {
     let mut i = 0;
     while let Some(&first) = sorted.get(i) {
         let mut last = first;
-        while let Some(&next) = sorted.get(i + 1).filter(|&&n| Some(n) == last.checked_add(1)) {
+        while let Some(&next) = sorted
+            .get(i + 1)
+            .filter(|&&n| Some(n) == last.checked_add(1))
+        {
             last = next;
             i += 1;
         }

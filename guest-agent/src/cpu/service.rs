@@ -138,7 +138,7 @@ impl Cpu for CpuService {
         let mut results = Vec::new();
         for (cpu, online) in wanted {
             let error = match sysfs::set_online(self.hub.sysfs(), cpu, online).await {
-                Ok(()) => String::new(),
+                Ok(_) => String::new(),
                 Err(e) => error_chain(&e),
             };
             if !error.is_empty() {

@@ -199,7 +199,8 @@ pub fn is_retryable(error: &io::Error) -> bool {
 
 /// Brings `cpu` to `online` (true) or offline (false): nothing to do when it already is;
 /// otherwise writes its `online` file on the blocking pool, retrying EBUSY/EAGAIN a few times.
-pub async fn set_online(sysfs: &CpuSysfs, cpu: u32, online: bool) -> Result<(), SysfsError> {
+/// Returns whether it wrote (false: the CPU already was in that state).
+pub async fn set_online(sysfs: &CpuSysfs, cpu: u32, online: bool) -> Result<bool, SysfsError> {
     let value = if online { "1" } else { "0" };
     let mut pause = RETRY_PAUSE;
     let mut attempt = 1;
@@ -207,9 +208,9 @@ pub async fn set_online(sysfs: &CpuSysfs, cpu: u32, online: bool) -> Result<(), 
         let files = sysfs.clone();
         let result = tokio::task::spawn_blocking(move || {
             if files.is_online(cpu)? == online {
-                return Ok(Ok(()));
+                return Ok(Ok(false));
             }
-            Ok(files.write_online(cpu, online))
+            Ok(files.write_online(cpu, online).map(|()| true))
         })
         .await
         .map_err(|e| SysfsError::Task {
@@ -217,7 +218,7 @@ pub async fn set_online(sysfs: &CpuSysfs, cpu: u32, online: bool) -> Result<(), 
             detail: e.to_string(),
         })?;
         match result {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(wrote)) => return Ok(wrote),
             Err(e) => return Err(e),
             // A registered CPU without an online file reads as online; so only offlining gets here.
             Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
@@ -379,7 +380,9 @@ mod tests {
     #[tokio::test]
     async fn test_set_online_writes_one_to_offline_cpu() {
         let fake = FakeSysfs::new("write", 4, &[0], &[0, 1]);
-        set_online(&fake.sysfs(), 1, true).await.expect("online");
+        let wrote = set_online(&fake.sysfs(), 1, true).await.expect("online");
+        let again = set_online(&fake.sysfs(), 1, true).await.expect("online");
+        assert_eq!((wrote, again), (true, false));
         assert_eq!(fake.online_file(1), "1\n");
     }
 

@@ -132,7 +132,8 @@ impl CpuHub {
     /// the kernel's own `online` uevent.
     async fn online_added(&self, cpu: u32) {
         match sysfs::set_online(&self.sysfs, cpu, true).await {
-            Ok(()) => crate::info!("cpu{cpu}: onlined"),
+            Ok(true) => crate::info!("cpu{cpu}: onlined"),
+            Ok(false) => crate::debug!("cpu{cpu}: already online"),
             Err(e) => {
                 let text = error_chain(&e);
                 crate::warn!("cpu{cpu}: cannot online: {text}");
