@@ -1,11 +1,10 @@
 //! accordion-agent: PID 1 of the guest. See the library crate for the parts.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::path::Path;
 
 use accordion_agent::args::{Listen, Options, USAGE};
 use accordion_agent::cpu::{CpuHub, CpuService};
