@@ -9,6 +9,10 @@ use std::io::Write;
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// Detail for debugging; written only when `ACCORDION_AGENT_DEBUG` is set in the agent's
+    /// environment (as PID 1: `ACCORDION_AGENT_DEBUG=1` on the kernel command line, which the kernel
+    /// hands to init as an environment variable).
+    Debug,
     /// Normal lifecycle events.
     Info,
     /// Something failed, the agent carries on.
@@ -20,6 +24,7 @@ pub enum Level {
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Level::Debug => "debug",
             Level::Info => "info",
             Level::Warn => "warn",
             Level::Error => "error",
@@ -31,6 +36,23 @@ impl fmt::Display for Level {
 pub fn write(level: Level, args: fmt::Arguments<'_>) {
     let line = format!("accordion-agent: {level}: {args}\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Whether debug lines are written (read once: the environment does not change under PID 1).
+pub fn debug_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED
+        .get_or_init(|| std::env::var_os("ACCORDION_AGENT_DEBUG").is_some_and(|v| !v.is_empty()))
+}
+
+/// Logs at debug level (see [`Level::Debug`]); the arguments are not even formatted otherwise.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        if $crate::log::debug_enabled() {
+            $crate::log::write($crate::log::Level::Debug, format_args!($($arg)*))
+        }
+    };
 }
 
 /// Logs at info level.

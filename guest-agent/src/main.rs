@@ -1,15 +1,19 @@
 //! accordion-agent: PID 1 of the guest. See the library crate for the parts.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use accordion_agent::args::{Listen, Options, USAGE};
+use accordion_agent::cpu::{CpuHub, CpuService};
 use accordion_agent::server::{self, error_chain, AgentService, ServeError};
 use accordion_agent::{error, info, init, modules, reaper::Reaper, warn};
 use tokio::sync::Notify;
 
+/// Where sysfs is mounted (by `init::mount_all` as PID 1).
+const SYSFS: &str = "/sys";
 /// Attempts to bind the vsock port before giving up (the transport may still be initialising).
 const BIND_ATTEMPTS: u32 = 5;
 /// How long other processes get to exit on power-off before SIGKILL.
@@ -86,6 +90,8 @@ async fn run(options: &Options) -> Result<(), ServeError> {
     let reaper = Reaper::global()?;
     let shutdown = Arc::new(Notify::new());
     let service = AgentService::new(reaper, shutdown.clone());
+    // CPU hotplug is watched from the moment the agent serves, in the guest and on a host alike.
+    let cpu = CpuService::new(CpuHub::start(Path::new(SYSFS)));
     // The server stops accepting on `stop`; in-flight calls (the Shutdown answer itself) get
     // SHUTDOWN_DRAIN to finish before the process moves on regardless.
     let stop = Arc::new(Notify::new());
@@ -98,12 +104,12 @@ async fn run(options: &Options) -> Result<(), ServeError> {
         Listen::Unix(path) => {
             let incoming = server::listen_unix(path)?;
             info!("serving on unix:{}", path.display());
-            tokio::spawn(server::serve(service, incoming, stop.clone()))
+            tokio::spawn(server::serve(service, cpu, incoming, stop.clone()))
         }
         Listen::Vsock(port) => {
             let incoming = bind_vsock(*port).await?;
             info!("serving on vsock port {port}");
-            tokio::spawn(server::serve(service, incoming, stop.clone()))
+            tokio::spawn(server::serve(service, cpu, incoming, stop.clone()))
         }
     };
     tokio::pin!(served);

@@ -19,6 +19,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::cpu::CpuService;
 use crate::exec::{self, Event, ExecError, ExecSpec, Input};
 use crate::reaper::{ExitStatus, Reaper, ReaperError};
 use crate::sysinfo;
@@ -325,11 +326,12 @@ where
     ReceiverStream::new(rx)
 }
 
-/// Serves `service` on the connections of `incoming` until `shutdown` is notified. Each connection
-/// is its own HTTP/2 session: a peer sending garbage or oversized messages loses its connection or
-/// its call, never the server.
+/// Serves `service` and `cpu` on the connections of `incoming` until `shutdown` is notified. Each
+/// connection is its own HTTP/2 session: a peer sending garbage or oversized messages loses its
+/// connection or its call, never the server.
 pub async fn serve<IO>(
     service: AgentService,
+    cpu: CpuService,
     incoming: ReceiverStream<io::Result<IO>>,
     shutdown: Arc<Notify>,
 ) -> Result<(), ServeError>
@@ -341,6 +343,7 @@ where
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service.into_server())
+        .add_service(cpu.into_server())
         .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
         .await?;
     Ok(())

@@ -63,6 +63,60 @@ impl CpuList {
     }
 }
 
+/// The most CPUs a cpulist may name when expanded into numbers: Linux's largest NR_CPUS (8192 on
+/// x86_64; arm64 allows 4096). A list naming more is garbage and is refused instead of allocated.
+pub const MAX_CPUS: u32 = 8192;
+
+/// Expands a cpulist ("0-3,8") into its CPU numbers, sorted ascending and without duplicates.
+pub fn parse_cpu_set(text: &str) -> Result<Vec<u32>, String> {
+    let list = CpuList::parse(text)?;
+    if list.count > MAX_CPUS {
+        return Err(format!("names {} CPUs, more than {MAX_CPUS}", list.count));
+    }
+    let mut cpus = Vec::new();
+    for part in list.text.split(',').filter(|p| !p.is_empty()) {
+        // CpuList::parse accepted every part already.
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (parse_cpu(a)?, parse_cpu(b)?),
+            None => (parse_cpu(part)?, parse_cpu(part)?),
+        };
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Formats CPU numbers as the kernel writes a cpulist ("0-3,8"); the order of `cpus` and
+/// duplicates in it do not matter.
+pub fn format_cpulist(cpus: &[u32]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut text = String::new();
+    let mut i = 0;
+    while let Some(&first) = sorted.get(i) {
+        let mut last = first;
+        while let Some(&next) = sorted
+            .get(i + 1)
+            .filter(|&&n| Some(n) == last.checked_add(1))
+        {
+            last = next;
+            i += 1;
+        }
+        if !text.is_empty() {
+            text.push(',');
+        }
+        if first == last {
+            text.push_str(&first.to_string());
+        } else {
+            text.push_str(&format!("{first}-{last}"));
+        }
+        i += 1;
+    }
+    text
+}
+
 fn parse_cpu(s: &str) -> Result<u32, String> {
     s.parse().map_err(|_| format!("{s:?} is not a CPU number"))
 }
@@ -201,6 +255,40 @@ mod tests {
         assert!(CpuList::parse("0-x").is_err());
         assert!(CpuList::parse("3-1").is_err());
         assert!(CpuList::parse("0-4294967295").is_err());
+    }
+
+    #[test]
+    fn test_parse_cpu_set_expands_ranges_sorted() {
+        assert_eq!(
+            parse_cpu_set("8,0-3,10-11\n"),
+            Ok(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_set("\n"), Ok(vec![]));
+    }
+
+    #[test]
+    fn test_parse_cpu_set_refuses_more_than_max_cpus() {
+        assert!(parse_cpu_set("0-8191").is_ok());
+        assert!(parse_cpu_set("0-8192").is_err());
+        assert!(parse_cpu_set("0-4294967294").is_err());
+        assert!(parse_cpu_set("1,x").is_err());
+    }
+
+    #[test]
+    fn test_format_cpulist_matches_kernel_format() {
+        assert_eq!(format_cpulist(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(format_cpulist(&[5, 0, 1, 5]), "0-1,5");
+        assert_eq!(format_cpulist(&[]), "");
+        assert_eq!(
+            format_cpulist(&[u32::MAX - 1, u32::MAX]),
+            "4294967294-4294967295"
+        );
+    }
+
+    #[test]
+    fn test_format_then_parse_roundtrips() {
+        let cpus = vec![0, 2, 3, 4, 7, 64, 65, 127];
+        assert_eq!(parse_cpu_set(&format_cpulist(&cpus)), Ok(cpus));
     }
 
     #[test]

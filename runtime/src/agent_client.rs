@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use accordion_proto::agent::v1 as pb;
 use accordion_proto::agent::v1::agent_client::AgentClient as RawClient;
+use accordion_proto::agent::v1::cpu_client::CpuClient as RawCpuClient;
 use accordion_proto::{AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -345,6 +346,8 @@ pub struct ExecSpec {
 pub struct AgentClient {
     raw: RawClient<Channel>,
     config: ClientConfig,
+    /// The Cpu service on the same connection.
+    cpu: RawCpuClient<Channel>,
 }
 
 impl AgentClient {
@@ -394,10 +397,13 @@ impl AgentClient {
             }
         })
         .await?;
+        let cpu = RawCpuClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let raw = RawClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { raw, config })
+        Ok(Self { raw, config, cpu })
     }
 
     /// The generated client on this connection, without size limits on what it sends (for tools
@@ -632,6 +638,204 @@ where
     }
 }
 
+/// What a [`CpuEvent`] reports (domain form of the wire `CpuEventKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuEventKind {
+    /// The current sets, no change implied: a watch's first event, and after the watcher lagged.
+    Snapshot,
+    /// The guest kernel registered a hot-added CPU; the agent is onlining it.
+    Added,
+    /// The guest kernel unregistered a CPU (hot-remove).
+    Removed,
+    /// A CPU came online.
+    Online,
+    /// A CPU went offline.
+    Offline,
+    /// The agent could not online a hot-added CPU (see [`CpuEvent::error`]).
+    OnlineFailed,
+    /// A kind this client does not know (a newer agent); the sets are still valid.
+    Unknown(i32),
+}
+
+impl From<i32> for CpuEventKind {
+    fn from(value: i32) -> Self {
+        match pb::CpuEventKind::try_from(value) {
+            Ok(pb::CpuEventKind::Snapshot) => Self::Snapshot,
+            Ok(pb::CpuEventKind::Added) => Self::Added,
+            Ok(pb::CpuEventKind::Removed) => Self::Removed,
+            Ok(pb::CpuEventKind::Online) => Self::Online,
+            Ok(pb::CpuEventKind::Offline) => Self::Offline,
+            Ok(pb::CpuEventKind::OnlineFailed) => Self::OnlineFailed,
+            Ok(pb::CpuEventKind::Unspecified) | Err(_) => Self::Unknown(value),
+        }
+    }
+}
+
+/// One CPU change in the guest, or a snapshot, with the guest's CPU sets right after it (domain
+/// form of the wire `CpuEvent`). The sets are sorted CPU numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuEvent {
+    /// What happened.
+    pub kind: CpuEventKind,
+    /// The CPU concerned; `None` for a snapshot.
+    pub cpu: Option<u32>,
+    /// Online CPUs.
+    pub online: Vec<u32>,
+    /// Present CPUs.
+    pub present: Vec<u32>,
+    /// Possible CPUs.
+    pub possible: Vec<u32>,
+    /// Enabled (plugged) CPUs; `None` when the guest kernel has no `enabled` file (before 6.11).
+    pub enabled: Option<Vec<u32>>,
+    /// Why onlining failed, for [`CpuEventKind::OnlineFailed`].
+    pub error: Option<String>,
+    /// The guest's CLOCK_MONOTONIC when the agent observed it.
+    pub guest_monotonic: Duration,
+}
+
+impl From<pb::CpuEvent> for CpuEvent {
+    fn from(e: pb::CpuEvent) -> Self {
+        Self {
+            kind: CpuEventKind::from(e.kind),
+            cpu: e.cpu,
+            online: e.online,
+            present: e.present,
+            possible: e.possible,
+            enabled: e.has_enabled.then_some(e.enabled),
+            error: (!e.error.is_empty()).then_some(e.error),
+            guest_monotonic: Duration::from_nanos(e.monotonic_ns),
+        }
+    }
+}
+
+/// The outcome of [`AgentClient::set_cpus_online`] for one CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuOnlineResult {
+    /// The CPU.
+    pub cpu: u32,
+    /// The state asked for.
+    pub online: bool,
+    /// `None` when the CPU is now in that state; otherwise the agent's reason.
+    pub error: Option<String>,
+}
+
+impl From<pb::CpuOnlineResult> for CpuOnlineResult {
+    fn from(r: pb::CpuOnlineResult) -> Self {
+        Self {
+            cpu: r.cpu,
+            online: r.online,
+            error: (!r.error.is_empty()).then_some(r.error),
+        }
+    }
+}
+
+/// An open CPU watch ([`AgentClient::watch_cpus`]). It has no deadline: it lasts until dropped or
+/// until the agent goes away.
+#[derive(Debug)]
+pub struct CpuWatch {
+    /// The snapshot received while opening, returned by the first `next`.
+    first: Option<CpuEvent>,
+    stream: tonic::Streaming<pb::CpuEvent>,
+}
+
+impl CpuWatch {
+    /// The next event: first the snapshot, then one per change, a new snapshot after this watcher
+    /// fell behind. `Ok(None)` when the agent ended the stream in an orderly way (it is shutting
+    /// down); [`AgentClientError::AgentGone`] when the connection died.
+    pub async fn next(&mut self) -> Result<Option<CpuEvent>> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        Ok(self.stream.message().await?.map(CpuEvent::from))
+    }
+}
+
+/// Formats CPU numbers as Linux writes a cpulist ("0-3,8"), for logs and comparisons with sysfs.
+pub fn format_cpulist(cpus: &[u32]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for cpu in sorted {
+        match ranges.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(cpu) => *last = cpu,
+            _ => ranges.push((cpu, cpu)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|&(first, last)| {
+            if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl AgentClient {
+    /// Opens a watch of the guest's CPUs (`Cpu.Watch`). Opening, up to the first event (the
+    /// snapshot), has the RPC deadline; the watch itself has none.
+    pub async fn watch_cpus(&self) -> Result<CpuWatch> {
+        let mut cpu = self.cpu.clone();
+        // No grpc-timeout on this request: it would end the stream on the agent's side.
+        let open = async move {
+            let mut stream = cpu
+                .watch(Request::new(pb::WatchCpusRequest {}))
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            Ok::<_, AgentClientError>((stream, first))
+        };
+        let (stream, first) = tokio::time::timeout(self.config.rpc_timeout, open)
+            .await
+            .map_err(|_| AgentClientError::Timeout {
+                operation: "CPU Watch",
+                after: self.config.rpc_timeout,
+                last_error: None,
+            })??;
+        let first = match first.map(CpuEvent::from) {
+            Some(event) if event.kind == CpuEventKind::Snapshot => event,
+            Some(other) => {
+                return Err(AgentClientError::Protocol(format!(
+                    "CPU watch began with {:?}, not a snapshot",
+                    other.kind
+                )))
+            }
+            None => {
+                return Err(AgentClientError::AgentGone {
+                    message: "CPU watch ended before its snapshot".into(),
+                })
+            }
+        };
+        Ok(CpuWatch {
+            first: Some(first),
+            stream,
+        })
+    }
+
+    /// Onlines the CPUs in `online` and offlines those in `offline` (`Cpu.SetOnline`); one result
+    /// per CPU, `online` ones first. The agent refuses the whole call (an
+    /// [`AgentClientError::Rpc`] with `InvalidArgument`, nothing changed) to offline CPU 0 or
+    /// when a CPU is in both lists.
+    pub async fn set_cpus_online(
+        &self,
+        online: &[u32],
+        offline: &[u32],
+    ) -> Result<Vec<CpuOnlineResult>> {
+        let request = self.request(pb::SetOnlineRequest {
+            online: online.to_vec(),
+            offline: offline.to_vec(),
+        });
+        let response = self
+            .unary("CPU SetOnline", self.cpu.clone().set_online(request))
+            .await?;
+        Ok(response.results.into_iter().map(Into::into).collect())
+    }
+}
+
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -772,6 +976,54 @@ mod tests {
             AgentClientError::from(reset),
             AgentClientError::AgentGone { .. }
         ));
+    }
+
+    #[test]
+    fn test_format_cpulist_like_sysfs() {
+        assert_eq!(format_cpulist(&[8, 0, 1, 2, 3, 10, 11]), "0-3,8,10-11");
+        assert_eq!(format_cpulist(&[0]), "0");
+        assert_eq!(format_cpulist(&[]), "");
+        assert_eq!(
+            format_cpulist(&[u32::MAX, u32::MAX - 1]),
+            "4294967294-4294967295"
+        );
+    }
+
+    #[test]
+    fn test_cpu_event_from_wire_keeps_absent_enabled_and_unknown_kinds() {
+        let wire = pb::CpuEvent {
+            kind: 99,
+            cpu: Some(3),
+            online: vec![0, 3],
+            has_enabled: false,
+            monotonic_ns: 1_500_000_000,
+            ..pb::CpuEvent::default()
+        };
+        let event = CpuEvent::from(wire);
+        assert_eq!(
+            (
+                event.kind,
+                event.enabled,
+                event.error,
+                event.guest_monotonic
+            ),
+            (
+                CpuEventKind::Unknown(99),
+                None,
+                None,
+                Duration::from_millis(1500)
+            )
+        );
+        let failed = CpuEvent::from(pb::CpuEvent {
+            kind: pb::CpuEventKind::OnlineFailed.into(),
+            has_enabled: true,
+            error: "EIO".into(),
+            ..pb::CpuEvent::default()
+        });
+        assert_eq!(
+            (failed.kind, failed.enabled, failed.error.as_deref()),
+            (CpuEventKind::OnlineFailed, Some(vec![]), Some("EIO"))
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use accordion_proto::agent::v1 as pb;
-use accordion_runtime::agent_client::{AgentClient, AgentClientError, ClientConfig, ExitStatus};
+use accordion_runtime::agent_client::{
+    format_cpulist, AgentClient, AgentClientError, ClientConfig, CpuEventKind, ExitStatus,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
@@ -453,4 +455,123 @@ async fn test_signal_rpc_terminates_running_exec() {
         "{gone:?}"
     );
     drop(tx);
+}
+
+fn sysfs_cpulist(name: &str) -> String {
+    std::fs::read_to_string(format!("/sys/devices/system/cpu/{name}"))
+        .expect("read cpulist")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cpu_watch_first_event_is_snapshot_of_this_machines_cpus() {
+    let agent = Agent::start("cpu-snapshot").await;
+    let client = agent.client().await;
+    let mut watch = client.watch_cpus().await.expect("watch");
+    let first = watch.next().await.expect("first event").expect("snapshot");
+    assert_eq!(first.kind, CpuEventKind::Snapshot);
+    assert_eq!(first.cpu, None);
+    assert_eq!(format_cpulist(&first.online), sysfs_cpulist("online"));
+    assert_eq!(format_cpulist(&first.present), sysfs_cpulist("present"));
+    assert_eq!(format_cpulist(&first.possible), sysfs_cpulist("possible"));
+    let enabled = std::path::Path::new("/sys/devices/system/cpu/enabled")
+        .exists()
+        .then(|| sysfs_cpulist("enabled"));
+    assert_eq!(first.enabled.as_deref().map(format_cpulist), enabled);
+    assert!(first.guest_monotonic > Duration::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_set_online_offlining_cpu0_is_refused_and_onlining_cpu0_is_a_no_op() {
+    let agent = Agent::start("cpu-setonline").await;
+    let client = agent.client().await;
+    let refused = client.set_cpus_online(&[], &[0]).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(AgentClientError::Rpc {
+                code: tonic::Code::InvalidArgument,
+                message
+            }) if message.contains("CPU 0")
+        ),
+        "{refused:?}"
+    );
+    // CPU 0 is online already: nothing is written, whatever our privileges.
+    let results = client.set_cpus_online(&[0], &[]).await.expect("set online");
+    assert_eq!(results.len(), 1);
+    assert_eq!((results[0].cpu, results[0].online), (0, true));
+    assert_eq!(results[0].error, None);
+    assert_eq!(sysfs_cpulist("online"), {
+        let mut watch = client.watch_cpus().await.expect("watch");
+        let snapshot = watch.next().await.expect("event").expect("snapshot");
+        format_cpulist(&snapshot.online)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cpu_watch_of_agent_killed_ends_with_agent_gone() {
+    let mut agent = Agent::start("cpu-killed").await;
+    let client = agent.client().await;
+    let mut watch = client.watch_cpus().await.expect("watch");
+    let snapshot = watch.next().await.expect("snapshot");
+    assert!(snapshot.is_some());
+    // Reads until the stream fails: events of other tests' uevents may come first.
+    let waiter = tokio::spawn(async move {
+        loop {
+            match watch.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.child.kill().await.expect("kill agent");
+    let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("watch hung after the agent died")
+        .expect("join");
+    assert!(
+        matches!(result, Err(AgentClientError::AgentGone { .. })),
+        "{result:?}"
+    );
+}
+
+/// Real kernel uevents: writing an action to a device's `uevent` file makes the kernel send that
+/// uevent (a synthetic one, same format, plus SYNTH_UUID). Needs root; skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cpu_watch_reports_kernel_add_and_online_uevents() {
+    let agent = Agent::start("cpu-uevents").await;
+    let client = agent.client().await;
+    let mut watch = client.watch_cpus().await.expect("watch");
+    let snapshot = watch.next().await.expect("event").expect("snapshot");
+    let cpu = *snapshot.online.last().expect("an online CPU");
+    let uevent = format!("/sys/devices/system/cpu/cpu{cpu}/uevent");
+    // The agent binds its uevent socket before serving, so these cannot be missed.
+    for action in ["add", "online"] {
+        match std::fs::write(&uevent, action) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: cannot write {uevent}: {e}");
+                return;
+            }
+            Err(e) => panic!("write {action} to {uevent}: {e}"),
+        }
+    }
+    let mut seen = Vec::new();
+    let wanted = [
+        (CpuEventKind::Added, Some(cpu)),
+        (CpuEventKind::Online, Some(cpu)),
+    ];
+    let collect = async {
+        while seen.len() < 2 {
+            let event = watch.next().await.expect("event").expect("stream open");
+            if event.cpu == Some(cpu) {
+                seen.push((event.kind, event.cpu));
+            }
+        }
+    };
+    let finished = tokio::time::timeout(Duration::from_secs(10), collect).await;
+    assert!(finished.is_ok(), "saw only {seen:?}");
+    assert_eq!(seen, wanted);
 }

@@ -30,6 +30,32 @@ fn test_run_keeps_stdout_and_stderr_apart_and_propagates_exit_5() {
 }
 
 #[test]
+fn test_run_agent_onlines_an_offline_cpu_on_its_add_uevent() {
+    if !can_run() {
+        return;
+    }
+    // The agent (PID 1) onlines a CPU when the kernel announces it with `add` — here a synthetic
+    // uevent for a CPU taken offline first, which reaches the VMM as PSCI CPU_OFF then CPU_ON.
+    let script = "cd /sys/devices/system/cpu; cat online; echo 0 > cpu1/online; cat online; \
+                  echo add > cpu1/uevent; i=0; \
+                  while [ \"$(cat online)\" != 0-1 ] && [ $i -lt 30 ]; do sleep 1; i=$((i+1)); done; \
+                  cat online";
+    let out = accordion(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--max-vcpus",
+        "4",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "0-1\n0\n0-1\n");
+}
+
+#[test]
 fn test_run_minimal_kernel_1_of_128_has_only_cpu0_online() {
     if !can_run() {
         return;
