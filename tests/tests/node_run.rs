@@ -34,6 +34,7 @@ fn test_run_agent_onlines_an_offline_cpu_on_its_add_uevent() {
     if !can_run() {
         return;
     }
+    let _vm = one_vm();
     // The agent (PID 1) onlines a CPU when the kernel announces it with `add` — here a synthetic
     // uevent for a CPU taken offline first, which reaches the VMM as PSCI CPU_OFF then CPU_ON.
     let script = "cd /sys/devices/system/cpu; cat online; echo 0 > cpu1/online; cat online; \
