@@ -243,9 +243,9 @@ fn test_iasl_disassembles_every_table_without_errors_or_warnings() {
 }
 
 /// Runs acpiexec in batch mode on the DSDT of `config(4, 2)` and returns its output.
-fn acpiexec(commands: &[&str]) -> Option<String> {
+fn acpiexec(name: &str, commands: &[&str]) -> Option<String> {
     let acpiexec = tool("acpiexec")?;
-    let dir = scratch(&format!("acpiexec-{}", commands.len()));
+    let dir = scratch(name);
     AcpiTables::build(&config(4, 2), BASE)
         .unwrap()
         .dump(&dir)
@@ -267,7 +267,7 @@ fn test_acpiexec_evaluates_sta_through_the_controller() {
         .map(|i| format!("evaluate \\_SB.C{i:03X}._STA"))
         .collect();
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-    let Some(log) = acpiexec(&commands) else {
+    let Some(log) = acpiexec("acpiexec-sta", &commands) else {
         return;
     };
     let values: Vec<String> = log
@@ -283,12 +283,15 @@ fn test_acpiexec_evaluates_sta_through_the_controller() {
 /// and `_EJ0`, `_EVT` and `CNTF` run without AML exceptions.
 #[test]
 fn test_acpiexec_runs_scan_eject_and_evt_without_exceptions() {
-    let Some(log) = acpiexec(&[
-        "evaluate \\_SB.CSCN",
-        "evaluate \\_SB.C001._EJ0 1",
-        "evaluate \\_SB.GED0._EVT 34",
-        "evaluate \\_SB.CNTF 3 1",
-    ]) else {
+    let Some(log) = acpiexec(
+        "acpiexec-scan",
+        &[
+            "evaluate \\_SB.CSCN",
+            "evaluate \\_SB.C001._EJ0 1",
+            "evaluate \\_SB.GED0._EVT 34",
+            "evaluate \\_SB.CNTF 3 1",
+        ],
+    ) else {
         return;
     };
     assert_eq!(log.matches("Evaluating \\_SB.").count(), 4, "{log}");
