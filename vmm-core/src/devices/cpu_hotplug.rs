@@ -80,6 +80,10 @@ pub trait CpuSlots: Send + Sync {
     fn plug(&self, index: u32);
     /// Plugged → Unplugged, refused while a thread runs the vCPU.
     fn unplug(&self, index: u32) -> Result<(), CpuHotplugError>;
+    /// The guest has read vCPU `index` as enabled, so its ACPI layer may now know the CPU. Until
+    /// then a plugged vCPU's CPU_ON is denied: at boot Linux sends CPU_ON to every Online Capable
+    /// CPU before it reads any `_STA`, and one that comes up that way has broken sysfs.
+    fn seen_enabled(&self, index: u32);
 }
 
 /// Where a vCPU stands in a plug or unplug the guest has not finished.
@@ -151,7 +155,9 @@ impl CpuHotplug {
         }
         self.target = target;
         let request = self.reconcile();
-        if request.announces() {
+        // Also when only older events are pending: an interrupt raised before the guest's GED
+        // driver was bound may have been lost, and this one delivers them.
+        if request.announces() || self.next_event() != NO_EVENT {
             self.ged
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -294,7 +300,13 @@ impl MmioDevice for CpuHotplug {
         }
         let value = match offset {
             REG_SELECT => self.selected,
-            REG_FLAGS => self.flags(self.selected),
+            REG_FLAGS => {
+                let flags = self.flags(self.selected);
+                if flags & FLAG_ENABLED != 0 {
+                    self.slots.seen_enabled(self.selected);
+                }
+                flags
+            }
             REG_NEXT => self.next_event(),
             REG_COUNT => self.slots.count(),
             _ => return self.bad_access("read", offset, data.len()),
@@ -327,6 +339,7 @@ mod tests {
     struct Table {
         plugged: Mutex<Vec<bool>>,
         running: Mutex<Vec<bool>>,
+        seen: Mutex<Vec<bool>>,
     }
 
     impl Table {
@@ -334,6 +347,7 @@ mod tests {
             Arc::new(Self {
                 plugged: Mutex::new((0..count).map(|i| i < plugged).collect()),
                 running: Mutex::new(vec![false; count]),
+                seen: Mutex::new((0..count).map(|i| i < plugged).collect()),
             })
         }
 
@@ -355,6 +369,7 @@ mod tests {
         }
         fn plug(&self, index: u32) {
             self.plugged.lock().unwrap()[index as usize] = true;
+            self.seen.lock().unwrap()[index as usize] = false;
         }
         fn unplug(&self, index: u32) -> Result<(), CpuHotplugError> {
             if self.running.lock().unwrap()[index as usize] {
@@ -362,6 +377,9 @@ mod tests {
             }
             self.plugged.lock().unwrap()[index as usize] = false;
             Ok(())
+        }
+        fn seen_enabled(&self, index: u32) {
+            self.seen.lock().unwrap()[index as usize] = true;
         }
     }
 
@@ -437,6 +455,27 @@ mod tests {
         write(&mut r.hp, REG_FLAGS, FLAG_EJECT);
         assert_eq!(read(&mut r.hp, REG_FLAGS), 0);
         assert_eq!(r.table.plugged(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn test_plugged_vcpu_is_seen_once_the_guest_reads_it_enabled() {
+        let mut r = rig(4, 1);
+        r.hp.set_target(2).unwrap();
+        let before = r.table.seen.lock().unwrap()[1];
+        flags_of(&mut r.hp, 1);
+        flags_of(&mut r.hp, 2);
+        assert!(!before);
+        assert_eq!(*r.table.seen.lock().unwrap(), [true, true, false, false]);
+    }
+
+    #[test]
+    fn test_new_target_raises_ged_again_while_events_are_pending() {
+        let mut r = rig(4, 1);
+        r.hp.set_target(2).unwrap();
+        r.ged.lock().unwrap().read(0, &mut [0; 4]);
+        let request = r.hp.set_target(2).unwrap();
+        assert_eq!(request, HotplugRequest::default());
+        assert_eq!(r.ged.lock().unwrap().pending(), EVENT_CPU_HOTPLUG);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::os::unix::thread::JoinHandleExt;
 
 use super::kick;
 use super::{EventHub, VcpuError, VcpuEvent, VcpuState};
-use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn};
+use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn, TargetState};
 use crate::arch::aarch64::regs;
 use crate::devices::cpu_hotplug::{CpuHotplugError, CpuSlots};
 use crate::exit::ExitReason;
@@ -36,6 +36,9 @@ const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 
 struct Slot {
     state: VcpuState,
+    /// The guest has read this vCPU's `_STA` as enabled since it was last plugged (boot vCPUs:
+    /// the MADT says Enabled). CPU_ON is denied until then.
+    seen_enabled: bool,
     fd: Option<VcpuFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -111,6 +114,7 @@ impl Vcpus {
             };
             slots.push(Mutex::new(Slot {
                 state,
+                seen_enabled: state != VcpuState::Unplugged,
                 fd: Some(fd),
                 thread: None,
             }));
@@ -235,7 +239,13 @@ impl Vcpus {
             return PsciReturn::InvalidParameters;
         };
         let mut slot = self.lock(index);
-        if let Some(refusal) = cpu_on_refusal(Some(slot.state.psci_target())) {
+        // Plugged but not yet seen by the guest's ACPI layer: this is the boot-time CPU_ON Linux
+        // sends to Online Capable CPUs, not a CPU it registered. Answer as for an unplugged one.
+        let target = match slot.state {
+            VcpuState::Plugged if !slot.seen_enabled => TargetState::Unplugged,
+            state => state.psci_target(),
+        };
+        if let Some(refusal) = cpu_on_refusal(Some(target)) {
             log::debug!(
                 "PSCI CPU_ON of vCPU {index} ({:?}): {refusal:?}",
                 slot.state
@@ -325,8 +335,15 @@ impl CpuSlots for Vcpus {
         if index < self.slots.len() {
             let mut slot = self.lock(index);
             if slot.state == VcpuState::Unplugged {
+                slot.seen_enabled = false;
                 self.set_state(index, &mut slot, VcpuState::Plugged);
             }
+        }
+    }
+
+    fn seen_enabled(&self, index: u32) {
+        if let Some(slot) = self.slots.get(index as usize) {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).seen_enabled = true;
         }
     }
 
