@@ -24,6 +24,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, VmConfig, VsockConfig};
+pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 pub use exit::ExitReason;
-pub use vcpu::VcpuState;
+pub use vcpu::{VcpuEvent, VcpuState};
 pub use vm::{Vm, VmError};

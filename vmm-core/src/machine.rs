@@ -1,5 +1,7 @@
 //! Everything a running VM's threads share.
 
+use std::sync::Arc;
+
 use crate::bus::Bus;
 use crate::exit::{ExitLatch, ExitReason};
 use crate::memory::GuestRam;
@@ -10,7 +12,8 @@ use crate::vcpu::Vcpus;
 /// Field order is drop order: vCPU fds and devices go before the VM fd, guest RAM goes last (KVM's
 /// memslot points into it).
 pub(crate) struct Machine {
-    pub(crate) vcpus: Vcpus,
+    /// Shared with the CPU hotplug controller on the bus.
+    pub(crate) vcpus: Arc<Vcpus>,
     pub(crate) bus: Bus,
     pub(crate) exit: ExitLatch,
     pub(crate) _gic: kvm_ioctls::DeviceFd,

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acpi::{
-    AcpiConfig, AcpiError, AcpiTables, CpuDesc, GicDesc, SerialDevice, VirtioMmioDevice,
+    AcpiConfig, AcpiError, AcpiTables, CpuDesc, GicDesc, HotplugDesc, SerialDevice,
+    VirtioMmioDevice,
 };
 use crate::arch::aarch64::boot_block::BootBlockError;
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
@@ -13,11 +14,12 @@ use crate::arch::aarch64::layout;
 use crate::bus::BusError;
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::boot_timer::BootTime;
+use crate::devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 use crate::devices::irq::IrqError;
 use crate::exit::ExitReason;
 use crate::memory::MemoryError;
 use crate::platform::PlatformError;
-use crate::vcpu::{VcpuError, VcpuState};
+use crate::vcpu::{VcpuError, VcpuEvent, VcpuState};
 
 #[cfg(target_arch = "aarch64")]
 /// How long `shutdown` waits for vCPU threads before leaving them behind.
@@ -143,6 +145,11 @@ fn acpi_config(mpidrs: &[u64], boot_vcpus: u32, virtio_slots: &[u32]) -> AcpiCon
             .iter()
             .filter_map(|&s| virtio_mmio_desc(s))
             .collect(),
+        hotplug: HotplugDesc {
+            controller_base: layout::CPU_HOTPLUG_BASE,
+            ged_base: layout::GED_BASE,
+            ged_gsi: layout::spi_intid(layout::GED_SPI),
+        },
     }
 }
 
@@ -194,6 +201,8 @@ pub struct Vm {
     machine: Arc<crate::machine::Machine>,
     #[cfg(not(target_arch = "aarch64"))]
     never: std::convert::Infallible,
+    #[cfg(target_arch = "aarch64")]
+    hotplug: Arc<std::sync::Mutex<crate::devices::cpu_hotplug::CpuHotplug>>,
     boot_time: BootTime,
     acpi: AcpiTables,
 }
@@ -206,6 +215,8 @@ impl Vm {
         use crate::arch::aarch64::{gic, psci};
         use crate::bus::Bus;
         use crate::devices::boot_timer::BootTimer;
+        use crate::devices::cpu_hotplug::{CpuHotplug, CpuSlots};
+        use crate::devices::ged::Ged;
         use crate::devices::irq::IrqLine;
         use crate::devices::serial::SerialDevice as Uart;
         use crate::devices::virtio::mmio::MmioTransport;
@@ -285,8 +296,10 @@ impl Vm {
         ram.write(block.base, &block.bytes)?;
 
         steps.mark("boot block");
-        // 6. Devices, each on the MMIO bus with an irqfd: the console UART, the boot timer and,
-        //    when configured, virtio-vsock.
+        // 6. Devices, each on the MMIO bus with an irqfd: the console UART, the boot timer, the
+        //    GED and the CPU hotplug controller (which shares the vCPU table) and, when
+        //    configured, virtio-vsock.
+        let vcpus = Arc::new(Vcpus::new(created, config.boot_vcpus, reset_init));
         let mut bus = Bus::new();
         let uart_irq = IrqLine::new(layout::SERIAL_SPI)?;
         vm.register_irqfd(uart_irq.eventfd(), uart_irq.spi())
@@ -303,6 +316,20 @@ impl Vm {
             layout::BOOT_TIMER_BASE,
             layout::DEVICE_SIZE,
             Arc::new(Mutex::new(BootTimer::new(started, boot_time.clone()))),
+        )?;
+
+        let ged_irq = IrqLine::new(layout::GED_SPI)?;
+        vm.register_irqfd(ged_irq.eventfd(), ged_irq.spi())
+            .map_err(|e| VmError::Kvm("wire the GED interrupt", e))?;
+        let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+        bus.insert("ged", layout::GED_BASE, layout::DEVICE_SIZE, ged.clone())?;
+        let slots: Arc<dyn CpuSlots> = vcpus.clone();
+        let hotplug = Arc::new(Mutex::new(CpuHotplug::new(slots, ged, config.boot_vcpus)));
+        bus.insert(
+            "cpu-hotplug",
+            layout::CPU_HOTPLUG_BASE,
+            layout::DEVICE_SIZE,
+            hotplug.clone(),
         )?;
 
         if let Some(vsock) = &config.vsock {
@@ -328,7 +355,7 @@ impl Vm {
         // 7. Run the boot vCPU at the kernel entry; the guest turns the other plugged vCPUs on
         //    with PSCI CPU_ON, which spawns their threads.
         let machine = Arc::new(Machine {
-            vcpus: Vcpus::new(created, config.boot_vcpus, reset_init),
+            vcpus,
             bus,
             exit: Default::default(),
             _gic: gic,
@@ -342,6 +369,7 @@ impl Vm {
         log::info!("VM started: {steps}");
         Ok(Vm {
             machine,
+            hotplug,
             boot_time,
             acpi: block.acpi,
         })
@@ -376,6 +404,28 @@ impl Vm {
     pub fn vcpu_mpidrs(&self) -> Vec<u64> {
         self.machine.vcpus.mpidrs().to_vec()
     }
+
+    /// Asks for `target` plugged vCPUs (1 to max_vcpus): plugs the lowest-numbered unplugged
+    /// vCPUs, asks the guest to remove the highest-numbered plugged ones (never vCPU 0), withdraws
+    /// what an earlier target started and this one no longer wants, and raises the GED. Returns
+    /// without waiting for the guest: plugged vCPUs become Online when the guest turns them on
+    /// (PSCI CPU_ON), removed ones Unplugged when it ejects them (`subscribe_vcpu_events`).
+    /// An invalid target changes nothing.
+    pub fn set_vcpus(&self, target: u32) -> Result<HotplugRequest, CpuHotplugError> {
+        let request = self
+            .hotplug
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_target(target)?;
+        log::info!("vCPU target {target}: {request:?}");
+        Ok(request)
+    }
+
+    /// Every vCPU state change from now on (Unplugged → Plugged → Online and back), in order per
+    /// vCPU. Any number of subscribers; dropping the receiver unsubscribes.
+    pub fn subscribe_vcpu_events(&self) -> std::sync::mpsc::Receiver<VcpuEvent> {
+        self.machine.vcpus.subscribe()
+    }
 }
 
 #[cfg(not(target_arch = "aarch64"))]
@@ -408,6 +458,16 @@ impl Vm {
 
     /// MPIDR of every possible vCPU.
     pub fn vcpu_mpidrs(&self) -> Vec<u64> {
+        match self.never {}
+    }
+
+    /// Asks for `target` plugged vCPUs.
+    pub fn set_vcpus(&self, _target: u32) -> Result<HotplugRequest, CpuHotplugError> {
+        match self.never {}
+    }
+
+    /// Every vCPU state change from now on.
+    pub fn subscribe_vcpu_events(&self) -> std::sync::mpsc::Receiver<VcpuEvent> {
         match self.never {}
     }
 }

@@ -12,7 +12,7 @@ pub struct AcpiDumpArgs {
     /// vCPUs plugged at boot (MADT GICC Enabled, _STA 0xF).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Possible vCPUs (the rest: GICC Online Capable, _STA 0x1).
+    /// Possible vCPUs (the rest: GICC Online Capable, _STA 0x1 until plugged).
     #[arg(long, default_value_t = 64)]
     pub max_vcpus: u32,
 }

@@ -1,55 +1,20 @@
-//! DSDT: one ACPI0007 processor device per possible vCPU, the console UART and the virtio-mmio
+//! DSDT: one ACPI0007 processor device per possible vCPU with the CPU hotplug methods
+//! (aml_cpus.rs), the GED that announces hotplug events, the console UART and the virtio-mmio
 //! transports, all under `\_SB`. Each ACPI object is a small type implementing `Aml`.
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Method, Name, Path, ResourceTemplate, Return,
-    Scope, ONE,
+    And, Device, EISAName, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, MethodCall, Name, OpRegion,
+    OpRegionSpace, Path, ResourceTemplate, Scope, Store, ONE,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
+use super::aml_cpus::{CpuHotplugMethods, ProcessorDevice, SCAN_METHOD};
 use super::{AcpiConfig, AcpiError, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
+use crate::devices::ged::{EVENT_CPU_HOTPLUG, REGISTER_BLOCK_SIZE as GED_REGISTER_BLOCK_SIZE};
 
 const DSDT_REVISION: u8 = 2;
-/// `_STA`: present, enabled, shown in UI, functioning.
-const STA_PLUGGED: u8 = 0x0f;
-/// `_STA`: present but not enabled; Linux keeps the CPU possible but not usable.
-const STA_NOT_PLUGGED: u8 = 0x01;
-
-/// An ACPI0007 processor device. `_UID` equals the GICC's ACPI processor UID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessorDevice {
-    /// ACPI processor UID.
-    pub uid: u32,
-    /// Whether `_STA` reports the CPU enabled.
-    pub plugged: bool,
-}
-
-impl ProcessorDevice {
-    /// The device's 4-character name, `C000`..`CFFF`.
-    pub fn name(&self) -> String {
-        format!("C{:03X}", self.uid & 0xfff)
-    }
-}
-
-impl Aml for ProcessorDevice {
-    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        let sta = if self.plugged {
-            STA_PLUGGED
-        } else {
-            STA_NOT_PLUGGED
-        };
-        Device::new(
-            Path::new(&self.name()),
-            vec![
-                &Name::new("_HID".into(), &"ACPI0007"),
-                &Name::new("_UID".into(), &self.uid),
-                &Method::new("_STA".into(), 0, false, vec![&Return::new(&sta)]),
-            ],
-        )
-        .to_aml_bytes(sink);
-    }
-}
 
 /// The 16550 console UART (`PNP0501`; Linux binds it with 8250_pnp).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +76,55 @@ impl Aml for VirtioMmioDevice {
     }
 }
 
+/// The Generic Event Device (`ACPI0013`, bound by Linux's evged): its interrupt runs `_EVT`, which
+/// reads (and so clears) the event register and runs the CPU scan for the hotplug bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GedDevice {
+    /// MMIO base of the event register.
+    pub base: u64,
+    /// GIC INTID (SPI + 32).
+    pub gsi: u32,
+}
+
+impl Aml for GedDevice {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        // Edge: the VMM pulses the line through an irqfd once per event (devices/ged.rs).
+        let irq = Interrupt::new(true, true, false, false, self.gsi);
+        let base = low32(self.base);
+        let region = OpRegion::new(
+            "GDRG".into(),
+            OpRegionSpace::SystemMemory,
+            &base,
+            &GED_REGISTER_BLOCK_SIZE,
+        );
+        let field = Field::new(
+            "GDRG".into(),
+            FieldAccessType::DWord,
+            FieldLockRule::NoLock,
+            FieldUpdateRule::WriteAsZeroes,
+            vec![FieldEntry::Named(*b"GEVT", 32)],
+        );
+        let events = Path::new("GEVT");
+        let read = Store::new(&Local(0), &events);
+        let cpu_bit = And::new(&Local(1), &Local(0), &EVENT_CPU_HOTPLUG);
+        let is_cpu = Equal::new(&cpu_bit, &EVENT_CPU_HOTPLUG);
+        let scan = MethodCall::new(SCAN_METHOD.into(), vec![]);
+        let on_cpu = If::new(&is_cpu, vec![&scan]);
+        Device::new(
+            "GED0".into(),
+            vec![
+                &Name::new("_HID".into(), &"ACPI0013"),
+                &Name::new("_UID".into(), &0u8),
+                &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq])),
+                &region,
+                &field,
+                &Method::new("_EVT".into(), 1, false, vec![&read, &on_cpu]),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
 /// All devices live below 4 GiB (see layout.rs), so Memory32Fixed can describe them.
 fn low32(addr: u64) -> u32 {
     u32::try_from(addr).unwrap_or(u32::MAX)
@@ -124,13 +138,19 @@ pub fn dsdt(config: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     let processors: Vec<ProcessorDevice> = config
         .cpus
         .iter()
-        .map(|c| ProcessorDevice {
-            uid: c.uid,
-            plugged: c.plugged,
-        })
+        .map(|c| ProcessorDevice { uid: c.uid })
         .collect();
-    let mut children: Vec<&dyn Aml> = Vec::new();
+    let hotplug = CpuHotplugMethods {
+        base: low32(config.hotplug.controller_base),
+        count: config.cpus.len() as u32,
+    };
+    let ged = GedDevice {
+        base: config.hotplug.ged_base,
+        gsi: config.hotplug.ged_gsi,
+    };
+    let mut children: Vec<&dyn Aml> = vec![&hotplug];
     children.extend(processors.iter().map(|p| p as &dyn Aml));
+    children.push(&ged);
     children.push(&config.serial);
     children.extend(config.virtio.iter().map(|v| v as &dyn Aml));
     let mut body = Vec::new();

@@ -3,13 +3,15 @@
 //! The tables are generated for a fixed guest address and come out as one contiguous blob, so the
 //! caller copies it into RAM with one write and can dump each table for `iasl -d`.
 
+mod aml_cpus;
 mod dsdt;
 mod fadt;
 mod gtdt;
 mod madt;
 mod spcr;
 
-pub use dsdt::{ProcessorDevice, SerialDevice, VirtioMmioDevice};
+pub use aml_cpus::{ProcessorDevice, STA_NOT_PLUGGED, STA_PLUGGED};
+pub use dsdt::{GedDevice, SerialDevice, VirtioMmioDevice};
 
 /// OEM ID written in every table header.
 pub const OEM_ID: [u8; 6] = *b"ACCORD";
@@ -33,7 +35,7 @@ pub struct CpuDesc {
     pub uid: u32,
     /// The vCPU's MPIDR_EL1 as KVM reports it.
     pub mpidr: u64,
-    /// Plugged (MADT Enabled, `_STA` 0xF) or not (Online Capable, `_STA` 0x1).
+    /// Plugged at boot (MADT Enabled) or not (Online Capable). `_STA` asks the hotplug controller.
     pub plugged: bool,
 }
 
@@ -48,6 +50,17 @@ pub struct GicDesc {
     pub gicr_size: u32,
 }
 
+/// Where the vCPU hotplug hardware sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugDesc {
+    /// MMIO base of the CPU hotplug controller (devices/cpu_hotplug.rs).
+    pub controller_base: u64,
+    /// MMIO base of the GED's event register (devices/ged.rs).
+    pub ged_base: u64,
+    /// GIC INTID of the GED's interrupt.
+    pub ged_gsi: u32,
+}
+
 /// Everything the tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -59,6 +72,8 @@ pub struct AcpiConfig {
     pub serial: SerialDevice,
     /// virtio-mmio transports present at boot.
     pub virtio: Vec<VirtioMmioDevice>,
+    /// vCPU hotplug controller and GED.
+    pub hotplug: HotplugDesc,
 }
 
 /// A generated table and where it sits.

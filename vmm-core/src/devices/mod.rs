@@ -1,6 +1,8 @@
 //! Emulated devices on the MMIO bus.
 
 pub mod boot_timer;
+pub mod cpu_hotplug;
+pub mod ged;
 pub mod irq;
 pub mod serial;
 pub mod virtio;

@@ -1,5 +1,6 @@
 //! vCPUs: every possible one is created at boot; a thread exists only while the guest runs it.
 
+pub mod events;
 pub mod state;
 
 #[cfg(target_arch = "aarch64")]
@@ -7,6 +8,7 @@ mod kick;
 #[cfg(target_arch = "aarch64")]
 mod runner;
 
+pub use events::{EventHub, VcpuEvent};
 #[cfg(target_arch = "aarch64")]
 pub use kick::KickError;
 #[cfg(target_arch = "aarch64")]

@@ -150,7 +150,7 @@ pub fn config_table_guids(block: &BootBlock) -> Vec<Guid> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acpi::{CpuDesc, GicDesc, SerialDevice};
+    use crate::acpi::{CpuDesc, GicDesc, HotplugDesc, SerialDevice};
 
     fn acpi_config(possible: u32) -> AcpiConfig {
         AcpiConfig {
@@ -172,6 +172,11 @@ mod tests {
                 gsi: 33,
             },
             virtio: vec![],
+            hotplug: HotplugDesc {
+                controller_base: 0x0d00_3000,
+                ged_base: 0x0d00_2000,
+                ged_gsi: 34,
+            },
         }
     }
 

@@ -47,11 +47,11 @@ pub const SERIAL_BASE: u64 = PLATFORM_BASE;
 pub const SERIAL_SPI: u32 = 1;
 /// Boot timer: the guest writes one byte here when its init starts.
 pub const BOOT_TIMER_BASE: u64 = PLATFORM_BASE + DEVICE_SIZE;
-/// ACPI Generic Event Device (hotplug notifications; not wired yet).
+/// ACPI Generic Event Device (hotplug notifications, devices/ged.rs).
 pub const GED_BASE: u64 = PLATFORM_BASE + 2 * DEVICE_SIZE;
 /// SPI of the GED.
 pub const GED_SPI: u32 = 2;
-/// CPU hotplug controller registers (not wired yet).
+/// CPU hotplug controller registers (devices/cpu_hotplug.rs).
 pub const CPU_HOTPLUG_BASE: u64 = PLATFORM_BASE + 3 * DEVICE_SIZE;
 
 /// First virtio-mmio slot.
