@@ -4,6 +4,7 @@
 pub mod agent_client;
 pub mod cli;
 pub mod control;
+pub mod resize;
 pub mod sandbox;
 
 /// An error and its sources on one line: "outer: inner: innermost".

@@ -9,6 +9,7 @@ mod acpi_dump;
 mod check;
 mod exec;
 mod ps;
+mod resize;
 mod run;
 mod status;
 mod stop;
@@ -34,6 +35,8 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// List sandboxes.
     Ps,
+    /// Change a running sandbox's vCPUs (ACPI hotplug); returns once the guest has them online.
+    Resize(resize::ResizeArgs),
     /// Show a sandbox: state, vCPUs, memory, uptime, agent, boot timings.
     Status(status::StatusArgs),
     /// Stop a sandbox (graceful, forced after a timeout) and remove everything it left.
@@ -50,6 +53,7 @@ pub fn main() -> i32 {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => block_on("exec", exec::run(args)),
         Command::Ps => block_on("ps", ps::run()),
+        Command::Resize(args) => block_on("resize", resize::run(args)),
         Command::Status(args) => block_on("status", status::run(args)),
         Command::Stop(args) => block_on("stop", stop::run(args)),
         Command::AcpiDump(args) => acpi_dump::run(&args),

@@ -51,6 +51,7 @@ fn render(s: &cpb::StatusResponse) -> String {
         ),
     );
     line("guest cpus online", s.guest_cpus_online.clone());
+    line("vcpus plugged", s.vcpus_plugged_list.clone());
     line(
         "memory",
         format!(
@@ -73,6 +74,18 @@ fn render(s: &cpb::StatusResponse) -> String {
             format!(
                 "VM created {} ms, guest init {init}, agent ready {} ms",
                 b.vm_created_ms, b.agent_ready_ms
+            ),
+        );
+    }
+    for r in &s.recent_resizes {
+        line(
+            "resize",
+            format!(
+                "to {} {} in {:.1} ms: {}",
+                r.target,
+                if r.ok { "ok" } else { "FAILED" },
+                r.latency_us as f64 / 1e3,
+                r.result
             ),
         );
     }

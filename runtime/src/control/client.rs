@@ -95,6 +95,24 @@ impl ControlClient {
         Ok(response.exit_reason)
     }
 
+    /// Resizes the sandbox to `vcpus`, waiting up to `timeout` for the guest's acknowledgement.
+    pub async fn resize(
+        &self,
+        vcpus: u32,
+        timeout: Duration,
+    ) -> Result<cpb::ResizeResponse, ControlError> {
+        let request = Request::new(cpb::ResizeRequest {
+            vcpus,
+            timeout_ms: timeout.as_millis().max(1) as u64,
+        });
+        call(
+            "Resize",
+            timeout + CALL_TIMEOUT,
+            self.raw.clone().resize(request),
+        )
+        .await
+    }
+
     /// Runs a command in the guest through the sandbox's agent.
     pub async fn exec<I, O, E>(
         &self,

@@ -24,12 +24,15 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ControlError;
-use crate::agent_client::AgentClientError;
+use crate::agent_client::{format_cpulist, AgentClientError};
 use crate::error_chain;
+use crate::resize::ResizeError;
 use crate::sandbox::Sandbox;
 
 /// How long a stop waits for the guest to power off before forcing it (when not told otherwise).
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a resize may wait for the guest when the caller does not say.
+pub const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Status asks the agent with this deadline: a hung guest must not hang `accordion ps`.
 const STATUS_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After the sandbox stopped, how long open control connections may take to finish.
@@ -114,7 +117,33 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
     let states = sandbox.vcpu_states();
     let count = |f: fn(&VcpuState) -> bool| states.iter().filter(|s| f(s)).count() as u32;
     let timings = sandbox.timings();
+    let plugged: Vec<u32> = states
+        .iter()
+        .zip(0u32..)
+        .filter(|(s, _)| **s != VcpuState::Unplugged)
+        .map(|(_, i)| i)
+        .collect();
+    let recent_resizes = sandbox
+        .recent_resizes()
+        .into_iter()
+        .map(|r| cpb::ResizeRecord {
+            target: r.target,
+            ok: r.result.is_ok(),
+            result: match &r.result {
+                Ok(o) if o.changed => "changed".into(),
+                Ok(_) => "no-op".into(),
+                Err(e) => e.clone(),
+            },
+            latency_us: r.latency.as_micros() as u64,
+            finished_unix_ms: r
+                .finished
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        })
+        .collect();
     let mut status = cpb::StatusResponse {
+        vcpus_plugged_list: format_cpulist(&plugged),
+        recent_resizes,
         name: sandbox.name().to_owned(),
         state: "running".into(),
         vcpus_plugged: count(|s| *s != VcpuState::Unplugged),
@@ -198,6 +227,37 @@ impl Control for ControlService {
             .await?
             .into_inner();
         Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn resize(
+        &self,
+        request: Request<cpb::ResizeRequest>,
+    ) -> Result<Response<cpb::ResizeResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_RESIZE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        match self.sandbox.resize(request.vcpus, timeout).await {
+            Ok(outcome) => Ok(Response::new(cpb::ResizeResponse {
+                guest_cpus_online: outcome.guest_online,
+                changed: outcome.changed,
+                latency_us: outcome.latency.as_micros() as u64,
+            })),
+            Err(e) => {
+                let message = error_chain(&e);
+                Err(match e {
+                    ResizeError::InvalidTarget { .. } => Status::invalid_argument(message),
+                    ResizeError::Timeout { .. } => Status::deadline_exceeded(message),
+                    ResizeError::Superseded => Status::aborted(message),
+                    ResizeError::Agent { .. } => Status::unavailable(message),
+                    ResizeError::NotRunning(_) | ResizeError::OnlineFailed { .. } => {
+                        Status::failed_precondition(message)
+                    }
+                    ResizeError::Vmm(_) => Status::internal(message),
+                })
+            }
+        }
     }
 
     async fn stop(

@@ -122,6 +122,7 @@ pub struct Sandbox {
     timings: BootTimings,
     max_vcpus: u32,
     memory_mib: u64,
+    resizer: crate::resize::Resizer,
 }
 
 impl Sandbox {
@@ -212,6 +213,7 @@ impl Sandbox {
             timings,
             max_vcpus: spec.max_vcpus,
             memory_mib: spec.memory_mib,
+            resizer: crate::resize::Resizer::default(),
         })
     }
 
@@ -261,6 +263,31 @@ impl Sandbox {
     /// The VMM's view of every possible vCPU (empty once stopped).
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
         self.vm().as_ref().map(Vm::vcpu_states).unwrap_or_default()
+    }
+
+    /// Asks the VMM for `target` plugged vCPUs; does not wait for the guest (see `resize`).
+    pub fn set_vcpus(
+        &self,
+        target: u32,
+    ) -> Result<accordion_vmm::HotplugRequest, accordion_vmm::CpuHotplugError> {
+        match self.vm().as_ref() {
+            Some(vm) => vm.set_vcpus(target),
+            None => Err(accordion_vmm::CpuHotplugError::InvalidTarget { target, max: 0 }),
+        }
+    }
+
+    /// Resizes to `target` vCPUs and waits up to `timeout` for the guest to acknowledge it.
+    pub async fn resize(
+        &self,
+        target: u32,
+        timeout: Duration,
+    ) -> Result<crate::resize::ResizeOutcome, crate::resize::ResizeError> {
+        self.resizer.resize(self, target, timeout).await
+    }
+
+    /// The last finished resizes, oldest first.
+    pub fn recent_resizes(&self) -> Vec<crate::resize::ResizeRecord> {
+        self.resizer.history()
     }
 
     /// Time from `Vm::start` to the guest's init writing the boot timer, if it did.

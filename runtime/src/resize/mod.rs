@@ -1,0 +1,329 @@
+//! Resizing a sandbox's vCPUs: the one code path behind `accordion resize` (and, with the resize
+//! controller, containerd's task Update).
+//!
+//! A resize is acknowledged, never assumed: it plugs or unplugs through the VMM's ACPI hotplug and
+//! returns only when the guest agent's CPU watch reports exactly CPUs `0..target` online and the
+//! VMM has every other vCPU unplugged (ejected by the guest). Resizes of one sandbox are
+//! serialized; a newer request supersedes one still waiting or in flight (the latest target
+//! wins); asking for what the sandbox already has is a no-op.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use accordion_vmm::VcpuState;
+
+use crate::agent_client::{format_cpulist, AgentClientError, CpuEventKind};
+use crate::sandbox::Sandbox;
+
+/// How many finished resizes `accordion status` shows.
+const HISTORY: usize = 8;
+/// How often the VMM's vCPU states are re-read while waiting (ejects are not agent events).
+const VMM_POLL: Duration = Duration::from_millis(5);
+
+/// Why a resize failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// 0 or more than the possible vCPUs: nothing was changed.
+    #[error("Invalid vCPU count {target}: must be 1 to {max} (the sandbox's max vCPUs)")]
+    InvalidTarget { target: u32, max: u32 },
+    /// A newer resize took over.
+    #[error("Superseded by a newer resize (the latest target wins)")]
+    Superseded,
+    /// The sandbox's VM is not running.
+    #[error("The sandbox is not running ({0})")]
+    NotRunning(String),
+    /// The VMM refused the change.
+    #[error("The VMM refused the change")]
+    Vmm(#[source] accordion_vmm::CpuHotplugError),
+    /// The agent could not be asked, or went away while we waited.
+    #[error("Lost the guest agent while resizing to {target} ({state})")]
+    Agent {
+        target: u32,
+        state: String,
+        #[source]
+        source: AgentClientError,
+    },
+    /// The guest reported a CPU it could not bring online.
+    #[error("The guest could not online CPU {cpu} while resizing to {target}: {error} ({state})")]
+    OnlineFailed {
+        target: u32,
+        cpu: u32,
+        error: String,
+        state: String,
+    },
+    /// The guest did not get there in time.
+    #[error("Timed out after {after:?} resizing to {target}: {state}")]
+    Timeout {
+        target: u32,
+        after: Duration,
+        state: String,
+    },
+}
+
+/// A successful resize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeOutcome {
+    /// The guest's online CPUs, as a cpulist.
+    pub guest_online: String,
+    /// False for a no-op.
+    pub changed: bool,
+    /// Request → acknowledgement.
+    pub latency: Duration,
+}
+
+/// A finished resize, for `accordion status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeRecord {
+    pub target: u32,
+    pub result: Result<ResizeOutcome, String>,
+    pub latency: Duration,
+    pub finished: SystemTime,
+}
+
+/// Per-sandbox resize state: serialization, supersession and history.
+#[derive(Debug, Default)]
+pub struct Resizer {
+    /// Held by the resize that is applying its target.
+    running: tokio::sync::Mutex<()>,
+    /// Bumped by every request; a request whose number is no longer the latest gives up.
+    latest: AtomicU64,
+    history: Mutex<VecDeque<ResizeRecord>>,
+}
+
+impl Resizer {
+    /// The last finished resizes, oldest first.
+    pub fn history(&self) -> Vec<ResizeRecord> {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record(&self, target: u32, result: &Result<ResizeOutcome, ResizeError>, started: Instant) {
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(ResizeRecord {
+            target,
+            result: match result {
+                Ok(outcome) => Ok(outcome.clone()),
+                Err(e) => Err(crate::error_chain(e)),
+            },
+            latency: started.elapsed(),
+            finished: SystemTime::now(),
+        });
+    }
+
+    /// Resizes `sandbox` to `target` vCPUs, waiting up to `timeout` for the guest's
+    /// acknowledgement.
+    pub async fn resize(
+        &self,
+        sandbox: &Sandbox,
+        target: u32,
+        timeout: Duration,
+    ) -> Result<ResizeOutcome, ResizeError> {
+        let max = sandbox.max_vcpus();
+        if target == 0 || target > max {
+            return Err(ResizeError::InvalidTarget { target, max });
+        }
+        let ticket = self.latest.fetch_add(1, Ordering::SeqCst) + 1;
+        let started = Instant::now();
+        let _running = self.running.lock().await;
+        let result = self
+            .apply(sandbox, target, ticket, started + timeout, timeout)
+            .await;
+        if !matches!(result, Err(ResizeError::Superseded)) {
+            self.record(target, &result, started);
+        }
+        result.map(|mut outcome| {
+            outcome.latency = started.elapsed();
+            outcome
+        })
+    }
+
+    fn superseded(&self, ticket: u64) -> bool {
+        self.latest.load(Ordering::SeqCst) != ticket
+    }
+
+    async fn apply(
+        &self,
+        sandbox: &Sandbox,
+        target: u32,
+        ticket: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<ResizeOutcome, ResizeError> {
+        if self.superseded(ticket) {
+            return Err(ResizeError::Superseded);
+        }
+        if let Some(reason) = sandbox.exit_reason() {
+            return Err(ResizeError::NotRunning(format!("{reason:?}")));
+        }
+        let agent_lost = |source, online: &[u32]| ResizeError::Agent {
+            target,
+            state: describe(online, &sandbox.vcpu_states()),
+            source,
+        };
+        // Watch first, so no change the guest makes after our request can be missed.
+        let mut watch = sandbox
+            .agent()
+            .watch_cpus()
+            .await
+            .map_err(|e| agent_lost(e, &[]))?;
+        let mut online = match watch.next().await {
+            Ok(Some(snapshot)) => snapshot.online,
+            Ok(None) => {
+                return Err(agent_lost(
+                    AgentClientError::AgentGone {
+                        message: "CPU watch ended before its snapshot".into(),
+                    },
+                    &[],
+                ))
+            }
+            Err(e) => return Err(agent_lost(e, &[])),
+        };
+        if settled(target, &online, &sandbox.vcpu_states()) {
+            return Ok(ResizeOutcome {
+                guest_online: format_cpulist(&online),
+                changed: false,
+                latency: Duration::ZERO,
+            });
+        }
+        sandbox.set_vcpus(target).map_err(|e| match e {
+            accordion_vmm::CpuHotplugError::InvalidTarget { target, max } => {
+                ResizeError::InvalidTarget { target, max }
+            }
+            other => ResizeError::Vmm(other),
+        })?;
+        loop {
+            tokio::select! {
+                event = watch.next() => match event {
+                    Ok(Some(event)) => {
+                        online = event.online;
+                        if event.kind == CpuEventKind::OnlineFailed {
+                            if let Some(cpu) = event.cpu.filter(|&c| c < target) {
+                                return Err(ResizeError::OnlineFailed {
+                                    target,
+                                    cpu,
+                                    error: event.error.unwrap_or_default(),
+                                    state: describe(&online, &sandbox.vcpu_states()),
+                                });
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(agent_lost(
+                            AgentClientError::AgentGone {
+                                message: "the CPU watch ended".into(),
+                            },
+                            &online,
+                        ))
+                    }
+                    Err(e) => return Err(agent_lost(e, &online)),
+                },
+                () = tokio::time::sleep(VMM_POLL) => {}
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(ResizeError::Timeout {
+                        target,
+                        after: timeout,
+                        state: describe(&online, &sandbox.vcpu_states()),
+                    });
+                }
+            }
+            if self.superseded(ticket) {
+                return Err(ResizeError::Superseded);
+            }
+            if let Some(reason) = sandbox.exit_reason() {
+                return Err(ResizeError::NotRunning(format!("{reason:?}")));
+            }
+            if settled(target, &online, &sandbox.vcpu_states()) {
+                return Ok(ResizeOutcome {
+                    guest_online: format_cpulist(&online),
+                    changed: true,
+                    latency: Duration::ZERO,
+                });
+            }
+        }
+    }
+}
+
+/// Whether the guest reports exactly CPUs `0..target` online and the VMM agrees: those vCPUs
+/// running, every other one unplugged (a removed CPU must be ejected before it can come back).
+fn settled(target: u32, online: &[u32], states: &[VcpuState]) -> bool {
+    let want: Vec<u32> = (0..target).collect();
+    online == want.as_slice()
+        && states.iter().zip(0u32..).all(|(state, i)| {
+            if i < target {
+                *state == VcpuState::Online
+            } else {
+                *state == VcpuState::Unplugged
+            }
+        })
+}
+
+/// What the guest and the VMM show, for error messages.
+fn describe(online: &[u32], states: &[VcpuState]) -> String {
+    let indices = |f: fn(&VcpuState) -> bool| -> Vec<u32> {
+        states
+            .iter()
+            .zip(0u32..)
+            .filter(|(s, _)| f(s))
+            .map(|(_, i)| i)
+            .collect()
+    };
+    let list = |v: &[u32]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            format_cpulist(v)
+        }
+    };
+    format!(
+        "guest reports CPUs {} online; VMM has vCPUs {} plugged, {} running",
+        list(online),
+        list(&indices(|s| *s != VcpuState::Unplugged)),
+        list(&indices(|s| *s == VcpuState::Online)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VcpuState::{Online, Plugged, Unplugged};
+
+    #[test]
+    fn test_settled_needs_guest_and_vmm_to_agree() {
+        let states = [Online, Online, Unplugged, Unplugged];
+        assert!(settled(2, &[0, 1], &states));
+        assert!(!settled(2, &[0], &states), "guest has not onlined cpu1");
+        assert!(!settled(
+            2,
+            &[0, 1],
+            &[Online, Plugged, Unplugged, Unplugged]
+        ));
+        assert!(
+            !settled(1, &[0], &[Online, Plugged, Unplugged, Unplugged]),
+            "cpu1 offline but not yet ejected"
+        );
+        assert!(!settled(
+            3,
+            &[0, 1, 3],
+            &[Online, Online, Unplugged, Online]
+        ));
+    }
+
+    #[test]
+    fn test_describe_names_both_views() {
+        let text = describe(&[0, 1], &[Online, Online, Plugged, Unplugged]);
+        assert_eq!(
+            text,
+            "guest reports CPUs 0-1 online; VMM has vCPUs 0-2 plugged, 0-1 running"
+        );
+        assert!(describe(&[], &[]).contains("CPUs none online"));
+    }
+}
