@@ -25,7 +25,7 @@ use std::os::unix::thread::JoinHandleExt;
 
 use super::kick;
 use super::{EventHub, VcpuError, VcpuEvent, VcpuState};
-use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn, TargetState};
+use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn};
 use crate::arch::aarch64::regs;
 use crate::devices::cpu_hotplug::{CpuHotplugError, CpuSlots};
 use crate::exit::ExitReason;
@@ -241,10 +241,7 @@ impl Vcpus {
         let mut slot = self.lock(index);
         // Plugged but not yet seen by the guest's ACPI layer: this is the boot-time CPU_ON Linux
         // sends to Online Capable CPUs, not a CPU it registered. Answer as for an unplugged one.
-        let target = match slot.state {
-            VcpuState::Plugged if !slot.seen_enabled => TargetState::Unplugged,
-            state => state.psci_target(),
-        };
+        let target = slot.state.psci_target_for_guest(slot.seen_enabled);
         if let Some(refusal) = cpu_on_refusal(Some(target)) {
             log::debug!(
                 "PSCI CPU_ON of vCPU {index} ({:?}): {refusal:?}",
