@@ -5,8 +5,8 @@
 //! VM exit); on CPU_OFF it hands the fd back to the slot and ends.
 //!
 //! Why spawn on CPU_ON rather than park on CPU_OFF and unpark on CPU_ON: measured in the node
-//! (nested TCG, tests/hotplug.rs prints it), a spawn takes about 1.4 ms until the thread runs and
-//! waking a parked thread about 0.3 ms, while one plug step there (the guest's Device Check, CPU
+//! (nested TCG, tests/hotplug.rs prints it), a spawn takes 0.8-1.8 ms until the thread runs and
+//! waking a parked thread 0.16-0.28 ms, while one plug step there (the guest's Device Check, CPU
 //! registration, PSCI round trip and secondary boot) takes 300-1200 ms: the millisecond is lost in
 //! it. In exchange, an unplugged or offline vCPU costs no thread, no stack and no signal target,
 //! a VM with 512 possible vCPUs has as many threads as online ones, and no parked thread's wake-up
