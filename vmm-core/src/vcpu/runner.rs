@@ -5,8 +5,8 @@
 //! VM exit); on CPU_OFF it hands the fd back to the slot and ends.
 //!
 //! Why spawn on CPU_ON rather than park on CPU_OFF and unpark on CPU_ON: measured in the node
-//! (nested TCG, tests/hotplug.rs prints it), a spawn takes about 1.4 ms until the thread runs and
-//! waking a parked thread about 0.3 ms, while one plug step there (the guest's Device Check, CPU
+//! (nested TCG, tests/hotplug.rs prints it), a spawn takes 0.8-1.8 ms until the thread runs and
+//! waking a parked thread 0.16-0.28 ms, while one plug step there (the guest's Device Check, CPU
 //! registration, PSCI round trip and secondary boot) takes 300-1200 ms: the millisecond is lost in
 //! it. In exchange, an unplugged or offline vCPU costs no thread, no stack and no signal target,
 //! a VM with 512 possible vCPUs has as many threads as online ones, and no parked thread's wake-up
@@ -25,7 +25,7 @@ use std::os::unix::thread::JoinHandleExt;
 
 use super::kick;
 use super::{EventHub, VcpuError, VcpuEvent, VcpuState};
-use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn, TargetState};
+use crate::arch::aarch64::psci::{cpu_on_refusal, PsciCall, PsciReturn};
 use crate::arch::aarch64::regs;
 use crate::devices::cpu_hotplug::{CpuHotplugError, CpuSlots};
 use crate::exit::ExitReason;
@@ -241,10 +241,7 @@ impl Vcpus {
         let mut slot = self.lock(index);
         // Plugged but not yet seen by the guest's ACPI layer: this is the boot-time CPU_ON Linux
         // sends to Online Capable CPUs, not a CPU it registered. Answer as for an unplugged one.
-        let target = match slot.state {
-            VcpuState::Plugged if !slot.seen_enabled => TargetState::Unplugged,
-            state => state.psci_target(),
-        };
+        let target = slot.state.psci_target_for_guest(slot.seen_enabled);
         if let Some(refusal) = cpu_on_refusal(Some(target)) {
             log::debug!(
                 "PSCI CPU_ON of vCPU {index} ({:?}): {refusal:?}",

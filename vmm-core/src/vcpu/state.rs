@@ -23,6 +23,16 @@ impl VcpuState {
         }
     }
 
+    /// What a PSCI CPU_ON finds when the guest may not yet know the vCPU: a Plugged vCPU whose
+    /// `_STA` the guest has not read as enabled is treated as unplugged (Linux sends CPU_ON to
+    /// every Online Capable CPU at boot, before evaluating any `_STA`).
+    pub fn psci_target_for_guest(self, seen_enabled: bool) -> TargetState {
+        match self {
+            Self::Plugged if !seen_enabled => TargetState::Unplugged,
+            other => other.psci_target(),
+        }
+    }
+
     /// The state of vCPU `index` right after boot, before the guest turns secondaries on.
     pub fn at_boot(index: u32, boot_vcpus: u32) -> Self {
         match index {
@@ -48,6 +58,22 @@ mod tests {
                 VcpuState::Unplugged,
                 VcpuState::Unplugged
             ]
+        );
+    }
+
+    #[test]
+    fn test_plugged_vcpu_the_guest_has_not_seen_is_a_denied_target() {
+        assert_eq!(
+            VcpuState::Plugged.psci_target_for_guest(false),
+            TargetState::Unplugged
+        );
+        assert_eq!(
+            VcpuState::Plugged.psci_target_for_guest(true),
+            TargetState::Off
+        );
+        assert_eq!(
+            VcpuState::Online.psci_target_for_guest(false),
+            TargetState::On
         );
     }
 
