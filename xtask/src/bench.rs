@@ -23,6 +23,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 1)]
         runs_128: usize,
     },
+    /// vCPU hotplug: `accordion resize` request → guest acknowledgement for 1→4, 4→1, one vCPU
+    /// plugged (1→2) and unplugged (2→1), --runs times each (median, p99), each also as a fraction
+    /// of a cold boot (process start → agent answered and ran a command) measured in the same run.
+    Hotplug {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Guest kernel in the node's guest assets (Image = minimal, Image-debian = Debian stock).
+        #[arg(long, default_value = "Image")]
+        kernel: String,
+    },
     /// The emulated node itself: boot to the command, and whole-run wall time, over N runs.
     Node {
         #[arg(long, default_value_t = 5)]
@@ -97,8 +107,52 @@ fn boot_script(runs: usize, runs_128: usize) -> String {
     s
 }
 
+/// The node script of `bench hotplug`.
+fn hotplug_script(runs: usize, kernel: &str) -> String {
+    let k = format!("/opt/accordion/share/guest/{kernel}");
+    let mut s = String::from("OUT=/root/bench.txt\n: > $OUT\n");
+    s.push_str(&format!(
+        "accordion-bench run --label cold-boot --marker @@AGENT-UP --runs 5 --out $OUT -- \
+         accordion run --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP\n\
+         accordion run -d --name hp --kernel {k} --vcpus 1 --max-vcpus 8 >/dev/null || exit 1\n\
+         accordion resize hp --vcpus 4 >/dev/null && accordion resize hp --vcpus 1 >/dev/null || exit 1\n"
+    ));
+    // `accordion resize` prints the server-side latency: request received → guest acknowledged.
+    let step = |to: u32, label: &str| {
+        format!(
+            "  accordion resize hp --vcpus {to} | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT {label} \\1/p' >> $OUT\n"
+        )
+    };
+    s.push_str(&format!("for i in $(seq {runs}); do\n"));
+    s.push_str(&step(4, "resize-1to4"));
+    s.push_str(&step(1, "resize-4to1"));
+    s.push_str(&step(2, "plug-one"));
+    s.push_str(&step(1, "unplug-one"));
+    s.push_str("done\naccordion stop hp >/dev/null\naccordion-bench report $OUT\n");
+    s
+}
+
 pub fn run(b: Bench) -> XResult<i32> {
     match b {
+        Bench::Hotplug { runs, kernel } => {
+            let opts = NodeOpts {
+                smp: 2,
+                memory: "3G".into(),
+                timeout: 3600,
+                release: true,
+                add: Vec::new(),
+                containerd: false,
+            };
+            let (spec, k, bb) = prepare_node(
+                &opts,
+                Vec::new(),
+                vec!["sh".into(), "-c".into(), hotplug_script(runs, &kernel)],
+            )?;
+            println!(
+                "bench hotplug: {kernel}, sandbox of 1 of 8 vCPUs, 512 MiB, in the emulated node"
+            );
+            run_in_node(&spec, &k, &bb)
+        }
         Bench::Boot { runs, runs_128 } => {
             let opts = NodeOpts {
                 smp: 2,
@@ -156,6 +210,16 @@ pub fn run(b: Bench) -> XResult<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_hotplug_script_extracts_each_resize_latency() {
+        let script = hotplug_script(3, "Image");
+        assert!(script.contains(
+            r"accordion resize hp --vcpus 4 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-1to4 \1/p' >> $OUT"
+        ));
+        assert!(script.contains("for i in $(seq 3); do"));
+        assert!(script.contains("--kernel /opt/accordion/share/guest/Image "));
+    }
 
     #[test]
     fn test_median_of_odd_and_even_and_empty() {

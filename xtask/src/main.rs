@@ -219,24 +219,53 @@ fn run(cmd: Cmd) -> XResult<i32> {
     }
 }
 
+/// What `make demo` runs in the node: a 1-vCPU sandbox that grows and shrinks, with what the guest
+/// reports and how long each step took.
+const DEMO_SCRIPT: &str = r#"
+now() { read up _ < /proc/uptime; echo "$up"; }
+step() { echo; echo "== $*"; T0=$(now); }
+took() { echo "   ($(awk -v a="$T0" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) * 1000 }') ms)"; }
+guest() { accordion exec demo -- sh -c 'echo "   guest sees: online CPUs $(cat /sys/devices/system/cpu/online), nproc $(nproc)"'; }
+echo "node: $(uname -m), kernel $(uname -r), $(nproc) CPUs"
+accordion check | sed 's/^/   /'
+step "boot a sandbox with 1 vCPU (8 possible): accordion run -d --name demo --vcpus 1 --max-vcpus 8"
+accordion run -d --name demo --vcpus 1 --max-vcpus 8 >/dev/null || exit 1
+took
+accordion status demo | grep -E '^(vcpus|kernel|agent version|boot):' | sed 's/^/   /'
+step "run a command in it: accordion exec demo -- uname -a"
+accordion exec demo -- uname -a | sed 's/^/   /'
+took
+guest
+for n in 4 2 8 1; do
+  step "resize: accordion resize demo --vcpus $n"
+  accordion resize demo --vcpus "$n" | sed 's/^/   /' || exit 1
+  guest
+done
+step "out of range: accordion resize demo --vcpus 9"
+accordion resize demo --vcpus 9 2>&1 | sed 's/^/   /'
+guest
+step "accordion status demo"
+accordion status demo | sed 's/^/   /'
+step "stop: accordion stop demo"
+accordion stop demo >/dev/null || exit 1
+took
+echo "   left in /run/accordion: $(ls /run/accordion | wc -l) entries"
+"#;
+
 fn demo() -> XResult<i32> {
     let opts = NodeOpts {
         smp: 2,
         memory: "3G".into(),
-        timeout: 600,
+        timeout: 900,
         release: false,
         add: Vec::new(),
         containerd: false,
     };
-    println!("== Accordion demo: the emulated ARM64 node and its KVM");
+    println!("== Accordion demo: a microVM in the emulated ARM64 node grows and shrinks its vCPUs");
     let (spec, k, bb) = prepare_node(
         &opts,
         Vec::new(),
-        vec![
-            "sh".into(),
-            "-c".into(),
-            "echo \"node: $(uname -m), kernel $(uname -r), $(nproc) CPUs\"; accordion check".into(),
-        ],
+        vec!["sh".into(), "-c".into(), DEMO_SCRIPT.into()],
     )?;
     run_in_node(&spec, &k, &bb)
 }

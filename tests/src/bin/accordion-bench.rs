@@ -311,11 +311,15 @@ fn report(path: &str) -> Result<(), String> {
         "acc-agent",
         1,
     );
+    let cold = col("cold-boot", 1);
     for (label, v) in &lat {
+        let med = quantile(v.clone(), 0.5).unwrap_or(f64::NAN);
+        let share = cold.map_or(String::new(), |c| {
+            format!(", {:.1}% of a cold boot ({c:.0} ms)", 100.0 * med / c)
+        });
         println!(
-            "(f) {label}: {} runs, median {:.1} ms, p99 {:.1} ms",
+            "(f) {label}: {} runs, median {med:.1} ms, p99 {:.1} ms{share}",
             v.len(),
-            quantile(v.clone(), 0.5).unwrap_or(f64::NAN),
             quantile(v.clone(), 0.99).unwrap_or(f64::NAN)
         );
     }
