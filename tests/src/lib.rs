@@ -4,6 +4,7 @@
 // Test helpers: a failure here is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -113,4 +114,34 @@ pub fn assert_code(out: &Output, code: i32) {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// Starts a detached sandbox `name` with 1 of 8 vCPUs on `kernel` (a file in the guest assets).
+pub fn start_sandbox(name: &str, kernel: &str) {
+    let kernel = share().join("guest").join(kernel);
+    let out = accordion(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--vcpus",
+        "1",
+        "--max-vcpus",
+        "8",
+        "--kernel",
+        kernel.to_str().expect("utf-8 path"),
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), format!("{name}\n"));
+}
+
+/// `accordion status NAME` as key → value.
+pub fn sandbox_status(name: &str) -> HashMap<String, String> {
+    let out = accordion(&["status", name]);
+    assert_code(&out, 0);
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

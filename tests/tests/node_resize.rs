@@ -3,38 +3,11 @@
 //! reports. Runs in the emulated ARM64 node (or on an ARM64 KVM host); fails instead of skipping
 //! when ACCORDION_REQUIRE_KVM=1 and KVM or the guest assets are missing.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use accordion_tests::{accordion, assert_code, can_run, one_vm, share, text};
-
-/// Starts sandbox `name`, 1 of 8 vCPUs, on `kernel` (a file in the guest assets).
-fn start(name: &str, kernel: &str) {
-    let kernel = share().join("guest").join(kernel);
-    let out = accordion(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--vcpus",
-        "1",
-        "--max-vcpus",
-        "8",
-        "--kernel",
-        kernel.to_str().expect("utf-8 path"),
-    ]);
-    assert_code(&out, 0);
-}
-
-fn status(name: &str) -> HashMap<String, String> {
-    let out = accordion(&["status", name]);
-    assert_code(&out, 0);
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use accordion_tests::{
+    accordion, assert_code, can_run, one_vm, sandbox_status, start_sandbox, text,
+};
 
 /// The guest's own online list.
 fn guest_online(name: &str) -> String {
@@ -66,7 +39,7 @@ fn resize_sequence(kernel: &str) {
     }
     let _vm = one_vm();
     let name = format!("rs-{}", kernel.to_lowercase());
-    start(&name, kernel);
+    start_sandbox(&name, kernel);
     assert_eq!(guest_online(&name), "0");
 
     resize_to(&name, 4, "0-3");
@@ -113,7 +86,7 @@ fn resize_sequence(kernel: &str) {
     assert_ne!(out.status.code(), Some(0), "cpu5 came online unplugged");
     assert_eq!(guest_online(&name), "0-1");
 
-    let s = status(&name);
+    let s = sandbox_status(&name);
     assert_eq!(s["state"], "running");
     assert!(
         s["vcpus"].starts_with("2 online in the guest, 2 plugged, 2 running, 8 possible"),
@@ -154,8 +127,8 @@ fn test_fifty_plug_unplug_cycles_leak_no_threads_or_fds() {
         return;
     }
     let _vm = one_vm();
-    start("cycles", "Image");
-    let pid = status("cycles")["pid"].clone();
+    start_sandbox("cycles", "Image");
+    let pid = sandbox_status("cycles")["pid"].clone();
     // One cycle first, so lazily created resources exist before counting.
     resize_to("cycles", 2, "0-1");
     resize_to("cycles", 1, "0");
@@ -178,7 +151,7 @@ fn test_concurrent_resizes_latest_target_wins() {
         return;
     }
     let _vm = one_vm();
-    start("race", "Image");
+    start_sandbox("race", "Image");
     let first = std::thread::spawn(|| accordion(&["resize", "race", "--vcpus", "6"]));
     std::thread::sleep(Duration::from_millis(50));
     let second = accordion(&["resize", "race", "--vcpus", "3"]);
@@ -202,7 +175,7 @@ fn test_guest_dying_during_resize_is_an_error_within_the_timeout() {
         return;
     }
     let _vm = one_vm();
-    start("dies", "Image");
+    start_sandbox("dies", "Image");
     let started = Instant::now();
     let resize =
         std::thread::spawn(|| accordion(&["resize", "dies", "--vcpus", "8", "--timeout", "30"]));
@@ -218,7 +191,7 @@ fn test_guest_dying_during_resize_is_an_error_within_the_timeout() {
         );
     }
     assert!(started.elapsed() < Duration::from_secs(40), "resize hung");
-    let s = status("dies");
+    let s = sandbox_status("dies");
     assert_eq!(s["state"], "dead", "{s:?}");
     stop("dies");
 }

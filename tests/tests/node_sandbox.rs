@@ -6,40 +6,13 @@ use std::time::{Duration, Instant};
 
 use accordion_tests::{
     accordion, accordion_pids, accordion_with_stdin, assert_code, can_run, one_vm, run_dir_entries,
-    text,
+    sandbox_status, start_sandbox, text,
 };
-
-/// Starts a detached sandbox `name` with 1 of 8 vCPUs on the minimal kernel.
-fn start(name: &str) {
-    let out = accordion(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--vcpus",
-        "1",
-        "--max-vcpus",
-        "8",
-    ]);
-    assert_code(&out, 0);
-    assert_eq!(text(&out.stdout), format!("{name}\n"));
-}
-
-/// `accordion status NAME` as key → value.
-fn status(name: &str) -> std::collections::HashMap<String, String> {
-    let out = accordion(&["status", name]);
-    assert_code(&out, 0);
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// Stops `name` and checks nothing of it is left: no state directory, and its process (which
 /// held the VM, its vCPU threads and sockets) gone.
 fn stop_and_check_clean(name: &str) {
-    let pid: u32 = status(name)["pid"].parse().expect("pid");
+    let pid: u32 = sandbox_status(name)["pid"].parse().expect("pid");
     let out = accordion(&["stop", name]);
     assert_code(&out, 0);
     assert!(
@@ -59,7 +32,7 @@ fn test_detached_run_exec_status_ps_stop_leave_nothing() {
         return;
     }
     let _vm = one_vm();
-    start("b1");
+    start_sandbox("b1", "Image");
 
     let out = accordion(&["exec", "b1", "--", "nproc"]);
     assert_code(&out, 0);
@@ -100,7 +73,7 @@ fn test_detached_run_exec_status_ps_stop_leave_nothing() {
     assert_code(&out, 0);
     assert_eq!(text(&out.stdout), "hi /tmp\n");
 
-    let s = status("b1");
+    let s = sandbox_status("b1");
     assert_eq!(s["state"], "running", "{s:?}");
     assert!(
         s["vcpus"].starts_with("1 online in the guest, 1 plugged, 1 running, 8 possible"),
@@ -127,7 +100,7 @@ fn test_detached_run_exec_status_ps_stop_leave_nothing() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(status("b1")["state"], "running");
+    assert_eq!(sandbox_status("b1")["state"], "running");
 
     stop_and_check_clean("b1");
 }
@@ -157,12 +130,12 @@ fn test_guest_that_dies_is_reported_dead_then_stop_cleans_up() {
         return;
     }
     let _vm = one_vm();
-    start("dying");
+    start_sandbox("dying", "Image");
     // The guest goes away under the agent (reboot(2) straight from a command, no agent involved).
     let _ = accordion(&["exec", "dying", "--", "sh", "-c", "poweroff -f"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = status("dying");
+        let s = sandbox_status("dying");
         if s["state"] == "dead" {
             assert!(s.contains_key("exit reason"), "{s:?}");
             break;
@@ -182,8 +155,8 @@ fn test_killed_sandbox_process_leaves_state_that_stop_and_run_clean() {
         return;
     }
     let _vm = one_vm();
-    start("orphan");
-    let pid = status("orphan")["pid"].parse::<i32>().expect("pid");
+    start_sandbox("orphan", "Image");
+    let pid = sandbox_status("orphan")["pid"].parse::<i32>().expect("pid");
     // SIGKILL: the owner cannot clean up; its state directory stays behind.
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -200,7 +173,7 @@ fn test_killed_sandbox_process_leaves_state_that_stop_and_run_clean() {
         text(&out.stdout)
     );
     // A new sandbox of that name replaces the stale state.
-    start("orphan");
-    assert_eq!(status("orphan")["state"], "running");
+    start_sandbox("orphan", "Image");
+    assert_eq!(sandbox_status("orphan")["state"], "running");
     stop_and_check_clean("orphan");
 }

@@ -7,14 +7,12 @@
 // Test helpers: any failure here is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use accordion_vmm::{ExitReason, VcpuState, Vm, VmConfig};
 
 mod common;
-use common::{guest_dir, newc_entry, Console};
+use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
 
 /// Generous: nested TCG boots of the Debian kernel take tens of seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -29,43 +27,6 @@ echo "nproc=$(nproc)"
 echo "firmware_errors=$(dmesg | grep -ciE 'ACPI Error|ACPI BIOS Error|FW_BUG|Firmware Bug')"
 exit 3
 "#;
-
-/// One VM at a time: the node has two CPUs, and the leak test counts this process's threads.
-static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_vm_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether KVM is usable here; skips (or fails under ACCORDION_REQUIRE_KVM=1) when it is not.
-fn kvm_available() -> bool {
-    match accordion_vmm::platform::open_kvm() {
-        Ok(_) if guest_dir().join("initrd.cpio").exists() => true,
-        result => {
-            let why = match result {
-                Err(e) => format!("no usable KVM: {e}"),
-                Ok(_) => format!("no guest assets in {}", guest_dir().display()),
-            };
-            assert!(!accordion_vmm::platform::kvm_required(), "{why}");
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
-}
-
-/// The default initramfs plus a segment holding `script` as /accordion/cmd. The segment starts
-/// 512-aligned: the kernel only finds an uncompressed segment at an aligned offset.
-fn initrd_with(script: &str, name: &str) -> PathBuf {
-    let mut image = std::fs::read(guest_dir().join("initrd.cpio")).unwrap();
-    image.resize(image.len().next_multiple_of(512), 0);
-    newc_entry(&mut image, "accordion", 0o040755, &[]);
-    newc_entry(&mut image, "accordion/cmd", 0o100755, script.as_bytes());
-    newc_entry(&mut image, "TRAILER!!!", 0, &[]);
-    let path =
-        std::env::temp_dir().join(format!("accordion-test-{}-{name}.cpio", std::process::id()));
-    std::fs::write(&path, image).unwrap();
-    path
-}
 
 struct Booted {
     reason: ExitReason,

@@ -14,13 +14,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use accordion_vmm::{CpuHotplugError, VcpuEvent, VcpuState, Vm, VmConfig};
 
 mod common;
-use common::{guest_dir, newc_entry, Console};
+use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
 
 const MAX_VCPUS: u32 = 8;
 /// Generous: a nested TCG boot of the Debian kernel takes tens of seconds.
@@ -49,40 +48,6 @@ while true; do
     sleep 0.2
 done
 "#;
-
-/// One VM at a time: the node has two CPUs, and the leak check counts this process's threads.
-static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Whether KVM is usable here; skips (or fails under ACCORDION_REQUIRE_KVM=1) when it is not.
-fn kvm_available() -> bool {
-    match accordion_vmm::platform::open_kvm() {
-        Ok(_) if guest_dir().join("initrd.cpio").exists() => true,
-        result => {
-            let why = match result {
-                Err(e) => format!("no usable KVM: {e}"),
-                Ok(_) => format!("no guest assets in {}", guest_dir().display()),
-            };
-            assert!(!accordion_vmm::platform::kvm_required(), "{why}");
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
-}
-
-/// The default initramfs plus `script` as /accordion/cmd (512-aligned segment, see boot.rs).
-fn initrd_with(script: &str, name: &str) -> PathBuf {
-    let mut image = std::fs::read(guest_dir().join("initrd.cpio")).unwrap();
-    image.resize(image.len().next_multiple_of(512), 0);
-    newc_entry(&mut image, "accordion", 0o040755, &[]);
-    newc_entry(&mut image, "accordion/cmd", 0o100755, script.as_bytes());
-    newc_entry(&mut image, "TRAILER!!!", 0, &[]);
-    let path = std::env::temp_dir().join(format!(
-        "accordion-hotplug-{}-{name}.cpio",
-        std::process::id()
-    ));
-    std::fs::write(&path, image).unwrap();
-    path
-}
 
 /// A line for the node log that the test harness does not capture.
 fn report(line: &str) {
@@ -220,7 +185,7 @@ fn assert_hotplug(kernel: &str, cycles: u32) {
     if !kvm_available() {
         return;
     }
-    let _serial = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     let started = Instant::now();
     let g = Guest::boot(kernel);
     let booted = started.elapsed();
@@ -331,7 +296,7 @@ fn test_debian_kernel_plugs_early_then_2_4_2_8_1_and_cycles_without_leaks() {
 fn test_measure_thread_spawn_versus_unpark() {
     const ROUNDS: usize = 200;
     // Not while a VM test counts this process's threads.
-    let _serial = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     let median = |mut v: Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
