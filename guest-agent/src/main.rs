@@ -50,6 +50,10 @@ fn main() -> ExitCode {
         for e in mount_errors {
             warn!("{}", error_chain(&e));
         }
+        // Kernel boot ends here, as far as the host's boot timings go.
+        if let Err(e) = accordion_agent::boot_timer::signal() {
+            warn!("{}", error_chain(&e));
+        }
         // virtio-mmio and vsock must be up before the agent can bind its port.
         let (loaded, module_errors) = modules::load_all();
         if !loaded.is_empty() {
