@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod resize;
 pub mod sandbox;

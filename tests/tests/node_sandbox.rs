@@ -82,7 +82,10 @@ fn test_detached_run_exec_status_ps_stop_leave_nothing() {
     assert_eq!(s["guest cpus online"], "0");
     assert!(!s["agent version"].is_empty(), "{s:?}");
     assert!(s["boot"].contains("agent ready"), "{s:?}");
-    assert!(!s["boot"].contains("guest init n/a"), "no boot-timer write: {s:?}");
+    assert!(
+        !s["boot"].contains("guest init n/a"),
+        "no boot-timer write: {s:?}"
+    );
 
     let out = accordion(&["ps"]);
     assert_code(&out, 0);

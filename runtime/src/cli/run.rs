@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::agent_client::ExecSpec;
+use crate::config::Config;
 use crate::control::server::{self, Ended};
 use crate::sandbox::{self, Sandbox, SandboxSpec};
 
@@ -22,28 +23,29 @@ pub struct RunArgs {
     /// `accordion exec/status/stop`). Prints the sandbox name.
     #[arg(short = 'd', long, conflicts_with = "command")]
     pub detach: bool,
-    /// Guest kernel (raw arm64 Image). Default: <share>/guest/Image.
+    /// Guest kernel (raw arm64 Image). Default: guest.kernel of the configuration.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs whose /init is the agent. Default: <share>/guest/agent-initrd.cpio.
+    /// Guest initramfs whose /init is the agent. Default: guest.initrd of the configuration.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// vCPUs plugged at boot.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Possible vCPUs (all created at boot; the rest can be hotplugged).
-    #[arg(long, default_value_t = 64)]
-    pub max_vcpus: u32,
-    /// Guest memory, e.g. 512M or 1G. Debian's stock kernel needs ~100 MiB more than our minimal
-    /// one to reserve per-CPU areas for 128 possible vCPUs; 256M is too little for it there.
-    #[arg(long, default_value = "512M", value_parser = parse_size_mib)]
-    pub memory: u64,
-    /// Extra kernel command-line arguments.
+    /// vCPUs plugged at boot. Default: vcpus.default of the configuration (1).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Possible vCPUs (all created at boot; the rest can be hotplugged). Default: vcpus.max (64).
+    #[arg(long)]
+    pub max_vcpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 1G. Default: memory.default_mib (512). Debian's stock kernel
+    /// needs ~100 MiB more than our minimal one to reserve per-CPU areas for 128 possible vCPUs;
+    /// 256M is too little for it there.
+    #[arg(long, value_parser = parse_size_mib)]
+    pub memory: Option<u64>,
+    /// Extra kernel command-line arguments (after guest.kernel_params of the configuration).
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Seconds the guest agent may take to come up.
-    #[arg(long, default_value_t = 120)]
-    pub agent_timeout: u64,
+    /// Seconds the guest agent may take to come up. Default: timeouts.agent_ready_secs (120).
+    #[arg(long)]
+    pub agent_timeout: Option<u64>,
     /// Print how long each step took (on stderr).
     #[arg(long)]
     pub timings: bool,
@@ -74,26 +76,40 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: RunArgs) -> i32 {
+    // Before anything starts: a broken configuration file is the user's first error to see.
+    let config = match Config::load_default() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("accordion run: {}", super::error_chain(&e));
+            return 125;
+        }
+    };
     if args.detach {
-        return run_detached(args);
+        return run_detached(args, &config);
     }
-    super::block_on("run", run_foreground(args))
+    super::block_on("run", run_foreground(args, config))
 }
 
-fn spec_of(args: &RunArgs, name: String) -> SandboxSpec {
-    let share = sandbox::share_dir().join("guest");
+/// What to boot: the flags, else the configuration's defaults.
+fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
     SandboxSpec {
         name,
-        kernel: args.kernel.clone().unwrap_or_else(|| share.join("Image")),
+        kernel: args
+            .kernel
+            .clone()
+            .unwrap_or_else(|| config.guest.kernel.clone()),
         initrd: args
             .initrd
             .clone()
-            .unwrap_or_else(|| share.join("agent-initrd.cpio")),
-        extra_cmdline: args.cmdline.clone(),
-        vcpus: args.vcpus,
-        max_vcpus: args.max_vcpus,
-        memory_mib: args.memory,
-        agent_timeout: Duration::from_secs(args.agent_timeout),
+            .unwrap_or_else(|| config.guest.initrd.clone()),
+        extra_cmdline: format!("{} {}", config.guest.kernel_params, args.cmdline),
+        vcpus: args.vcpus.unwrap_or(config.vcpus.default),
+        max_vcpus: args.max_vcpus.unwrap_or(config.vcpus.max),
+        memory_mib: args.memory.unwrap_or(config.memory.default_mib),
+        agent_timeout: Duration::from_secs(
+            args.agent_timeout
+                .unwrap_or(config.timeouts.agent_ready_secs),
+        ),
     }
 }
 
@@ -103,8 +119,8 @@ fn default_name(args: &RunArgs) -> String {
         .unwrap_or_else(|| format!("run-{}", std::process::id()))
 }
 
-async fn run_foreground(args: RunArgs) -> i32 {
-    let spec = spec_of(&args, default_name(&args));
+async fn run_foreground(args: RunArgs, config: Config) -> i32 {
+    let spec = spec_of(&args, default_name(&args), &config);
     let sandbox = match Sandbox::boot(&spec).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -178,7 +194,7 @@ async fn run_foreground(args: RunArgs) -> i32 {
 /// `run -d`: fork a process that owns the sandbox (new session, stdio detached) and return once
 /// it reports the agent ready, or its error. Forking (rather than re-executing ourselves) keeps the
 /// parsed arguments as they are; it happens before any thread exists.
-fn run_detached(args: RunArgs) -> i32 {
+fn run_detached(args: RunArgs, config: &Config) -> i32 {
     use nix::unistd::{fork, ForkResult};
 
     let name = default_name(&args);
@@ -220,18 +236,17 @@ fn run_detached(args: RunArgs) -> i32 {
         }
         Ok(ForkResult::Child) => {
             drop(read_end);
-            let code = daemon(args, name, write_end);
+            let code = daemon(spec_of(&args, name, config), write_end);
             std::process::exit(code)
         }
     }
 }
 
 /// The detached sandbox process: boots, tells the parent, serves until stopped.
-fn daemon(args: RunArgs, name: String, ready: OwnedFd) -> i32 {
+fn daemon(spec: SandboxSpec, ready: OwnedFd) -> i32 {
     // Our own session: the caller's terminal and process group signals no longer reach us.
     let _ = nix::unistd::setsid();
     detach_stdio(None);
-    let spec = spec_of(&args, name);
     let mut ready = std::fs::File::from(ready);
     super::block_on("run", async move {
         let sandbox = match Sandbox::boot(&spec).await {

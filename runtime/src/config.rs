@@ -1,0 +1,336 @@
+//! `/etc/accordion/config.toml`: host-wide defaults for sandboxes (the shim reads it at start, the
+//! CLI with `--config`). Every key is optional and has the default documented in
+//! docs/configuration.md; unknown keys and bad values are errors naming the key, so a typo never
+//! silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the configuration lives unless told otherwise (`ACCORDION_CONFIG` overrides it).
+pub const DEFAULT_PATH: &str = "/etc/accordion/config.toml";
+/// The most vCPUs a VM can have (the VMM's address map and KVM's arm64 limit).
+pub const VCPU_LIMIT: u32 = 512;
+/// Less guest memory than this cannot boot the agent.
+pub const MIN_MEMORY_MIB: u64 = 128;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("Invalid configuration in {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("Invalid configuration in {path}: {key} = {value}: {why}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// How a pod's CPU requests and limits become a vCPU count (the resize controller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SizingPolicy {
+    /// Each container's limit, or its request where it has no limit.
+    LimitsThenRequests,
+    /// Limits only; containers without a limit count as nothing.
+    Limits,
+    /// Requests only.
+    Requests,
+}
+
+/// The guest's kernel and initramfs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to the VMM's kernel command line.
+    pub kernel_params: String,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        // The installed guest assets (`ACCORDION_SHARE_DIR` moves them, e.g. for tests).
+        let guest = crate::sandbox::share_dir().join("guest");
+        Self {
+            kernel: guest.join("Image"),
+            initrd: guest.join("agent-initrd.cpio"),
+            kernel_params: String::new(),
+        }
+    }
+}
+
+/// vCPU sizing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VcpuConfig {
+    /// vCPUs of a sandbox whose pod says nothing about CPU.
+    pub default: u32,
+    /// Fewest vCPUs a sandbox is ever sized to.
+    pub min: u32,
+    /// Possible vCPUs of every sandbox: the most it can grow to.
+    pub max: u32,
+    pub sizing_policy: SizingPolicy,
+}
+
+impl Default for VcpuConfig {
+    fn default() -> Self {
+        Self {
+            default: 1,
+            min: 1,
+            max: 64,
+            sizing_policy: SizingPolicy::LimitsThenRequests,
+        }
+    }
+}
+
+/// Guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// MiB of a sandbox whose pod sets no memory limit.
+    pub default_mib: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self { default_mib: 512 }
+    }
+}
+
+/// Deadlines, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// VM start → agent answering.
+    pub agent_ready_secs: u64,
+    /// One agent call.
+    pub agent_call_secs: u64,
+    /// A resize waiting for the guest's acknowledgement.
+    pub resize_secs: u64,
+    /// A stop waiting for the guest to power off before forcing it.
+    pub stop_grace_secs: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        Self {
+            agent_ready_secs: 120,
+            agent_call_secs: 10,
+            resize_secs: 60,
+            stop_grace_secs: 10,
+        }
+    }
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub guest: GuestConfig,
+    pub vcpus: VcpuConfig,
+    pub memory: MemoryConfig,
+    pub timeouts: TimeoutConfig,
+    pub log_level: LogLevel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            guest: GuestConfig::default(),
+            vcpus: VcpuConfig::default(),
+            memory: MemoryConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            log_level: LogLevel::Info,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file means every default.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ConfigError::Read(path.to_owned(), e)),
+        }
+    }
+
+    /// The configuration at `ACCORDION_CONFIG`, else the default path.
+    pub fn load_default() -> Result<Self, ConfigError> {
+        let path = std::env::var_os("ACCORDION_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+        Self::load(&path)
+    }
+
+    /// Parses and checks `text` (read from `path`, named in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, value: String, why: String| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            value,
+            why,
+        };
+        let v = &self.vcpus;
+        if v.max == 0 || v.max > VCPU_LIMIT {
+            return Err(bad(
+                "vcpus.max",
+                v.max.to_string(),
+                format!("must be 1 to {VCPU_LIMIT}"),
+            ));
+        }
+        if v.min == 0 || v.min > v.max {
+            return Err(bad(
+                "vcpus.min",
+                v.min.to_string(),
+                format!("must be 1 to vcpus.max ({})", v.max),
+            ));
+        }
+        if v.default < v.min || v.default > v.max {
+            return Err(bad(
+                "vcpus.default",
+                v.default.to_string(),
+                format!("must be vcpus.min ({}) to vcpus.max ({})", v.min, v.max),
+            ));
+        }
+        if self.memory.default_mib < MIN_MEMORY_MIB {
+            return Err(bad(
+                "memory.default_mib",
+                self.memory.default_mib.to_string(),
+                format!("must be at least {MIN_MEMORY_MIB}"),
+            ));
+        }
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.agent_ready_secs", t.agent_ready_secs),
+            ("timeouts.agent_call_secs", t.agent_call_secs),
+            ("timeouts.resize_secs", t.resize_secs),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "0".into(), "must be at least 1".into()));
+            }
+        }
+        for (key, file) in [
+            ("guest.kernel", &self.guest.kernel),
+            ("guest.initrd", &self.guest.initrd),
+        ] {
+            if !file.is_absolute() {
+                return Err(bad(
+                    key,
+                    file.display().to_string(),
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The resize deadline.
+    pub fn resize_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeouts.resize_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/accordion/config.toml"), text)
+    }
+
+    #[test]
+    fn test_empty_file_is_every_default() {
+        assert_eq!(parse("").expect("empty"), Config::default());
+    }
+
+    #[test]
+    fn test_every_key_parses() {
+        let c = parse(
+            r#"
+log_level = "debug"
+[guest]
+kernel = "/k/Image"
+initrd = "/k/initrd.cpio"
+kernel_params = "loglevel=4"
+[vcpus]
+default = 2
+min = 1
+max = 16
+sizing_policy = "requests"
+[memory]
+default_mib = 1024
+[timeouts]
+agent_ready_secs = 30
+agent_call_secs = 5
+resize_secs = 20
+stop_grace_secs = 3
+"#,
+        )
+        .expect("full file");
+        assert_eq!(c.vcpus.max, 16);
+        assert_eq!(c.vcpus.sizing_policy, SizingPolicy::Requests);
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.resize_timeout(), Duration::from_secs(20));
+        assert_eq!(c.guest.kernel, PathBuf::from("/k/Image"));
+    }
+
+    #[test]
+    fn test_unknown_key_is_an_error_naming_it() {
+        let err = parse("[vcpus]\nmaximum = 8\n").expect_err("typo");
+        assert!(err.to_string().contains("maximum"), "{err}");
+        let err = parse("colour = 1\n").expect_err("unknown top-level key");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn test_bad_values_name_the_key() {
+        for (text, key) in [
+            ("[vcpus]\nmax = 0\n", "vcpus.max"),
+            ("[vcpus]\nmax = 513\n", "vcpus.max"),
+            ("[vcpus]\nmin = 9\nmax = 8\n", "vcpus.min"),
+            ("[vcpus]\ndefault = 9\nmax = 8\n", "vcpus.default"),
+            ("[memory]\ndefault_mib = 64\n", "memory.default_mib"),
+            ("[timeouts]\nresize_secs = 0\n", "timeouts.resize_secs"),
+            ("[guest]\nkernel = \"Image\"\n", "guest.kernel"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        assert!(parse("[vcpus]\nsizing_policy = \"most\"\n").is_err());
+        assert!(parse("[vcpus]\nmax = -1\n").is_err());
+        assert!(parse("log_level = \"loud\"\n").is_err());
+    }
+
+    #[test]
+    fn test_missing_file_is_defaults_and_unreadable_is_an_error() {
+        let missing = Path::new("/nonexistent/accordion/config.toml");
+        assert_eq!(Config::load(missing).expect("missing"), Config::default());
+        let dir = std::env::temp_dir();
+        assert!(matches!(Config::load(&dir), Err(ConfigError::Read(..))));
+    }
+}
