@@ -7,6 +7,8 @@
 //! serialized; a newer request supersedes one still waiting or in flight (the latest target
 //! wins); asking for what the sandbox already has is a no-op.
 
+pub mod policy;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
