@@ -326,3 +326,43 @@ fn test_virtiofsd_killed_while_the_guest_uses_it_leaves_the_vm_running_and_stopp
     assert!(ticks_after_kill >= 3, "{diag}");
     assert_eq!(reason, ExitReason::Shutdown, "{diag}");
 }
+
+/// Mounts, unbinds and rebinds the driver (a device reset, then a second DRIVER_OK on the same
+/// vhost-user connection), and mounts again.
+const REBIND_SCRIPT: &str = r#"#!/bin/sh
+mkdir -p /mnt
+mount -t virtiofs accordion-share /mnt && echo "FIRST=$(timeout 20 cat /mnt/hello.txt)"
+umount /mnt
+drv=/sys/bus/virtio/drivers/virtiofs
+dev=$(basename $drv/virtio*)
+echo "$dev" > $drv/unbind && echo "UNBOUND=$dev"
+echo "$dev" > $drv/bind && echo "BOUND=$dev"
+timeout 20 mount -t virtiofs accordion-share /mnt && echo "SECOND=$(timeout 20 cat /mnt/hello.txt)"
+"#;
+
+#[test]
+fn test_virtiofs_driver_rebind_resets_and_renegotiates() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !prerequisites() {
+        return;
+    }
+    let scratch = Scratch::new("rebind");
+    let mut virtiofsd = start_virtiofsd(&scratch, "never");
+    let console = Console::default();
+    let initrd = initrd(&scratch, REBIND_SCRIPT);
+    let vm = Vm::start(vm_config("Image", initrd, scratch.socket(), &console)).unwrap();
+
+    let reason = vm.wait_timeout(TIMEOUT);
+    drop(vm);
+    let virtiofsd_exited = exited_by_itself(&mut virtiofsd);
+    let diag = format!("{}\n--- virtiofsd:\n{}", console.text(), scratch.log());
+    assert_eq!(reason, Some(ExitReason::PowerOff), "{diag}");
+    assert_eq!(console.value("FIRST").as_deref(), Some(HOST_TEXT), "{diag}");
+    assert!(console.value("BOUND").is_some(), "{diag}");
+    assert_eq!(
+        console.value("SECOND").as_deref(),
+        Some(HOST_TEXT),
+        "{diag}"
+    );
+    assert!(virtiofsd_exited, "{diag}");
+}
