@@ -30,6 +30,21 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A virtio-fs device served by a virtiofsd (vhost-user) the caller has started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs <tag> <dir>` (1 to 36 bytes, unique per VM).
+    pub tag: String,
+    /// virtiofsd's vhost-user socket (`virtiofsd --socket-path`); it must be listening when
+    /// `Vm::start` runs.
+    pub socket_path: PathBuf,
+}
+
+/// virtio-mmio slot of the first virtio-fs device; the next ones follow.
+pub const FIRST_FS_SLOT: u32 = 1;
+/// At most this many virtio-fs devices (the virtio-mmio slots after vsock).
+pub const MAX_FS_DEVICES: usize = (layout::VIRTIO_MMIO_SLOTS - FIRST_FS_SLOT) as usize;
+
 /// A microVM to start.
 pub struct VmConfig {
     /// Raw arm64 `Image`.
@@ -48,6 +63,8 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// Optional vsock device.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices, in virtio-mmio slots `FIRST_FS_SLOT..` in this order.
+    pub fs: Vec<FsConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -60,6 +77,7 @@ impl std::fmt::Debug for VmConfig {
             .field("boot_vcpus", &self.boot_vcpus)
             .field("max_vcpus", &self.max_vcpus)
             .field("vsock", &self.vsock)
+            .field("fs", &self.fs)
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +94,7 @@ impl VmConfig {
             max_vcpus: DEFAULT_MAX_VCPUS,
             console: Box::new(std::io::sink()),
             vsock: None,
+            fs: Vec::new(),
         }
     }
 
@@ -120,6 +139,27 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             if vsock.cid < 3 {
                 return Err(ConfigError::VsockCid(vsock.cid));
+            }
+        }
+        self.validate_fs()
+    }
+
+    fn validate_fs(&self) -> Result<(), ConfigError> {
+        if self.fs.len() > MAX_FS_DEVICES {
+            return Err(ConfigError::TooManyFs {
+                count: self.fs.len(),
+                max: MAX_FS_DEVICES,
+            });
+        }
+        for (i, fs) in self.fs.iter().enumerate() {
+            if fs.tag.is_empty()
+                || fs.tag.len() > crate::devices::virtio::fs::TAG_LEN
+                || fs.tag.contains('\0')
+            {
+                return Err(ConfigError::FsTag(fs.tag.clone()));
+            }
+            if self.fs[..i].iter().any(|other| other.tag == fs.tag) {
+                return Err(ConfigError::FsTagDuplicate(fs.tag.clone()));
             }
         }
         Ok(())
@@ -191,6 +231,20 @@ pub enum ConfigError {
     /// Reserved vsock CID.
     #[error("vsock CID {0} is reserved (use 3 or more)")]
     VsockCid(u64),
+    /// A virtio-fs tag the guest could not be given.
+    #[error("virtio-fs tag {0:?} must be 1 to 36 bytes without NUL")]
+    FsTag(String),
+    /// Two virtio-fs devices with one tag.
+    #[error("virtio-fs tag {0:?} is used twice")]
+    FsTagDuplicate(String),
+    /// More virtio-fs devices than virtio-mmio slots.
+    #[error("{count} virtio-fs devices exceed the limit of {max}")]
+    TooManyFs {
+        /// Requested devices.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 #[cfg(test)]
@@ -206,6 +260,57 @@ mod tests {
         let c = config();
         assert_eq!((c.boot_vcpus, c.max_vcpus, c.memory_mib), (1, 64, 256));
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    fn fs(tag: &str) -> FsConfig {
+        FsConfig {
+            tag: tag.into(),
+            socket_path: "/run/virtiofsd.sock".into(),
+        }
+    }
+
+    #[test]
+    fn test_fs_devices_with_distinct_tags_are_valid() {
+        let c = VmConfig {
+            fs: vec![fs("rootfs"), fs(&"v".repeat(36))],
+            ..config()
+        };
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_fs_tag_empty_or_too_long_is_rejected() {
+        let empty = VmConfig {
+            fs: vec![fs("")],
+            ..config()
+        };
+        let long = VmConfig {
+            fs: vec![fs(&"v".repeat(37))],
+            ..config()
+        };
+        assert_eq!(empty.validate(), Err(ConfigError::FsTag(String::new())));
+        assert_eq!(long.validate(), Err(ConfigError::FsTag("v".repeat(37))));
+    }
+
+    #[test]
+    fn test_fs_tag_used_twice_is_rejected() {
+        let c = VmConfig {
+            fs: vec![fs("a"), fs("b"), fs("a")],
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::FsTagDuplicate("a".into())));
+    }
+
+    #[test]
+    fn test_more_fs_devices_than_slots_is_rejected() {
+        let c = VmConfig {
+            fs: (0..32).map(|i| fs(&format!("t{i}"))).collect(),
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooManyFs { count: 32, max: 31 })
+        );
     }
 
     #[test]

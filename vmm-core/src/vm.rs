@@ -12,7 +12,7 @@ use crate::arch::aarch64::boot_block::BootBlockError;
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
 use crate::arch::aarch64::layout;
 use crate::bus::BusError;
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 use crate::devices::irq::IrqError;
@@ -37,6 +37,15 @@ pub enum VmError {
     /// The vsock device could not be created.
     #[error("Cannot create the vsock device")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A virtio-fs device could not reach its virtiofsd.
+    #[error("Cannot set up virtio-fs device {tag:?}")]
+    Fs {
+        /// The device's tag.
+        tag: String,
+        /// Cause (names the socket).
+        #[source]
+        source: crate::devices::virtio::fs::FsError,
+    },
     /// This host architecture has no backend.
     #[error("Accordion VMs run only on aarch64 hosts")]
     UnsupportedArch,
@@ -105,6 +114,16 @@ pub fn check_kvm_vcpu_limit(max_vcpus: u32, kvm_limit: usize) -> Result<(), Conf
 
 /// virtio-mmio slot of the vsock device.
 pub const VSOCK_SLOT: u32 = 0;
+
+/// The virtio-mmio slots a configuration uses: vsock's, then one per virtio-fs device.
+// Only Vm::start (aarch64) uses it outside tests.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+fn virtio_slots(config: &VmConfig) -> Vec<u32> {
+    let vsock = config.vsock.iter().map(|_| VSOCK_SLOT);
+    vsock
+        .chain((FIRST_FS_SLOT..).take(config.fs.len()))
+        .collect()
+}
 /// Register window of a virtio-mmio transport (registers + config space) as ACPI describes it.
 const VIRTIO_MMIO_WINDOW: u32 = 0x200;
 
@@ -219,6 +238,7 @@ impl Vm {
         use crate::devices::ged::Ged;
         use crate::devices::irq::IrqLine;
         use crate::devices::serial::SerialDevice as Uart;
+        use crate::devices::virtio::fs::Fs;
         use crate::devices::virtio::mmio::MmioTransport;
         use crate::devices::virtio::vsock::Vsock;
         use crate::devices::virtio::VirtioInterrupt;
@@ -234,6 +254,16 @@ impl Vm {
         //    in RAM. Bad input stops here, before any KVM object exists.
         let (kernel, placement) = preflight(&config)?;
         steps.mark("checks");
+        // Each virtiofsd must already listen: a missing one fails here, before KVM is touched.
+        let mut fs_devices = Vec::with_capacity(config.fs.len());
+        for fs in &config.fs {
+            let device = Fs::connect(&fs.tag, &fs.socket_path).map_err(|source| VmError::Fs {
+                tag: fs.tag.clone(),
+                source,
+            })?;
+            fs_devices.push(device);
+        }
+        steps.mark("vhost-user");
         let kvm = crate::platform::open_kvm()?;
         check_kvm_vcpu_limit(config.max_vcpus, kvm.get_max_vcpus())?;
 
@@ -276,8 +306,7 @@ impl Vm {
         steps.mark("VGIC + SMCCC filter");
         // 5. Firmware-less boot block at the top of RAM: EFI system table and memory map, stub
         //    DTB, ACPI tables describing every possible vCPU.
-        let virtio_slots: Vec<u32> = config.vsock.iter().map(|_| VSOCK_SLOT).collect();
-        let acpi_config = acpi_config(&mpidrs, config.boot_vcpus, &virtio_slots);
+        let acpi_config = acpi_config(&mpidrs, config.boot_vcpus, &virtio_slots(&config));
         // The guest init finds the boot timer through the command line (guest/ initramfs).
         let cmdline = format!(
             "{} accordion.boot_timer={:#x}",
@@ -345,6 +374,42 @@ impl Vm {
             let base = layout::VIRTIO_MMIO_BASE + u64::from(VSOCK_SLOT) * layout::DEVICE_SIZE;
             bus.insert(
                 "virtio-vsock",
+                base,
+                layout::DEVICE_SIZE,
+                Arc::new(Mutex::new(transport)),
+            )?;
+        }
+
+        // virtio-fs: kicks go straight from KVM to virtiofsd (an ioeventfd per queue on the
+        // transport's QueueNotify, datamatch = queue index); interrupts come back through the
+        // device's forwarder and this irqfd.
+        for (device, slot) in fs_devices.into_iter().zip(FIRST_FS_SLOT..) {
+            let (Some(base), Some(spi)) = (
+                layout::virtio_mmio_base(slot),
+                layout::virtio_mmio_spi(slot),
+            ) else {
+                // validate() allows no more devices than slots.
+                return Err(VmError::Config(ConfigError::TooManyFs {
+                    count: config.fs.len(),
+                    max: crate::config::MAX_FS_DEVICES,
+                }));
+            };
+            let irq = IrqLine::new(spi)?;
+            vm.register_irqfd(irq.eventfd(), irq.spi())
+                .map_err(|e| VmError::Kvm("wire a virtio-fs interrupt", e))?;
+            let notify =
+                kvm_ioctls::IoEventAddress::Mmio(base + crate::devices::virtio::mmio::QUEUE_NOTIFY);
+            for (kick, queue) in device.kick_eventfds().iter().zip(0u32..) {
+                vm.register_ioevent(kick, &notify, queue)
+                    .map_err(|e| VmError::Kvm("register a virtio-fs queue notifier", e))?;
+            }
+            let transport = MmioTransport::new(
+                Box::new(device),
+                ram.memory().clone(),
+                Arc::new(VirtioInterrupt::new(irq)),
+            );
+            bus.insert(
+                "virtio-fs",
                 base,
                 layout::DEVICE_SIZE,
                 Arc::new(Mutex::new(transport)),
@@ -528,6 +593,34 @@ mod tests {
                 size: 0x200,
                 gsi: 48
             }]
+        );
+    }
+
+    #[test]
+    fn test_fs_devices_take_the_slots_after_vsock() {
+        let fs = |tag: &str| crate::config::FsConfig {
+            tag: tag.into(),
+            socket_path: "/run/fs.sock".into(),
+        };
+        let config = VmConfig {
+            vsock: Some(crate::config::VsockConfig {
+                cid: 3,
+                uds_path: "/run/v.sock".into(),
+            }),
+            fs: vec![fs("a"), fs("b")],
+            ..VmConfig::new("/nonexistent")
+        };
+        let slots = virtio_slots(&config);
+        let described = acpi_config(&[kvm_default_mpidr(0)], 1, &slots);
+        assert_eq!(slots, [0, 1, 2]);
+        assert_eq!(
+            described.virtio.last(),
+            Some(&VirtioMmioDevice {
+                slot: 2,
+                base: 0x0e00_2000,
+                size: 0x200,
+                gsi: 50
+            })
         );
     }
 

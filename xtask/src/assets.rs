@@ -122,6 +122,34 @@ pub fn busybox() -> XResult<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+/// Where the node has Debian's virtiofsd (the path Debian installs it at).
+pub const NODE_VIRTIOFSD: &str = "/usr/libexec/virtiofsd";
+
+/// scripts/virtiofsd.sh: Debian's virtiofsd and its libraries as a tree to pack at the node's
+/// root, so integration tests can serve virtio-fs devices.
+pub fn virtiofsd() -> XResult<PathBuf> {
+    let out = Command::new(root().join("scripts/virtiofsd.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/virtiofsd.sh: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("virtiofsd: "))
+        .filter(|_| out.status.success())
+        .ok_or("scripts/virtiofsd.sh failed")?;
+    let tree = PathBuf::from(dir.trim()).join("root");
+    if !tree.join(NODE_VIRTIOFSD.trim_start_matches('/')).is_file() {
+        return Err(format!(
+            "scripts/virtiofsd.sh: no {NODE_VIRTIOFSD} under {}",
+            tree.display()
+        )
+        .into());
+    }
+    Ok(tree)
+}
+
 /// The guest's /init: mounts, the boot-timer write, Debian's modules when booted on its kernel,
 /// then `/accordion/cmd` (appended as its own cpio segment by whoever boots it) or a default.
 const GUEST_INIT: &str = r#"#!/bin/busybox sh

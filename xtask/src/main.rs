@@ -148,6 +148,7 @@ pub fn prepare_node(
     })?;
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
+    let virtiofsd = step("virtiofsd", assets::virtiofsd)?;
     let spec = node::NodeSpec {
         smp: opts.smp,
         memory: opts.memory.clone(),
@@ -155,7 +156,7 @@ pub fn prepare_node(
         bins,
         tests,
         extra,
-        trees: Vec::new(),
+        trees: vec![(virtiofsd, String::new())],
         env: forwarded_env(),
         command,
     };

@@ -18,6 +18,9 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4443_4341;
 /// Start of the device-specific configuration space.
 const CONFIG_SPACE: u64 = 0x100;
+/// Offset of QueueNotify: devices served outside the VMM (vhost-user) get a KVM ioeventfd here
+/// per queue, with the queue index as datamatch.
+pub const QUEUE_NOTIFY: u64 = 0x050;
 
 mod reg {
     pub const MAGIC: u64 = 0x000;
@@ -32,7 +35,7 @@ mod reg {
     pub const QUEUE_NUM_MAX: u64 = 0x034;
     pub const QUEUE_NUM: u64 = 0x038;
     pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY;
     pub const INTERRUPT_STATUS: u64 = 0x060;
     pub const INTERRUPT_ACK: u64 = 0x064;
     pub const STATUS: u64 = 0x070;
@@ -42,6 +45,10 @@ mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
@@ -147,6 +154,12 @@ impl MmioTransport {
                 self.status | broken
             }
             reg::CONFIG_GENERATION => self.config_generation,
+            // No device has shared memory regions. A length of -1 says so (virtio 1.2 §4.2.2);
+            // 0 would describe an empty region at address 0, which Linux's virtio-fs with DAX
+            // (Debian's kernel) then fails to reserve, failing the probe with EBUSY.
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => {
                 log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
                 0
@@ -530,6 +543,14 @@ mod tests {
         w(&mut t, reg::STATUS, 0);
         assert_ne!(broken & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn test_shared_memory_regions_read_as_absent() {
+        let (mut t, _, _) = transport();
+        w(&mut t, 0x0ac, 0);
+        assert_eq!(r(&mut t, reg::SHM_LEN_LOW), u32::MAX);
+        assert_eq!(r(&mut t, reg::SHM_LEN_HIGH), u32::MAX);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! virtio devices and their MMIO transport (virtio 1.2, §4.2).
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
