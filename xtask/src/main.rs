@@ -5,6 +5,7 @@
 
 mod assets;
 mod bench;
+mod containerd;
 mod cpio;
 mod cross;
 mod node;
@@ -78,7 +79,8 @@ pub struct NodeOpts {
     /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
     #[arg(long = "add", value_name = "HOST:NODE")]
     add: Vec<String>,
-    /// Boot the node with containerd (not implemented yet: arrives with the shim issue).
+    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with the images
+    /// localhost/busybox:latest and registry.k8s.io/pause:3.8 imported (scripts/containerd-node.sh).
     #[arg(long)]
     containerd: bool,
 }
@@ -126,11 +128,6 @@ pub fn prepare_node(
     tests: Vec<cross::Artifact>,
     command: Vec<String>,
 ) -> XResult<(node::NodeSpec, assets::Kernels, PathBuf)> {
-    if opts.containerd {
-        return Err(
-            "--containerd is not implemented yet: it arrives with the containerd shim issue".into(),
-        );
-    }
     let mut extra = Vec::new();
     for a in &opts.add {
         let (h, n) = a
@@ -148,6 +145,10 @@ pub fn prepare_node(
     })?;
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
+    let mut trees = Vec::new();
+    if opts.containerd {
+        trees.push((step("containerd tree", containerd::tree)?, String::new()));
+    }
     let spec = node::NodeSpec {
         smp: opts.smp,
         memory: opts.memory.clone(),
@@ -155,9 +156,10 @@ pub fn prepare_node(
         bins,
         tests,
         extra,
-        trees: Vec::new(),
+        trees,
         env: forwarded_env(),
         command,
+        containerd: opts.containerd,
     };
     Ok((spec, kernels, busybox))
 }
