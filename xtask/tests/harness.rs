@@ -79,3 +79,25 @@ fn test_node_bad_add_argument_is_a_clear_error() {
         text(&out.stderr)
     );
 }
+
+/// One node with `--containerd`: runc really runs a container from the local busybox image (its exit
+/// status comes back through ctr), the CRI plugin is loaded with its CNI config, and the sandbox image CRI expects is in
+/// the k8s.io namespace. (Debian ships no crictl, so no pod runs through CRI here.)
+#[test]
+fn test_node_containerd_runs_a_runc_container_and_loads_cri() {
+    let script = "ctr plugins ls | awk '$1 == \"io.containerd.grpc.v1\" && $2 == \"cri\" { print \"cri:\" $NF }'; \
+                  grep -q 'failed to load cni' /var/log/containerd.log || echo cni:ok; \
+                  ctr -n k8s.io images ls -q | grep -x registry.k8s.io/pause:3.8; \
+                  ctr run --rm localhost/busybox:latest t1 sh -c 'echo hi; exit 7'";
+    let out = xtask(&["node", "--containerd", "--", "sh", "-c", script]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        stdout, "cri:ok\ncni:ok\nregistry.k8s.io/pause:3.8\nhi\n",
+        "stderr: {stderr}"
+    );
+}
