@@ -98,7 +98,10 @@ start)
     pid=$!
     echo "$pid" > "$PIDFILE"
     deadline=$(awk -v t="$t0" -v d="${ACCORDION_CONTAINERD_DEADLINE:-90}" 'BEGIN { print t + d }')
-    until ctr version > /dev/null 2>&1; do
+    # ctr blocks while it cannot connect: bound each try by the time left (at most 5 s), so the
+    # deadline is checked between tries.
+    left() { awk -v n="$(up)" -v d="$deadline" 'BEGIN { l = int(d - n + 0.999); print (l < 1 ? 1 : (l > 5 ? 5 : l)) }'; }
+    until timeout "$(left)" ctr version > /dev/null 2>&1; do
         kill -0 "$pid" 2>/dev/null || fail "containerd exited before answering"
         awk -v n="$(up)" -v d="$deadline" 'BEGIN { exit !(n > d) }' &&
             fail "no answer to 'ctr version' within ${ACCORDION_CONTAINERD_DEADLINE:-90}s"
