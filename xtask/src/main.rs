@@ -167,6 +167,12 @@ pub fn prepare_node(
 /// Runs a node command, or on an ARM64 KVM host the command itself. Returns its exit status.
 pub fn run_in_node(spec: &node::NodeSpec, k: &assets::Kernels, busybox: &Path) -> XResult<i32> {
     if node::host_can_run_directly() {
+        if spec.containerd {
+            return Err(
+                "--containerd needs the emulated node; on an ARM64 host use its own containerd"
+                    .into(),
+            );
+        }
         return direct::run(spec, k, busybox);
     }
     Ok(node::run(spec, k, busybox)?.exit_code)
