@@ -37,6 +37,10 @@ pub enum Bench {
     Node {
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// With containerd around the command (`node --containerd`): the command time then
+        /// includes containerd's start, the image imports and its stop.
+        #[arg(long)]
+        containerd: bool,
     },
 }
 
@@ -172,14 +176,14 @@ pub fn run(b: Bench) -> XResult<i32> {
             println!("bench boot: minimal 6.12 kernel + busybox initramfs, 256 MiB, in the emulated node");
             run_in_node(&spec, &k, &bb)
         }
-        Bench::Node { runs } => {
+        Bench::Node { runs, containerd } => {
             let opts = NodeOpts {
                 smp: 2,
                 memory: "3G".into(),
                 timeout: 300,
                 release: false,
                 add: Vec::new(),
-                containerd: false,
+                containerd,
             };
             let (spec, k, bb) = prepare_node(&opts, Vec::new(), vec!["true".into()])?;
             let (mut boot, mut cmd, mut wall) = (Vec::new(), Vec::new(), Vec::new());
@@ -195,7 +199,8 @@ pub fn run(b: Bench) -> XResult<i32> {
             let m = |v: Vec<Duration>| {
                 median(v).map_or("?".to_string(), |d| format!("{:.2}s", d.as_secs_f64()))
             };
-            println!("bench node: {runs} runs, -smp 2 -m 3G, command `true`");
+            let with = if containerd { " with --containerd" } else { "" };
+            println!("bench node: {runs} runs, -smp 2 -m 3G, command `true`{with}");
             println!("  guest uptime at command start (median): {}", m(boot));
             println!("  command `true` inside the node (median): {}", m(cmd));
             println!(

@@ -5,6 +5,7 @@
 
 mod assets;
 mod bench;
+mod containerd;
 mod cpio;
 mod cross;
 mod node;
@@ -78,7 +79,8 @@ pub struct NodeOpts {
     /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
     #[arg(long = "add", value_name = "HOST:NODE")]
     add: Vec<String>,
-    /// Boot the node with containerd (not implemented yet: arrives with the shim issue).
+    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with the images
+    /// localhost/busybox:latest and registry.k8s.io/pause:3.8 imported (scripts/containerd-node.sh).
     #[arg(long)]
     containerd: bool,
 }
@@ -126,11 +128,6 @@ pub fn prepare_node(
     tests: Vec<cross::Artifact>,
     command: Vec<String>,
 ) -> XResult<(node::NodeSpec, assets::Kernels, PathBuf)> {
-    if opts.containerd {
-        return Err(
-            "--containerd is not implemented yet: it arrives with the containerd shim issue".into(),
-        );
-    }
     let mut extra = Vec::new();
     for a in &opts.add {
         let (h, n) = a
@@ -148,7 +145,10 @@ pub fn prepare_node(
     })?;
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
-    let virtiofsd = step("virtiofsd", assets::virtiofsd)?;
+    let mut trees = vec![(step("virtiofsd", assets::virtiofsd)?, String::new())];
+    if opts.containerd {
+        trees.push((step("containerd tree", containerd::tree)?, String::new()));
+    }
     let spec = node::NodeSpec {
         smp: opts.smp,
         memory: opts.memory.clone(),
@@ -156,9 +156,10 @@ pub fn prepare_node(
         bins,
         tests,
         extra,
-        trees: vec![(virtiofsd, String::new())],
+        trees,
         env: forwarded_env(),
         command,
+        containerd: opts.containerd,
     };
     Ok((spec, kernels, busybox))
 }
@@ -166,6 +167,12 @@ pub fn prepare_node(
 /// Runs a node command, or on an ARM64 KVM host the command itself. Returns its exit status.
 pub fn run_in_node(spec: &node::NodeSpec, k: &assets::Kernels, busybox: &Path) -> XResult<i32> {
     if node::host_can_run_directly() {
+        if spec.containerd {
+            return Err(
+                "--containerd needs the emulated node; on an ARM64 host use its own containerd"
+                    .into(),
+            );
+        }
         return direct::run(spec, k, busybox);
     }
     Ok(node::run(spec, k, busybox)?.exit_code)

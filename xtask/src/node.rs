@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::assets::{self, Kernels};
+use crate::containerd;
 use crate::cpio;
 use crate::cross::Artifact;
 use crate::{root, XResult};
@@ -39,6 +40,10 @@ pub struct NodeSpec {
     pub trees: Vec<(PathBuf, String)>,
     pub env: Vec<(String, String)>,
     pub command: Vec<String>,
+    /// containerd around the command (`--containerd`): its config, a bind-mounted root where
+    /// pivot_root(2) works, and containerd started before and stopped after the command. The
+    /// binaries and images come in `trees` (crate::containerd::tree).
+    pub containerd: bool,
 }
 
 /// How a node run ended.
@@ -83,6 +88,16 @@ impl std::error::Error for NodeFailure {}
 /// The node's /init. Busybox is the node's userland; the command runs as root in /root.
 const NODE_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
+# pivot_root(2), which runc uses for every container, fails with EINVAL while / is the initial rootfs
+# mount (it has no parent). With /accordion/reroot, / becomes a bind mount of that same tmpfs and PID 1
+# chroots into it (switch_root's move + chroot, without copying a byte); mounts below come after.
+if [ -f /accordion/reroot ] && [ -z "${NODE_REROOTED:-}" ]; then
+    mkdir -p /.root && mount -o bind / /.root && cd /.root && mount -o move . / &&
+        NODE_REROOTED=1 exec chroot . /init
+    cd /
+    reroot_failed=1
+fi
+unset NODE_REROOTED
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -93,6 +108,7 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+[ -z "${reroot_failed:-}" ] || echo "node: re-rooting onto a bind mount failed: pivot_root will fail" > /dev/ttyAMA0
 kver=$(uname -r)
 if [ -f "/lib/modules/$kver/insmod.list" ]; then
     while read -r m; do insmod "/lib/modules/$kver/$m" 2>/dev/null || echo "node: insmod $m failed" > /dev/ttyAMA0; done < "/lib/modules/$kver/insmod.list"
@@ -222,12 +238,43 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     }
     w.file("accordion/env", 0o644, env.as_bytes())?;
     let cmd: Vec<String> = spec.command.iter().map(|a| sh_quote(a)).collect();
-    w.file(
-        "accordion/cmd.sh",
-        0o755,
-        format!("exec {}\n", cmd.join(" ")).as_bytes(),
-    )?;
+    let script = if spec.containerd {
+        add_containerd_files(&mut w, &mut mkdirs)?;
+        containerd::wrap_command(&cmd.join(" "))
+    } else {
+        format!("exec {}\n", cmd.join(" "))
+    };
+    w.file("accordion/cmd.sh", 0o755, script.as_bytes())?;
     w.finish()?;
+    Ok(())
+}
+
+/// containerd's configuration, the CNI network, /var/run and the re-root marker read by NODE_INIT.
+fn add_containerd_files<W: Write>(
+    w: &mut cpio::Writer<W>,
+    mkdirs: &mut impl FnMut(&mut cpio::Writer<W>, &str) -> std::io::Result<()>,
+) -> XResult<()> {
+    for d in ["etc/containerd", "etc/cni/net.d", "var/lib", "var/log"] {
+        mkdirs(w, d)?;
+    }
+    // CRI bind-mounts network namespaces under /var/run/netns.
+    w.symlink("var/run", "../run")?;
+    w.file(
+        "etc/containerd/config.toml",
+        0o644,
+        containerd::config_toml().as_bytes(),
+    )?;
+    w.file(
+        "etc/cni/net.d/10-accordion.conflist",
+        0o644,
+        containerd::CNI_CONFLIST.as_bytes(),
+    )?;
+    w.file(
+        "accordion/containerd.sh",
+        0o755,
+        containerd::CONTROL_SCRIPT.as_bytes(),
+    )?;
+    w.file("accordion/reroot", 0o644, b"")?;
     Ok(())
 }
 

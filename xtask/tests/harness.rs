@@ -79,3 +79,36 @@ fn test_node_bad_add_argument_is_a_clear_error() {
         text(&out.stderr)
     );
 }
+
+/// One node with `--containerd`: runc really runs a container from the local busybox image (its
+/// exit status comes back through ctr); the CRI plugin is loaded, found its CNI config, and the
+/// sandbox image it expects is in k8s.io; Debian's CNI bridge plugin wires a network namespace to
+/// cni0 (veth, host-local IPAM) and it answers ping. Debian ships no crictl: no pod runs through CRI.
+#[test]
+fn test_node_containerd_runs_a_runc_container_and_loads_cri() {
+    let script = [
+        r#"ctr plugins ls | awk '$1 == "io.containerd.grpc.v1" && $2 == "cri" { print "cri:" $NF }'"#,
+        "grep -q 'failed to load cni' /var/log/containerd.log || echo cni:ok",
+        "ctr -n k8s.io images ls -q | grep -x registry.k8s.io/pause:3.8",
+        "mkdir -p /run/netns && touch /run/netns/t && unshare --net=/run/netns/t true",
+        r#"echo '{"cniVersion": "1.0.0", "name": "t", "type": "bridge", "bridge": "cni0", "isGateway": true,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]]}}' |
+             CNI_COMMAND=ADD CNI_CONTAINERID=t CNI_NETNS=/run/netns/t CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
+             /usr/lib/cni/bridge | grep -o '"address": "[^"]*"'"#,
+        "ping -c 1 -W 5 10.88.0.2 > /dev/null && echo ping:ok",
+        "ctr run --rm localhost/busybox:latest t1 sh -c 'echo hi; exit 7'",
+    ]
+    .join("\n");
+    let out = xtask(&["node", "--containerd", "--", "sh", "-c", &script]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        stdout,
+        "cri:ok\ncni:ok\nregistry.k8s.io/pause:3.8\n\"address\": \"10.88.0.2/16\"\nping:ok\nhi\n",
+        "stderr: {stderr}"
+    );
+}

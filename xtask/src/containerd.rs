@@ -1,0 +1,181 @@
+//! `cargo xtask node --containerd`: Debian trixie's containerd 1.7, runc and CNI plugins in the node
+//! (scripts/containerd-node.sh builds the tree), their configuration, and the start/stop script that
+//! wraps the node command. See README.md ("containerd in the node").
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::{root, XResult};
+
+/// The sandbox image name containerd 1.7's CRI plugin expects (its built-in default).
+pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.8";
+
+/// Runs scripts/containerd-node.sh (cached; progress on stderr) and returns the root to pack at /.
+pub fn tree() -> XResult<PathBuf> {
+    let out = Command::new(root().join("scripts/containerd-node.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run scripts/containerd-node.sh: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("containerd-node: "))
+        .filter(|_| out.status.success())
+        .ok_or("scripts/containerd-node.sh failed")?;
+    Ok(PathBuf::from(dir.trim()).join("root"))
+}
+
+/// /etc/containerd/config.toml: containerd 1.7's version 2 format, the CRI plugin with Debian's CNI
+/// plugin directory and one runtime, runc (cgroupfs: the node has no systemd).
+pub fn config_toml() -> String {
+    format!(
+        r#"version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+        SystemdCgroup = false
+"#
+    )
+}
+
+/// /etc/cni/net.d/10-accordion.conflist: a bridge with host-local IPAM. No ipMasq and no portmap:
+/// both need iptables, which the node does not have. containerd adds the loopback plugin itself.
+pub const CNI_CONFLIST: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "accordion",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{ "subnet": "10.88.0.0/16" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    }
+  ]
+}
+"#;
+
+/// /accordion/containerd.sh start|stop: the node command runs between the two.
+/// `start` waits until `ctr version` answers (deadline ACCORDION_CONTAINERD_DEADLINE, 90 s: TCG is
+/// slow) and imports every image archive into the `default` and `k8s.io` namespaces; on failure it
+/// prints containerd's log tail and exits 125 (a harness failure, like xtask's own).
+pub const CONTROL_SCRIPT: &str = r#"#!/bin/sh
+LOG=/var/log/containerd.log
+PIDFILE=/run/containerd.pid
+up() { cut -d' ' -f1 /proc/uptime; }
+say() { [ -n "${ACCORDION_NODE_QUIET:-}" ] || echo "node: $*" >&2; }
+fail() {
+    echo "node: containerd: $*; last lines of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+    [ -f "$PIDFILE" ] && kill -9 "$(cat "$PIDFILE")" 2>/dev/null
+    exit 125
+}
+case "$1" in
+start)
+    t0=$(up)
+    mkdir -p /var/log /var/lib/containerd /run/containerd /var/lib/cni
+    containerd --config /etc/containerd/config.toml > "$LOG" 2>&1 &
+    pid=$!
+    echo "$pid" > "$PIDFILE"
+    deadline=$(awk -v t="$t0" -v d="${ACCORDION_CONTAINERD_DEADLINE:-90}" 'BEGIN { print t + d }')
+    # ctr blocks while it cannot connect: bound each try by the time left (at most 5 s), so the
+    # deadline is checked between tries.
+    left() { awk -v n="$(up)" -v d="$deadline" 'BEGIN { l = int(d - n + 0.999); print (l < 1 ? 1 : (l > 5 ? 5 : l)) }'; }
+    until timeout "$(left)" ctr version > /dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || fail "containerd exited before answering"
+        awk -v n="$(up)" -v d="$deadline" 'BEGIN { exit !(n > d) }' &&
+            fail "no answer to 'ctr version' within ${ACCORDION_CONTAINERD_DEADLINE:-90}s"
+        sleep 0.2
+    done
+    t1=$(up)
+    # One import chain per namespace, the two in parallel (the node has two CPUs; each import is
+    # mostly ctr starting up and unpacking under TCG).
+    imports=
+    for ns in default k8s.io; do
+        : > "/run/import-$ns.log"
+        (
+            for img in /opt/accordion/images/*.oci.tar; do
+                [ -f "$img" ] || continue
+                ctr -n "$ns" images import "$img" >> "/run/import-$ns.log" 2>&1 ||
+                    { echo "ctr -n $ns images import $img failed" >> "/run/import-$ns.log"; exit 1; }
+            done
+        ) &
+        imports="$imports $!"
+    done
+    ok=1
+    for job in $imports; do wait "$job" || ok=; done
+    cat /run/import-default.log /run/import-k8s.io.log >> "$LOG"
+    [ -n "$ok" ] || fail "image import failed"
+    say "containerd ready after $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')s, images imported in $(awk -v a="$t1" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')s (log $LOG)"
+    ;;
+stop)
+    [ -f "$PIDFILE" ] || exit 0
+    pid=$(cat "$PIDFILE")
+    kill "$pid" 2>/dev/null
+    n=0
+    while kill -0 "$pid" 2>/dev/null && [ $n -lt 50 ]; do sleep 0.2; n=$((n + 1)); done
+    kill -9 "$pid" 2>/dev/null
+    rm -f "$PIDFILE"
+    ;;
+*)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac
+"#;
+
+/// The node's cmd.sh body around the (already quoted) command: containerd up, the command, down.
+pub fn wrap_command(cmd: &str) -> String {
+    format!(
+        "/accordion/containerd.sh start || exit 125\n{cmd}\nrc=$?\n/accordion/containerd.sh stop\nexit $rc\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_config_names_the_pause_image_and_debian_cni_dir() {
+        let c = config_toml();
+        assert!(c.contains("sandbox_image = \"registry.k8s.io/pause:3.8\""));
+        assert!(c.contains("bin_dir = \"/usr/lib/cni\""));
+        assert!(c.starts_with("version = 2\n"));
+    }
+
+    #[test]
+    fn test_cni_conflist_is_json_with_bridge_and_host_local() {
+        let v: serde_json::Value = serde_json::from_str(CNI_CONFLIST).unwrap();
+        assert_eq!(v["plugins"][0]["type"], "bridge");
+        assert_eq!(v["plugins"][0]["ipam"]["type"], "host-local");
+    }
+
+    #[test]
+    fn test_wrap_command_keeps_the_command_status() {
+        let s = wrap_command("sh -c 'exit 7'");
+        assert!(
+            s.starts_with("/accordion/containerd.sh start || exit 125\nsh -c 'exit 7'\nrc=$?\n")
+        );
+        assert!(s.ends_with("/accordion/containerd.sh stop\nexit $rc\n"));
+    }
+}
