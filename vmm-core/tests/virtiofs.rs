@@ -10,20 +10,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use accordion_vmm::{ExitReason, FsConfig, Vm, VmConfig, VmError};
 
 mod common;
-use common::{guest_dir, newc_entry, Console};
+use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const TAG: &str = "accordion-share";
 const HOST_TEXT: &str = "hello from the host";
-
-/// Serializes the tests of this binary.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn virtiofsd_path() -> PathBuf {
     std::env::var_os("ACCORDION_VIRTIOFSD")
@@ -32,16 +28,13 @@ fn virtiofsd_path() -> PathBuf {
 
 /// Whether KVM, the guest assets and virtiofsd are all here.
 fn prerequisites() -> bool {
-    let why = match accordion_vmm::platform::open_kvm() {
-        Err(e) => format!("no usable KVM: {e}"),
-        Ok(_) if !guest_dir().join("initrd.cpio").exists() => {
-            format!("no guest assets in {}", guest_dir().display())
-        }
-        Ok(_) if !virtiofsd_path().exists() => {
-            format!("no virtiofsd at {}", virtiofsd_path().display())
-        }
-        Ok(_) => return true,
-    };
+    if !kvm_available() {
+        return false;
+    }
+    if virtiofsd_path().exists() {
+        return true;
+    }
+    let why = format!("no virtiofsd at {}", virtiofsd_path().display());
     assert!(!accordion_vmm::platform::kvm_required(), "{why}");
     eprintln!("SKIPPED: {why}");
     false
@@ -58,6 +51,13 @@ impl Scratch {
         std::fs::create_dir_all(dir.join("shared")).unwrap();
         std::fs::write(dir.join("shared/hello.txt"), format!("{HOST_TEXT}\n")).unwrap();
         Self(dir)
+    }
+    /// Unique per test: names its initramfs.
+    fn name(&self) -> String {
+        self.0
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
     fn shared(&self) -> PathBuf {
         self.0.join("shared")
@@ -117,18 +117,6 @@ fn exited_by_itself(child: &mut Child) -> bool {
     false
 }
 
-/// The guest initramfs with `script` as /accordion/cmd.
-fn initrd(scratch: &Scratch, script: &str) -> PathBuf {
-    let mut initrd = std::fs::read(guest_dir().join("initrd.cpio")).unwrap();
-    initrd.resize(initrd.len().next_multiple_of(512), 0);
-    newc_entry(&mut initrd, "accordion", 0o040755, &[]);
-    newc_entry(&mut initrd, "accordion/cmd", 0o100755, script.as_bytes());
-    newc_entry(&mut initrd, "TRAILER!!!", 0, &[]);
-    let path = scratch.0.join("initrd.cpio");
-    std::fs::write(&path, initrd).unwrap();
-    path
-}
-
 fn vm_config(kernel: &str, initrd: PathBuf, socket: PathBuf, console: &Console) -> VmConfig {
     let mut config = VmConfig::new(guest_dir().join(kernel));
     config.initrd = Some(initrd);
@@ -165,14 +153,14 @@ umount /mnt && echo "UMOUNT=ok"
 "#;
 
 fn share_round_trip(kernel: &str, cache: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     if !prerequisites() {
         return;
     }
     let scratch = Scratch::new(kernel);
     let mut virtiofsd = start_virtiofsd(&scratch, cache);
     let console = Console::default();
-    let initrd = initrd(&scratch, SHARE_SCRIPT);
+    let initrd = initrd_with(SHARE_SCRIPT, &scratch.name());
     let vm = Vm::start(vm_config(kernel, initrd, scratch.socket(), &console)).unwrap();
 
     let reason = vm.wait_timeout(TIMEOUT);
@@ -238,12 +226,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 #[test]
 fn test_virtiofs_missing_socket_fails_start_naming_it_and_leaks_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     if !prerequisites() {
         return;
     }
     let scratch = Scratch::new("missing");
-    let initrd = initrd(&scratch, "#!/bin/sh\ntrue\n");
+    let initrd = initrd_with("#!/bin/sh\ntrue\n", &scratch.name());
     let (fds, tasks) = (open_fds(), threads());
 
     let result = Vm::start(vm_config(
@@ -287,14 +275,14 @@ fn last_tick(console: &Console) -> Option<u64> {
 
 #[test]
 fn test_virtiofsd_killed_while_the_guest_uses_it_leaves_the_vm_running_and_stoppable() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     if !prerequisites() {
         return;
     }
     let scratch = Scratch::new("kill");
     let mut virtiofsd = start_virtiofsd(&scratch, "never");
     let console = Console::default();
-    let initrd = initrd(&scratch, KILL_SCRIPT);
+    let initrd = initrd_with(KILL_SCRIPT, &scratch.name());
     let vm = Vm::start(vm_config("Image", initrd, scratch.socket(), &console)).unwrap();
     let deadline = Instant::now() + TIMEOUT;
     while last_tick(&console).is_none() {
@@ -342,14 +330,14 @@ timeout 20 mount -t virtiofs accordion-share /mnt && echo "SECOND=$(timeout 20 c
 
 #[test]
 fn test_virtiofs_driver_rebind_resets_and_renegotiates() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_vm_at_a_time();
     if !prerequisites() {
         return;
     }
     let scratch = Scratch::new("rebind");
     let mut virtiofsd = start_virtiofsd(&scratch, "never");
     let console = Console::default();
-    let initrd = initrd(&scratch, REBIND_SCRIPT);
+    let initrd = initrd_with(REBIND_SCRIPT, &scratch.name());
     let vm = Vm::start(vm_config("Image", initrd, scratch.socket(), &console)).unwrap();
 
     let reason = vm.wait_timeout(TIMEOUT);
