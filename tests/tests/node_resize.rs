@@ -117,6 +117,20 @@ fn test_resize_sequence_debian_kernel() {
     resize_sequence("Image-debian");
 }
 
+/// (threads, fds) once they stop changing: the CLI calls just made may still be closing.
+fn settled_counts(counts: impl Fn() -> (usize, usize)) -> (usize, usize) {
+    let mut last = counts();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = counts();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 fn count_entries(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -134,13 +148,20 @@ fn test_fifty_plug_unplug_cycles_leak_no_threads_or_fds() {
     resize_to("cycles", 1, "0");
     let tasks = format!("/proc/{pid}/task");
     let fds = format!("/proc/{pid}/fd");
-    let before = (count_entries(&tasks), count_entries(&fds));
+    let counts = || (count_entries(&tasks), count_entries(&fds));
+    let before = settled_counts(counts);
     for _ in 0..50 {
         assert_code(&accordion(&["resize", "cycles", "--vcpus", "2"]), 0);
         assert_code(&accordion(&["resize", "cycles", "--vcpus", "1"]), 0);
     }
     assert_eq!(guest_online("cycles"), "0");
-    let after = (count_entries(&tasks), count_entries(&fds));
+    // A leak grows with the 100 resizes; a connection the server is still closing does not.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = counts();
+    while after != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = counts();
+    }
     assert_eq!(after, before, "(threads, fds) of the sandbox process grew");
     stop("cycles");
 }
@@ -152,8 +173,14 @@ fn test_concurrent_resizes_latest_target_wins() {
     }
     let _vm = one_vm();
     start_sandbox("race", "Image");
-    let first = std::thread::spawn(|| accordion(&["resize", "race", "--vcpus", "6"]));
-    std::thread::sleep(Duration::from_millis(50));
+    let first = std::thread::spawn(|| accordion(&["resize", "race", "--vcpus", "8"]));
+    // The second request goes out once the first has reached the VMM (its vCPUs are plugged at
+    // once, before the guest acknowledges anything).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sandbox_status("race")["vcpus plugged"] == "0" {
+        assert!(Instant::now() < deadline, "the first resize never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let second = accordion(&["resize", "race", "--vcpus", "3"]);
     let first = first.join().expect("first resize");
     assert_code(&second, 0);
