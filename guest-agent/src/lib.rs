@@ -3,6 +3,7 @@
 //! socket (`--listen-unix`), without PID-1 behaviour.
 
 pub mod args;
+pub mod containers;
 pub mod cpu;
 pub mod exec;
 pub mod init;
