@@ -337,6 +337,25 @@ impl Running {
             pty: None,
         })
     }
+
+    /// Same, for a process on a pseudo-terminal whose master is `master`.
+    pub fn from_pty(
+        pid: u32,
+        reaper: &Reaper,
+        exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+        master: PtyMaster,
+    ) -> Running {
+        let master = Arc::new(master);
+        Running {
+            pid,
+            reaper: reaper.clone(),
+            exit,
+            stdin: Sink::Pty(master.clone()),
+            stdout: Source::Pty(master.clone()),
+            stderr: None,
+            pty: Some(master),
+        }
+    }
 }
 
 /// How an output pump ended.

@@ -240,6 +240,28 @@ async fn test_containers_lifecycle_in_a_real_guest() {
         String::from_utf8_lossy(&err)
     );
     assert_eq!(String::from_utf8_lossy(&out), "c2-host\n");
+    // On a terminal too (the pty master comes back over the console socket).
+    let mut out = Vec::new();
+    let status = agent
+        .exec_in_container(
+            "c2",
+            ExecSpec {
+                argv: vec!["sh".into(), "-c".into(), "test -t 0 && echo tty-ok".into()],
+                tty: true,
+                ..ExecSpec::default()
+            },
+            None::<tokio::io::Empty>,
+            &mut out,
+            tokio::io::sink(),
+        )
+        .await
+        .expect("tty exec in container");
+    assert_eq!(status.code, Some(0));
+    assert!(
+        String::from_utf8_lossy(&out).contains("tty-ok"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
     let (_, guest_hostname) = guest_sh(&agent, "hostname").await;
     assert_ne!(
         guest_hostname, "c2-host\n",
@@ -277,7 +299,40 @@ async fn test_containers_lifecycle_in_a_real_guest() {
     agent.delete_container("c2", false).await.expect("delete");
     assert_gone(&agent, "c2").await;
 
-    // 3. Malformed requests are clear INVALID_ARGUMENTs and the agent keeps serving.
+    // 3. A main process on a terminal.
+    let bundle = make_bundle(&agent, "c4").await;
+    agent
+        .create_container(ContainerCreate {
+            id: "c4".into(),
+            bundle,
+            spec_json: spec_json("c4-host", &["sh", "-c", "test -t 1 && echo tty-main"]),
+            tty: true,
+        })
+        .await
+        .expect("create tty container");
+    let attach_agent = agent.clone();
+    let attach = tokio::spawn(async move {
+        let mut out = Vec::new();
+        attach_agent
+            .attach_container("c4", None::<tokio::io::Empty>, &mut out, tokio::io::sink())
+            .await
+            .expect("attach");
+        out
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.start_container("c4").await.expect("start");
+    let exit = agent.wait_container("c4", RPC).await.expect("wait");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    let out = attach.await.expect("attach task");
+    assert!(
+        String::from_utf8_lossy(&out).contains("tty-main"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    agent.delete_container("c4", false).await.expect("delete");
+    assert_gone(&agent, "c4").await;
+
+    // 4. Malformed requests are clear INVALID_ARGUMENTs and the agent keeps serving.
     let bundle = make_bundle(&agent, "c3").await;
     let err = agent
         .create_container(ContainerCreate {

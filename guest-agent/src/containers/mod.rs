@@ -6,6 +6,7 @@
 //! ([`service`]) keeps the containers' processes, stdio and exit statuses.
 
 pub mod cgroup;
+pub mod console;
 pub mod service;
 pub mod spec;
 

@@ -32,15 +32,19 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::cgroup::{self, CgroupError};
+use super::console::ConsoleSocket;
 use super::spec::{self, SpecError};
 use super::{validate_bundle, validate_id, ValidateError};
 use super::{BUNDLES_ROOT, CGROUP_MOUNT, CGROUP_PARENT, STATE_ROOT};
 use crate::exec::{Event, Input, Running, CHUNK_BYTES};
+use crate::pty::PtyMaster;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::server::{error_chain, exit_to_wire};
 
 /// Buffered messages per stream direction (as for Agent.Exec).
 const QUEUE: usize = 16;
+/// ASCII EOT: "close stdin" on a terminal in canonical mode.
+const VEOF: u8 = 0x04;
 /// How long a client has to send the first message of Attach or Exec.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -68,9 +72,12 @@ pub enum ContainerError {
     /// The container's state does not allow the call.
     #[error("{0}")]
     State(String),
-    /// Not implemented in this agent.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// The terminal of a tty process could not be set up.
+    #[error(transparent)]
+    Console(#[from] super::console::ConsoleError),
+    /// The terminal could not be registered.
+    #[error(transparent)]
+    Pty(#[from] crate::pty::PtyError),
     /// libcontainer failed.
     #[error("libcontainer: {what}")]
     Libcontainer {
@@ -131,16 +138,46 @@ pub fn to_status(err: &ContainerError) -> Status {
         ContainerError::NotFound(_) => Status::not_found(message),
         ContainerError::Exists(_) => Status::already_exists(message),
         ContainerError::State(_) => Status::failed_precondition(message),
-        ContainerError::Unsupported(_) => Status::unimplemented(message),
         _ => Status::internal(message),
     }
 }
 
-/// The parent ends of the main process's stdio pipes, until Attach takes them.
-struct MainStdio {
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+/// The main process's stdio as the agent holds it until Attach takes it: the parent ends of its
+/// pipes, or its terminal's master.
+enum MainStdio {
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    Pty(PtyMaster),
+}
+
+fn unreachable_stdio() -> Result<MainStdio, ContainerError> {
+    Err(ContainerError::State("No stdio for the container".into()))
+}
+
+/// A number not used before in this agent, for file names.
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A console socket path short enough for sun_path (108 bytes) whatever the id (≤ 64).
+fn console_path(paths: &Paths, id: &str) -> PathBuf {
+    paths
+        .state
+        .join(format!("console-{}-{id}.sock", next_serial()))
+}
+
+/// Removes a file when dropped (best effort).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// What the agent keeps per container besides libcontainer's state directory.
@@ -197,7 +234,7 @@ fn status_to_wire(status: ContainerStatus) -> pb::ContainerStatus {
     }
 }
 
-fn env_map(env: &[String]) -> Result<HashMap<String, String>, ContainerError> {
+fn env_list(env: &[String]) -> Result<Vec<(String, String)>, ContainerError> {
     env.iter()
         .map(|entry| match entry.split_once('=') {
             Some((k, v)) if !k.is_empty() && !entry.contains('\0') => {
@@ -276,11 +313,6 @@ impl ContainersService {
     > {
         let id = validate_id(&request.container_id)?.to_owned();
         let bundle = validate_bundle(&request.bundle, &paths.bundles)?;
-        if request.tty {
-            return Err(ContainerError::Unsupported(
-                "A tty for a container's main process is not supported yet; use pipes",
-            ));
-        }
         let real =
             fs::canonicalize(&bundle).map_err(|_| ValidateError::Bundle(request.bundle.clone()))?;
         if real != bundle || !real.is_dir() {
@@ -311,18 +343,32 @@ impl ContainersService {
             .map_err(ContainerError::io("write config.json"))?;
         fs::create_dir_all(&paths.state).map_err(ContainerError::io("create the state root"))?;
 
-        let (stdin_r, stdin_w) = pipe()?;
-        let (stdout_r, stdout_w) = pipe()?;
-        let (stderr_r, stderr_w) = pipe()?;
-        let (pid, exit) = reaper.start_with(|| {
-            let container = ContainerBuilder::new(id.clone(), SyscallType::default())
-                .with_root_path(&paths.state)
-                .map_err(ContainerError::lc("create"))?
+        let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_root_path(&paths.state)
+            .map_err(ContainerError::lc("create"))?
+            .validate_id()
+            .map_err(ContainerError::lc("create"))?;
+        let (builder, stdio, console) = if request.tty {
+            let console = ConsoleSocket::bind(&console_path(paths, &id))?;
+            let builder = builder.with_console_socket(Some(console.path()));
+            (builder, None, Some(console))
+        } else {
+            let (stdin_r, stdin_w) = pipe()?;
+            let (stdout_r, stdout_w) = pipe()?;
+            let (stderr_r, stderr_w) = pipe()?;
+            let builder = builder
                 .with_stdin(stdin_r)
                 .with_stdout(stdout_w)
-                .with_stderr(stderr_w)
-                .validate_id()
-                .map_err(ContainerError::lc("create"))?
+                .with_stderr(stderr_w);
+            let stdio = MainStdio::Pipes {
+                stdin: stdin_w,
+                stdout: stdout_r,
+                stderr: stderr_r,
+            };
+            (builder, Some(stdio), None)
+        };
+        let (pid, exit) = reaper.start_with(|| {
+            let container = builder
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -333,12 +379,90 @@ impl ContainersService {
                 .ok_or_else(|| ContainerError::State("The container has no process".into()))?;
             Ok::<_, ContainerError>((pid.as_raw(), pid.as_raw()))
         })?;
-        let stdio = MainStdio {
-            stdin: stdin_w,
-            stdout: stdout_r,
-            stderr: stderr_r,
+        let stdio = match (stdio, console) {
+            (Some(stdio), _) => stdio,
+            (None, Some(console)) => {
+                let master = console.receive_master()?;
+                MainStdio::Pty(PtyMaster::from_owned(master)?)
+            }
+            (None, None) => unreachable_stdio()?,
         };
         Ok((pid.unsigned_abs(), bundle, stdio, exit))
+    }
+}
+
+impl ContainersService {
+    /// Starts a tenant process in container `start.container_id`, described as a process.json
+    /// derived from the container's spec (so it runs as the container's user, with its
+    /// capabilities), on pipes or a terminal.
+    fn exec_blocking(
+        reaper: &Reaper,
+        paths: &Paths,
+        bundle: &std::path::Path,
+        start: pb::ContainerExecStart,
+        env: &[(String, String)],
+    ) -> Result<Running, ContainerError> {
+        let id = start.container_id.clone();
+        let config = fs::read(bundle.join("config.json"))
+            .map_err(ContainerError::io("read the container's config.json"))?;
+        let base: oci_spec::runtime::Spec =
+            serde_json::from_slice(&config).map_err(SpecError::Parse)?;
+        let cwd = (!start.cwd.is_empty()).then(|| PathBuf::from(&start.cwd));
+        let process = spec::exec_process(&base, start.argv, env, cwd, start.tty)?;
+        // In the container's state directory: it goes away with the container whatever happens.
+        let process_json = paths
+            .state
+            .join(&id)
+            .join(format!("exec-{}.json", next_serial()));
+        fs::write(
+            &process_json,
+            serde_json::to_vec(&process).map_err(SpecError::Serialise)?,
+        )
+        .map_err(ContainerError::io("write the exec's process.json"))?;
+        let _cleanup = RemoveOnDrop(process_json.clone());
+        let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_root_path(&paths.state)
+            .map_err(ContainerError::lc("exec in"))?;
+        if start.tty {
+            let console = ConsoleSocket::bind(&console_path(paths, &id))?;
+            let builder = builder.with_console_socket(Some(console.path()));
+            let (pid, exit) = reaper.start_with(|| {
+                let pid = builder
+                    .as_tenant()
+                    .with_process(Some(&process_json))
+                    .with_detach(true)
+                    .build()
+                    .map_err(ContainerError::lc("exec in"))?;
+                Ok::<_, ContainerError>((pid.as_raw(), pid.as_raw()))
+            })?;
+            let master = PtyMaster::from_owned(console.receive_master()?)?;
+            Ok(Running::from_pty(pid.unsigned_abs(), reaper, exit, master))
+        } else {
+            let (stdin_r, stdin_w) = pipe()?;
+            let (stdout_r, stdout_w) = pipe()?;
+            let (stderr_r, stderr_w) = pipe()?;
+            let (pid, exit) = reaper.start_with(|| {
+                let pid = builder
+                    .with_stdin(stdin_r)
+                    .with_stdout(stdout_w)
+                    .with_stderr(stderr_w)
+                    .as_tenant()
+                    .with_process(Some(&process_json))
+                    .with_detach(true)
+                    .build()
+                    .map_err(ContainerError::lc("exec in"))?;
+                Ok::<_, ContainerError>((pid.as_raw(), pid.as_raw()))
+            })?;
+            Running::from_pipes(
+                pid.unsigned_abs(),
+                reaper,
+                exit,
+                stdin_w,
+                stdout_r,
+                stderr_r,
+            )
+            .map_err(|e| ContainerError::State(error_chain(&e)))
+        }
     }
 }
 
@@ -395,6 +519,48 @@ async fn pump_in(mut stream: Streaming<pb::AttachRequest>, fd: OwnedFd) {
     }
 }
 
+/// Copies the terminal's output to the client until every process has closed it.
+async fn pty_out(master: Arc<PtyMaster>, events: mpsc::Sender<Result<pb::AttachResponse, Status>>) {
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        match master.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => {
+                let msg = pb::AttachResponse {
+                    response: Some(pb::attach_response::Response::Stdout(buf[..n].to_vec())),
+                };
+                if events.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                crate::warn!("reading the container's terminal failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Feeds the client's Attach input to the terminal: bytes, resizes, and ^D for close.
+async fn pty_in(mut stream: Streaming<pb::AttachRequest>, master: Arc<PtyMaster>) {
+    use pb::attach_request::Request as R;
+    while let Ok(Some(msg)) = stream.message().await {
+        let result = match msg.request {
+            Some(R::Stdin(data)) => master.write_all(&data).await,
+            Some(R::CloseStdin(_)) => master.write_all(&[VEOF]).await,
+            Some(R::Resize(size)) => master.resize(
+                u16::try_from(size.rows).unwrap_or(u16::MAX),
+                u16::try_from(size.cols).unwrap_or(u16::MAX),
+            ),
+            _ => Ok(()),
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
 fn exec_event_to_wire(event: Event) -> Result<pb::ExecResponse, Status> {
     use pb::exec_response::Response as R;
     let response = match event {
@@ -420,6 +586,12 @@ async fn forward_exec_input(
             Ok(Some(pb::ContainerExecRequest {
                 request: Some(R::CloseStdin(_)),
             })) => Input::CloseStdin,
+            Ok(Some(pb::ContainerExecRequest {
+                request: Some(R::Resize(size)),
+            })) => Input::Resize {
+                rows: u16::try_from(size.rows).unwrap_or(u16::MAX),
+                cols: u16::try_from(size.cols).unwrap_or(u16::MAX),
+            },
             Ok(Some(_)) => continue,
             Ok(None) => {
                 let _ = input.send(Input::CloseStdin).await;
@@ -525,13 +697,26 @@ impl Containers for ContainersService {
                 )))
             })?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(pump_in(stream, stdio.stdin));
-        tokio::spawn(pump_out(stdio.stdout, tx.clone(), |d| {
-            pb::attach_response::Response::Stdout(d)
-        }));
-        tokio::spawn(pump_out(stdio.stderr, tx, |d| {
-            pb::attach_response::Response::Stderr(d)
-        }));
+        match stdio {
+            MainStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                tokio::spawn(pump_in(stream, stdin));
+                tokio::spawn(pump_out(stdout, tx.clone(), |d| {
+                    pb::attach_response::Response::Stdout(d)
+                }));
+                tokio::spawn(pump_out(stderr, tx, |d| {
+                    pb::attach_response::Response::Stderr(d)
+                }));
+            }
+            MainStdio::Pty(master) => {
+                let master = Arc::new(master);
+                tokio::spawn(pty_in(stream, master.clone()));
+                tokio::spawn(pty_out(master, tx));
+            }
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -685,11 +870,6 @@ impl Containers for ContainersService {
                 "Container {id:?} has exited"
             ))));
         }
-        if start.tty {
-            return Err(to_status(&ContainerError::Unsupported(
-                "A tty for a container exec is not supported yet; use pipes",
-            )));
-        }
         if start.argv.first().is_none_or(String::is_empty)
             || start
                 .argv
@@ -699,35 +879,13 @@ impl Containers for ContainersService {
         {
             return Err(Status::invalid_argument("argv is empty or has a NUL byte"));
         }
-        let env = env_map(&start.env).map_err(|e| to_status(&e))?;
+        let env = env_list(&start.env).map_err(|e| to_status(&e))?;
         let reaper = self.reaper.clone();
         let paths = self.paths.clone();
-        let (pid, stdin, stdout, stderr, exit) = blocking(move || {
-            let (stdin_r, stdin_w) = pipe()?;
-            let (stdout_r, stdout_w) = pipe()?;
-            let (stderr_r, stderr_w) = pipe()?;
-            let cwd = (!start.cwd.is_empty()).then(|| PathBuf::from(&start.cwd));
-            let (pid, exit) = reaper.start_with(|| {
-                let pid = ContainerBuilder::new(start.container_id.clone(), SyscallType::default())
-                    .with_root_path(&paths.state)
-                    .map_err(ContainerError::lc("exec in"))?
-                    .with_stdin(stdin_r)
-                    .with_stdout(stdout_w)
-                    .with_stderr(stderr_w)
-                    .as_tenant()
-                    .with_container_args(start.argv.clone())
-                    .with_env(env)
-                    .with_cwd(cwd)
-                    .with_detach(true)
-                    .build()
-                    .map_err(ContainerError::lc("exec in"))?;
-                Ok::<_, ContainerError>((pid.as_raw(), pid.as_raw()))
-            })?;
-            Ok((pid.unsigned_abs(), stdin_w, stdout_r, stderr_r, exit))
-        })
-        .await?;
-        let running = Running::from_pipes(pid, &self.reaper, exit, stdin, stdout, stderr)
-            .map_err(|e| Status::internal(error_chain(&e)))?;
+        let bundle = entry.bundle.clone();
+        let running =
+            blocking(move || Self::exec_blocking(&reaper, &paths, &bundle, start, &env)).await?;
+        let pid = running.pid;
         crate::info!("container {id}: exec pid {pid}");
         let (events_tx, events_rx) = mpsc::channel(QUEUE);
         let started = pb::ExecResponse {
@@ -825,10 +983,13 @@ mod tests {
     }
 
     #[test]
-    fn test_env_map_requires_key_value() {
-        assert_eq!(env_map(&["A=1".into(), "B=".into()]).expect("env").len(), 2);
-        assert!(env_map(&["NOEQ".into()]).is_err());
-        assert!(env_map(&["=x".into()]).is_err());
+    fn test_env_list_requires_key_value() {
+        assert_eq!(
+            env_list(&["A=1".into(), "B=".into()]).expect("env").len(),
+            2
+        );
+        assert!(env_list(&["NOEQ".into()]).is_err());
+        assert!(env_list(&["=x".into()]).is_err());
     }
 
     #[test]

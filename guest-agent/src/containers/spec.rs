@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Process, Spec};
 
 use super::CGROUP_PARENT;
 
@@ -81,6 +81,48 @@ pub fn prepare(json: &[u8], id: &str, tty: bool) -> Result<Spec, SpecError> {
     Ok(spec)
 }
 
+/// The process of an exec into a container: the container's own process settings (user,
+/// capabilities, no_new_privileges, rlimits, apparmor) with the exec's arguments, its `env`
+/// entries replacing or adding to the container's, its cwd (the container's when None) and a
+/// terminal exactly when `tty`.
+pub fn exec_process(
+    base: &Spec,
+    argv: Vec<String>,
+    env: &[(String, String)],
+    cwd: Option<PathBuf>,
+    tty: bool,
+) -> Result<Process, SpecError> {
+    let mut process = base
+        .process()
+        .clone()
+        .ok_or_else(|| invalid("the container's spec has no process"))?;
+    if argv.first().is_none_or(String::is_empty) {
+        return Err(invalid("argv is empty"));
+    }
+    let mut merged: Vec<String> = process
+        .env()
+        .iter()
+        .flatten()
+        .filter(|entry| {
+            let key = entry.split_once('=').map_or(entry.as_str(), |(k, _)| k);
+            !env.iter().any(|(k, _)| k == key)
+        })
+        .cloned()
+        .collect();
+    merged.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    process.set_args(Some(argv));
+    process.set_env(Some(merged));
+    if let Some(cwd) = cwd {
+        if !cwd.is_absolute() {
+            return Err(invalid(format!("cwd {cwd:?} is not absolute")));
+        }
+        process.set_cwd(cwd);
+    }
+    process.set_terminal(Some(tty));
+    process.set_console_size(None);
+    Ok(process)
+}
+
 /// The spec as config.json bytes.
 pub fn to_json(spec: &Spec) -> Result<Vec<u8>, SpecError> {
     serde_json::to_vec_pretty(spec).map_err(SpecError::Serialise)
@@ -153,6 +195,32 @@ mod tests {
         let mut v = minimal();
         v["process"]["env"] = serde_json::json!(["NOEQUALS"]);
         assert!(prepare(&bytes(&v), "c1", false).is_err());
+    }
+
+    #[test]
+    fn test_exec_process_keeps_user_and_overrides_env() {
+        let mut v = minimal();
+        v["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+        v["process"]["env"] = serde_json::json!(["PATH=/bin", "A=1"]);
+        let spec = prepare(&bytes(&v), "c1", false).expect("valid");
+        let p = exec_process(
+            &spec,
+            vec!["hostname".into()],
+            &[("A".into(), "2".into()), ("B".into(), "3".into())],
+            None,
+            true,
+        )
+        .expect("process");
+        assert_eq!(p.user().uid(), 1000);
+        assert_eq!(p.args().as_deref(), Some(&["hostname".to_string()][..]));
+        assert_eq!(
+            p.env().as_deref(),
+            Some(&["PATH=/bin".to_string(), "A=2".into(), "B=3".into()][..])
+        );
+        assert_eq!(p.cwd(), Path::new("/"));
+        assert_eq!(p.terminal(), Some(true));
+        assert!(exec_process(&spec, vec![], &[], None, false).is_err());
+        assert!(exec_process(&spec, vec!["x".into()], &[], Some("rel".into()), false).is_err());
     }
 
     #[test]
