@@ -114,7 +114,7 @@ mod tests {
             "run/accordion/containers/c1",
             "/etc",
             "",
-            "/run/accordion/containers/c\01",
+            "/run/accordion/containers/c\0",
         ] {
             assert!(validate_bundle(bad, root).is_err(), "{bad:?}");
         }

@@ -507,11 +507,8 @@ async fn pump_in(mut stream: Streaming<pb::AttachRequest>, fd: OwnedFd) {
     };
     while let Ok(Some(msg)) = stream.message().await {
         match msg.request {
-            Some(R::Stdin(data)) => {
-                if tx.write_all(&data).await.is_err() {
-                    return;
-                }
-            }
+            // The process closed its stdin or exited: nothing more can be delivered.
+            Some(R::Stdin(data)) if tx.write_all(&data).await.is_err() => return,
             // Dropping the sender closes the pipe: EOF for the process.
             Some(R::CloseStdin(_)) => return,
             _ => {}
@@ -787,10 +784,9 @@ impl Containers for ContainersService {
         let force = request.force;
         let del_id = id.clone();
         blocking(move || {
-            match Self::load(&paths, &del_id) {
-                Ok(mut c) => c.delete(force).map_err(ContainerError::lc("delete"))?,
-                // Already gone from libcontainer's state: clean up what may be left.
-                Err(_) => {}
+            // Already gone from libcontainer's state (load fails): clean up what may be left.
+            if let Ok(mut c) = Self::load(&paths, &del_id) {
+                c.delete(force).map_err(ContainerError::lc("delete"))?;
             }
             if cgroup.exists() {
                 fs::remove_dir(&cgroup).map_err(ContainerError::io(format!(
