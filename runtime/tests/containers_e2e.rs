@@ -77,7 +77,7 @@ async fn make_bundle(agent: &AgentClient, id: &str) -> String {
     let script = format!(
         "set -e; r={bundle}/rootfs; mkdir -p $r/bin $r/proc $r/dev $r/sys $r/tmp; \
          cp /bin/busybox $r/bin/busybox; \
-         for a in sh echo hostname sleep cat true; do ln -s busybox $r/bin/$a; done"
+         for a in sh echo hostname sleep cat true mkdir; do ln -s busybox $r/bin/$a; done"
     );
     let (code, out) = guest_sh(agent, &script).await;
     assert_eq!(code, 0, "bundle: {out}");
@@ -130,6 +130,8 @@ fn spec_text(hostname: &str, args: &[&str], caps: &[&str]) -> String {
   "linux": {{
     "namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "uts"}}, {{"type": "ipc"}}, {{"type": "network"}}],
     "maskedPaths": ["/proc/kcore"],
+    "seccomp": {{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_AARCH64"],
+                "syscalls": [{{"names": ["mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}}]}},
     "readonlyPaths": ["/proc/sys"]
   }}
 }}"#,
@@ -240,6 +242,45 @@ async fn test_containers_lifecycle_in_a_real_guest() {
         String::from_utf8_lossy(&err)
     );
     assert_eq!(String::from_utf8_lossy(&out), "c2-host\n");
+    // The spec's seccomp filter applies to execs too (libcontainer's tenant builder drops it;
+    // the agent loads it itself): mkdirat fails with EPERM (errnoRet 1).
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let status = agent
+        .exec_in_container(
+            "c2",
+            ExecSpec {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "grep Seccomp: /proc/self/status; mkdir /tmp/blocked".into(),
+                ],
+                ..ExecSpec::default()
+            },
+            None::<tokio::io::Empty>,
+            &mut out,
+            &mut err,
+        )
+        .await
+        .expect("exec mkdir");
+    assert_eq!(
+        status.code,
+        Some(1),
+        "{status:?} {} {}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    assert!(
+        String::from_utf8_lossy(&err).contains("Operation not permitted"),
+        "{:?}",
+        String::from_utf8_lossy(&err)
+    );
+    assert!(
+        String::from_utf8_lossy(&out).contains("Seccomp:\t2"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+
     // On a terminal too (the pty master comes back over the console socket).
     let mut out = Vec::new();
     let status = agent

@@ -23,6 +23,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{self, Executor, ExecutorError, ExecutorValidationError};
 use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -169,6 +170,37 @@ fn console_path(paths: &Paths, id: &str) -> PathBuf {
     paths
         .state
         .join(format!("console-{}-{id}.sock", next_serial()))
+}
+
+/// Runs an exec's process with the container's seccomp filter. libcontainer 0.7's tenant builder
+/// rebuilds the exec's `linux` section from the namespaces, cgroup path, personality and time
+/// offsets only, so the filter of the container would be lost and an exec would escape it; this
+/// executor loads it right before execve (after capabilities are dropped and no_new_privileges is
+/// set, as for the container's own process), then hands over to libcontainer's default executor.
+#[derive(Clone)]
+struct SeccompExecutor {
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+}
+
+impl Executor for SeccompExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        if let Some(seccomp) = &self.seccomp {
+            let notify = libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| {
+                ExecutorError::Other(format!("Cannot load the container's seccomp filter: {e}"))
+            })?;
+            if notify.is_some() {
+                // The filter is in place but nobody would answer its notifications.
+                return Err(ExecutorError::Other(
+                    "SCMP_ACT_NOTIFY filters are not supported for execs".into(),
+                ));
+            }
+        }
+        workload::default::get_executor().exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        workload::default::get_executor().validate(spec)
+    }
 }
 
 /// Removes a file when dropped (best effort).
@@ -420,9 +452,13 @@ impl ContainersService {
         )
         .map_err(ContainerError::io("write the exec's process.json"))?;
         let _cleanup = RemoveOnDrop(process_json.clone());
+        let executor = SeccompExecutor {
+            seccomp: base.linux().as_ref().and_then(|l| l.seccomp().clone()),
+        };
         let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
             .with_root_path(&paths.state)
-            .map_err(ContainerError::lc("exec in"))?;
+            .map_err(ContainerError::lc("exec in"))?
+            .with_executor(executor);
         if start.tty {
             let console = ConsoleSocket::bind(&console_path(paths, &id))?;
             let builder = builder.with_console_socket(Some(console.path()));
