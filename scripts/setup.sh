@@ -18,9 +18,11 @@ if [ "$arch" = x86_64 ]; then
         libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils-aarch64-linux-gnu
         # qemu-user runs aarch64 unit tests; qemu-system-arm boots the emulated ARM64 node
         qemu-user-static qemu-system-arm
+        # libseccomp.a for the agent's static link (libcontainer's seccomp support)
+        libseccomp-dev:arm64
     )
 elif [ "$arch" = aarch64 ]; then
-    pkgs+=(gcc libc6-dev)
+    pkgs+=(gcc libc6-dev libseccomp-dev)
 else
     echo "setup: unsupported host architecture $arch (need x86_64 or aarch64)" >&2
     exit 1

@@ -315,6 +315,49 @@ pub fn start(reaper: &Reaper, spec: &ExecSpec) -> Result<Running, ExecError> {
     }
 }
 
+impl Running {
+    /// A process someone else started (libcontainer's tenant process for Containers.Exec) and
+    /// registered with `reaper`, driven through the parent ends of its stdio pipes.
+    pub fn from_pipes(
+        pid: u32,
+        reaper: &Reaper,
+        exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<Running, ExecError> {
+        let stdin = pipe::Sender::from_owned_fd(stdin).map_err(ExecError::Stdio)?;
+        Ok(Running {
+            pid,
+            reaper: reaper.clone(),
+            exit,
+            stdin: Sink::Pipe(Some(stdin)),
+            stdout: Source::Pipe(pipe_rx(Some(stdout))?),
+            stderr: Some(Source::Pipe(pipe_rx(Some(stderr))?)),
+            pty: None,
+        })
+    }
+
+    /// Same, for a process on a pseudo-terminal whose master is `master`.
+    pub fn from_pty(
+        pid: u32,
+        reaper: &Reaper,
+        exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+        master: PtyMaster,
+    ) -> Running {
+        let master = Arc::new(master);
+        Running {
+            pid,
+            reaper: reaper.clone(),
+            exit,
+            stdin: Sink::Pty(master.clone()),
+            stdout: Source::Pty(master.clone()),
+            stderr: None,
+            pty: Some(master),
+        }
+    }
+}
+
 /// How an output pump ended.
 #[derive(Debug, PartialEq, Eq)]
 enum PumpEnd {

@@ -6,6 +6,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,155 @@ pub enum InitError {
     /// /dev/console could not be opened.
     #[error("Cannot open /dev/console")]
     Console(#[source] io::Error),
+    /// The root could not be moved to a tmpfs (the step is named).
+    #[error("Cannot move the root filesystem to a tmpfs: {step}")]
+    RootMove {
+        /// What failed.
+        step: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// statfs(2) magic numbers of the filesystems an initramfs root can be.
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Where the new root is assembled; hidden under it once moved.
+const NEW_ROOT: &str = "/.accordion-root";
+
+fn root_move_err(step: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
+    let step = step.into();
+    move |source| InitError::RootMove { step, source }
+}
+
+/// Moves the initramfs root onto a tmpfs mount, as switch_root does: copy every file into a fresh
+/// tmpfs, delete the originals (their memory is freed), `MS_MOVE` the tmpfs onto `/` and chroot
+/// into it. Why: the initramfs root is the kernel's `rootfs` mount, which has no parent mount, and
+/// pivot_root(2) refuses it (EINVAL); containers need pivot_root for a real root of their own.
+///
+/// Must run first thing in PID 1, while nothing else is mounted and no other thread exists.
+/// Returns false (nothing done) when `/` is not a ramfs/tmpfs, or is already a tmpfs mount we made.
+pub fn move_root_to_tmpfs() -> Result<bool, InitError> {
+    let fs = nix::sys::statfs::statfs("/").map_err(|e| InitError::RootMove {
+        step: "statfs /".into(),
+        source: e.into(),
+    })?;
+    let magic = fs.filesystem_type().0 as i64;
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return Ok(false);
+    }
+    let root_dev = fs::symlink_metadata("/")
+        .map_err(root_move_err("stat /"))?
+        .dev();
+    fs::create_dir_all(NEW_ROOT).map_err(root_move_err(format!("mkdir {NEW_ROOT}")))?;
+    mount(
+        Some("rootfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| InitError::RootMove {
+        step: format!("mount tmpfs on {NEW_ROOT}"),
+        source: e.into(),
+    })?;
+    let skip = Path::new(NEW_ROOT);
+    if let Err(e) = copy_tree(Path::new("/"), skip, root_dev) {
+        // Keep the old root: the agent still serves, only containers' pivot_root will fail.
+        let _ = nix::mount::umount(NEW_ROOT);
+        return Err(e);
+    }
+    remove_tree_contents(Path::new("/"), skip, root_dev);
+    let step = |what: &str| {
+        let what = what.to_owned();
+        move |e: nix::Error| InitError::RootMove {
+            step: what,
+            source: e.into(),
+        }
+    };
+    nix::unistd::chdir(NEW_ROOT).map_err(step("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(step("MS_MOVE"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    Ok(true)
+}
+
+/// Copies the tree under `from` into `NEW_ROOT` (same relative paths), staying on device `dev`
+/// and leaving out `skip`. Ownership, modes, symlinks and device nodes are kept.
+fn copy_tree(from: &Path, skip: &Path, dev: u64) -> Result<(), InitError> {
+    let entries = fs::read_dir(from).map_err(root_move_err(format!("read {}", from.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(root_move_err(format!("read {}", from.display())))?;
+        let path = entry.path();
+        if path == skip {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&path)
+            .map_err(root_move_err(format!("stat {}", path.display())))?;
+        if meta.dev() != dev {
+            continue;
+        }
+        let rel = path.strip_prefix("/").unwrap_or(&path);
+        let target = Path::new(NEW_ROOT).join(rel);
+        let err = root_move_err(format!("copy {}", path.display()));
+        let file_type = meta.file_type();
+        if file_type.is_dir() {
+            fs::create_dir(&target)
+                .map_err(root_move_err(format!("mkdir {}", target.display())))?;
+            copy_tree(&path, skip, dev)?;
+        } else if file_type.is_symlink() {
+            let link = fs::read_link(&path)
+                .map_err(root_move_err(format!("readlink {}", path.display())))?;
+            std::os::unix::fs::symlink(link, &target).map_err(err)?;
+        } else if file_type.is_file() {
+            fs::copy(&path, &target).map_err(err)?;
+        } else {
+            // Device nodes, fifos, sockets.
+            nix::sys::stat::mknod(
+                &target,
+                nix::sys::stat::SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT),
+                nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
+                meta.rdev(),
+            )
+            .map_err(|e| InitError::RootMove {
+                step: format!("mknod {}", target.display()),
+                source: e.into(),
+            })?;
+        }
+        // Ownership and the mode bits (fs::copy and mkdir apply the umask; setuid bits matter).
+        let _ = std::os::unix::fs::lchown(&target, Some(meta.uid()), Some(meta.gid()));
+        if !file_type.is_symlink() {
+            let _ = fs::set_permissions(&target, fs::Permissions::from_mode(meta.mode() & 0o7777));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes what `copy_tree` copied, to give the old root's memory back. Best effort: whatever
+/// stays is only wasted memory.
+fn remove_tree_contents(dir: &Path, skip: &Path, dev: u64) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == skip {
+            continue;
+        }
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree_contents(&path, skip, dev);
+            let _ = fs::remove_dir(&path);
+        } else {
+            let _ = fs::remove_file(&path);
+        }
+    }
 }
 
 /// One filesystem PID 1 mounts.

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod boot_timer;
+pub mod containers;
 pub mod cpu;
 pub mod exec;
 pub mod init;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use accordion_agent::args::{Listen, Options, USAGE};
+use accordion_agent::containers::ContainersService;
 use accordion_agent::cpu::{CpuHub, CpuService};
 use accordion_agent::server::{self, error_chain, AgentService, ServeError};
 use accordion_agent::{error, info, init, modules, reaper::Reaper, warn};
@@ -43,10 +44,17 @@ fn main() -> ExitCode {
             error!("{panic}");
             init::power_off("agent panicked", POWER_OFF_GRACE);
         }));
+        // First, while nothing is mounted and no thread runs: containers need pivot_root.
+        let root_moved = init::move_root_to_tmpfs();
         let mount_errors = init::mount_all();
         // Needs /dev; before any logging. If even the console cannot be opened there is nowhere
         // to report it, and serving matters more.
         let _ = init::attach_console();
+        match root_moved {
+            Ok(true) => info!("root moved to a tmpfs"),
+            Ok(false) => {}
+            Err(e) => warn!("{}", error_chain(&e)),
+        }
         for e in mount_errors {
             warn!("{}", error_chain(&e));
         }
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
 async fn run(options: &Options) -> Result<(), ServeError> {
     let reaper = Reaper::global()?;
     let shutdown = Arc::new(Notify::new());
+    let containers = ContainersService::new(reaper.clone());
     let service = AgentService::new(reaper, shutdown.clone());
     // CPU hotplug is watched from the moment the agent serves, in the guest and on a host alike.
     let cpu = CpuService::new(CpuHub::start(Path::new(SYSFS)));
@@ -108,12 +117,24 @@ async fn run(options: &Options) -> Result<(), ServeError> {
         Listen::Unix(path) => {
             let incoming = server::listen_unix(path)?;
             info!("serving on unix:{}", path.display());
-            tokio::spawn(server::serve(service, cpu, incoming, stop.clone()))
+            tokio::spawn(server::serve(
+                service,
+                cpu,
+                containers,
+                incoming,
+                stop.clone(),
+            ))
         }
         Listen::Vsock(port) => {
             let incoming = bind_vsock(*port).await?;
             info!("serving on vsock port {port}");
-            tokio::spawn(server::serve(service, cpu, incoming, stop.clone()))
+            tokio::spawn(server::serve(
+                service,
+                cpu,
+                containers,
+                incoming,
+                stop.clone(),
+            ))
         }
     };
     tokio::pin!(served);

@@ -67,6 +67,19 @@ impl Pty {
 }
 
 impl PtyMaster {
+    /// A master opened elsewhere (a container's init sends it over its console socket), made
+    /// close-on-exec and non-blocking like [`Pty::open`]'s.
+    pub fn from_owned(master: OwnedFd) -> Result<Self, PtyError> {
+        set_cloexec(&master)?;
+        let flags = fcntl(master.as_raw_fd(), FcntlArg::F_GETFL).map_err(PtyError::Configure)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(master.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(PtyError::Configure)?;
+        // SAFETY: `master` is an OwnedFd: open, and owned by the AsyncFd from here on.
+        let fd = unsafe { AsyncFd::register(master) }
+            .map_err(|e| PtyError::Register(e.into_parts().1))?;
+        Ok(PtyMaster { fd })
+    }
+
     /// Reads what the process wrote to its terminal. Returns 0 at end: once no process holds the
     /// slave open, Linux reports EIO on the master, which means exactly that.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {

@@ -162,6 +162,22 @@ impl Reaper {
         Ok(Spawned { child, pid, exit })
     }
 
+    /// Runs `start`, which creates processes some other way than `Command` (libcontainer clones its
+    /// container processes itself), and registers the pid it returns, all under the waiter table's
+    /// lock: the process cannot be reaped as an orphan before it is registered, and the helper
+    /// processes `start` waits for itself (libcontainer's intermediate process) are not taken
+    /// from it meanwhile. `start` must not call back into the reaper.
+    pub fn start_with<T, E>(
+        &self,
+        start: impl FnOnce() -> Result<(i32, T), E>,
+    ) -> Result<(T, oneshot::Receiver<ExitStatus>), E> {
+        let mut waiters = self.lock();
+        let (pid, value) = start()?;
+        let (tx, exit) = oneshot::channel();
+        waiters.by_pid.insert(pid, tx);
+        Ok((value, exit))
+    }
+
     /// Sends `sig` to `pid` if it is a registered, not yet reaped child. With `group`, to its whole
     /// process group (the exec's children too).
     pub fn kill(&self, pid: u32, sig: Signal, group: bool) -> Result<(), ReaperError> {
@@ -265,6 +281,19 @@ mod tests {
             matches!(err, ReaperError::NotRunning(p) if p == pid),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn test_start_with_registers_pid_from_closure() {
+        let reaper = Reaper::global().expect("reaper");
+        let (child, exit) = reaper
+            .start_with(|| {
+                let child = sh("exit 5").spawn()?;
+                Ok::<_, io::Error>((child.id() as i32, child))
+            })
+            .expect("start");
+        drop(child);
+        assert_eq!(exit.await.expect("status"), ExitStatus::Exited(5));
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::containers::ContainersService;
 use crate::cpu::CpuService;
 use crate::exec::{self, Event, ExecError, ExecSpec, Input};
 use crate::reaper::{ExitStatus, Reaper, ReaperError};
@@ -85,7 +86,8 @@ impl AgentService {
     }
 }
 
-fn exit_to_wire(status: ExitStatus) -> pb::ExecExit {
+/// The wire form of an exit status (shared with the Containers service).
+pub(crate) fn exit_to_wire(status: ExitStatus) -> pb::ExecExit {
     match status {
         ExitStatus::Exited(code) => pb::ExecExit {
             code: Some(code),
@@ -326,12 +328,13 @@ where
     ReceiverStream::new(rx)
 }
 
-/// Serves `service` and `cpu` on the connections of `incoming` until `shutdown` is notified. Each
+/// Serves `service`, `cpu` and `containers` on the connections of `incoming` until `shutdown` is notified. Each
 /// connection is its own HTTP/2 session: a peer sending garbage or oversized messages loses its
 /// connection or its call, never the server.
 pub async fn serve<IO>(
     service: AgentService,
     cpu: CpuService,
+    containers: ContainersService,
     incoming: ReceiverStream<io::Result<IO>>,
     shutdown: Arc<Notify>,
 ) -> Result<(), ServeError>
@@ -344,6 +347,7 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service.into_server())
         .add_service(cpu.into_server())
+        .add_service(containers.into_server())
         .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
         .await?;
     Ok(())

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use accordion_proto::agent::v1 as pb;
 use accordion_proto::agent::v1::agent_client::AgentClient as RawClient;
+use accordion_proto::agent::v1::containers_client::ContainersClient as RawContainersClient;
 use accordion_proto::agent::v1::cpu_client::CpuClient as RawCpuClient;
 use accordion_proto::{AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use hyper_util::rt::TokioIo;
@@ -348,6 +349,8 @@ pub struct AgentClient {
     config: ClientConfig,
     /// The Cpu service on the same connection.
     cpu: RawCpuClient<Channel>,
+    /// The Containers service on the same connection.
+    containers: RawContainersClient<Channel>,
 }
 
 impl AgentClient {
@@ -400,10 +403,18 @@ impl AgentClient {
         let cpu = RawCpuClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let containers = RawContainersClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let raw = RawClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { raw, config, cpu })
+        Ok(Self {
+            raw,
+            config,
+            cpu,
+            containers,
+        })
     }
 
     /// The generated client on this connection, without size limits on what it sends (for tools
@@ -836,6 +847,352 @@ impl AgentClient {
     }
 }
 
+/// A container's lifecycle state (domain form of the wire `ContainerStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerStatus {
+    /// Created, its process not started yet.
+    Created,
+    /// Its main process runs.
+    Running,
+    /// Its main process has exited.
+    Stopped,
+    /// Frozen.
+    Paused,
+    /// A status this client does not know (a newer agent).
+    Unknown(i32),
+}
+
+impl From<i32> for ContainerStatus {
+    fn from(raw: i32) -> Self {
+        match pb::ContainerStatus::try_from(raw) {
+            Ok(pb::ContainerStatus::Created) => Self::Created,
+            Ok(pb::ContainerStatus::Running) => Self::Running,
+            Ok(pb::ContainerStatus::Stopped) => Self::Stopped,
+            Ok(pb::ContainerStatus::Paused) => Self::Paused,
+            _ => Self::Unknown(raw),
+        }
+    }
+}
+
+/// A container as the agent reports it (`Containers.State`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerState {
+    /// Lifecycle state.
+    pub status: ContainerStatus,
+    /// Main process in the guest; 0 when there is none.
+    pub pid: u32,
+    /// Bundle directory in the guest.
+    pub bundle: String,
+    /// How the main process ended, once it has.
+    pub exit: Option<ExitStatus>,
+}
+
+impl From<pb::ContainerStateResponse> for ContainerState {
+    fn from(r: pb::ContainerStateResponse) -> Self {
+        Self {
+            status: r.status.into(),
+            pid: r.pid,
+            bundle: r.bundle,
+            exit: r.exit.map(Into::into),
+        }
+    }
+}
+
+/// A container's cgroup v2 counters (`Containers.Stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    /// cpu.stat usage_usec.
+    pub cpu_usage_usec: u64,
+    /// cpu.stat user_usec.
+    pub cpu_user_usec: u64,
+    /// cpu.stat system_usec.
+    pub cpu_system_usec: u64,
+    /// cpu.stat nr_periods.
+    pub cpu_nr_periods: u64,
+    /// cpu.stat nr_throttled.
+    pub cpu_nr_throttled: u64,
+    /// cpu.stat throttled_usec.
+    pub cpu_throttled_usec: u64,
+    /// memory.current, bytes.
+    pub memory_current_bytes: u64,
+    /// memory.max, bytes; None when unlimited.
+    pub memory_max_bytes: Option<u64>,
+    /// pids.current.
+    pub pids_current: u64,
+    /// pids.max; None when unlimited.
+    pub pids_max: Option<u64>,
+    /// cpu.max as the guest kernel shows it ("max 100000", "50000 100000").
+    pub cpu_max: String,
+    /// cpu.weight.
+    pub cpu_weight: u64,
+}
+
+impl From<pb::ContainerStatsResponse> for ContainerStats {
+    fn from(r: pb::ContainerStatsResponse) -> Self {
+        Self {
+            cpu_usage_usec: r.cpu_usage_usec,
+            cpu_user_usec: r.cpu_user_usec,
+            cpu_system_usec: r.cpu_system_usec,
+            cpu_nr_periods: r.cpu_nr_periods,
+            cpu_nr_throttled: r.cpu_nr_throttled,
+            cpu_throttled_usec: r.cpu_throttled_usec,
+            memory_current_bytes: r.memory_current_bytes,
+            memory_max_bytes: r.memory_max_bytes,
+            pids_current: r.pids_current,
+            pids_max: r.pids_max,
+            cpu_max: r.cpu_max,
+            cpu_weight: r.cpu_weight,
+        }
+    }
+}
+
+/// What to create with [`AgentClient::create_container`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerCreate {
+    /// Container id: 1–64 characters of `[A-Za-z0-9_.+-]`.
+    pub id: String,
+    /// Bundle directory in the guest, under `/run/accordion/containers`, holding the rootfs.
+    pub bundle: String,
+    /// The OCI runtime spec (config.json) as JSON; `root.path` relative to the bundle.
+    pub spec_json: Vec<u8>,
+    /// Give the main process a pseudo-terminal instead of pipes.
+    pub tty: bool,
+}
+
+/// Converts an `Agent.Exec` request into the `Containers.Exec` one for container `id`.
+fn to_container_exec(id: &str, request: pb::ExecRequest) -> pb::ContainerExecRequest {
+    use pb::container_exec_request::Request as C;
+    use pb::exec_request::Request as E;
+    let request = request.request.map(|r| match r {
+        E::Start(start) => C::Start(pb::ContainerExecStart {
+            container_id: id.to_owned(),
+            argv: start.argv,
+            env: start.env,
+            cwd: start.cwd,
+            tty: start.tty,
+        }),
+        E::Stdin(data) => C::Stdin(data),
+        E::CloseStdin(close) => C::CloseStdin(close),
+        E::Resize(size) => C::Resize(size),
+    });
+    pb::ContainerExecRequest { request }
+}
+
+impl AgentClient {
+    /// Creates a container (`Containers.Create`); returns its init pid in the guest. Its
+    /// process waits for [`AgentClient::start_container`].
+    pub async fn create_container(&self, create: ContainerCreate) -> Result<u32> {
+        let request = self.request(pb::CreateContainerRequest {
+            container_id: create.id,
+            bundle: create.bundle,
+            spec_json: create.spec_json,
+            tty: create.tty,
+        });
+        Ok(self
+            .unary("Containers.Create", self.containers.clone().create(request))
+            .await?
+            .pid)
+    }
+
+    /// Runs a created container's process.
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let request = self.request(pb::StartContainerRequest {
+            container_id: id.to_owned(),
+        });
+        self.unary("Containers.Start", self.containers.clone().start(request))
+            .await
+            .map(drop)
+    }
+
+    /// Waits up to `deadline` for the container's main process to exit; returns how it ended.
+    pub async fn wait_container(&self, id: &str, deadline: Duration) -> Result<ExitStatus> {
+        self.with_rpc_timeout(deadline)
+            .wait_container_inner(id)
+            .await
+    }
+
+    async fn wait_container_inner(&self, id: &str) -> Result<ExitStatus> {
+        let request = self.request(pb::WaitContainerRequest {
+            container_id: id.to_owned(),
+        });
+        let response = self
+            .unary("Containers.Wait", self.containers.clone().wait(request))
+            .await?;
+        response
+            .exit
+            .map(Into::into)
+            .ok_or_else(|| AgentClientError::Protocol("Wait answered without an exit".into()))
+    }
+
+    /// Sends `signal` to the container's main process (with `all`, to all its processes).
+    pub async fn kill_container(&self, id: &str, signal: i32, all: bool) -> Result<()> {
+        let request = self.request(pb::KillContainerRequest {
+            container_id: id.to_owned(),
+            signal,
+            all,
+        });
+        self.unary("Containers.Kill", self.containers.clone().kill(request))
+            .await
+            .map(drop)
+    }
+
+    /// Removes the container, its cgroup and its bundle. Refused (`FailedPrecondition`) while it
+    /// runs unless `force`.
+    pub async fn delete_container(&self, id: &str, force: bool) -> Result<()> {
+        let request = self.request(pb::DeleteContainerRequest {
+            container_id: id.to_owned(),
+            force,
+        });
+        self.unary("Containers.Delete", self.containers.clone().delete(request))
+            .await
+            .map(drop)
+    }
+
+    /// The container's state.
+    pub async fn container_state(&self, id: &str) -> Result<ContainerState> {
+        let request = self.request(pb::ContainerStateRequest {
+            container_id: id.to_owned(),
+        });
+        Ok(self
+            .unary("Containers.State", self.containers.clone().state(request))
+            .await?
+            .into())
+    }
+
+    /// Applies OCI LinuxResources (JSON) to the container's cgroup.
+    pub async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let request = self.request(pb::UpdateContainerRequest {
+            container_id: id.to_owned(),
+            resources_json,
+        });
+        self.unary("Containers.Update", self.containers.clone().update(request))
+            .await
+            .map(drop)
+    }
+
+    /// The container's cgroup counters.
+    pub async fn container_stats(&self, id: &str) -> Result<ContainerStats> {
+        let request = self.request(pb::ContainerStatsRequest {
+            container_id: id.to_owned(),
+        });
+        Ok(self
+            .unary("Containers.Stats", self.containers.clone().stats(request))
+            .await?
+            .into())
+    }
+
+    /// Attaches to the main process's stdio (`Containers.Attach`): feeds `stdin` (or nothing),
+    /// writes its output to `stdout`/`stderr` until both close. Opening has the RPC deadline;
+    /// the copy itself has none. Call it before [`AgentClient::start_container`] to see all the
+    /// output.
+    pub async fn attach_container<I, O, E>(
+        &self,
+        id: &str,
+        stdin: Option<I>,
+        mut stdout: O,
+        mut stderr: E,
+    ) -> Result<()>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        use pb::attach_request::Request as Req;
+        use pb::attach_response::Response as Resp;
+        let (tx, rx) = mpsc::channel(STDIN_QUEUE);
+        let _ = tx.try_send(pb::AttachRequest {
+            request: Some(Req::ContainerId(id.to_owned())),
+        });
+        let (exec_tx, mut exec_rx) = mpsc::channel(STDIN_QUEUE);
+        // The stdin feeder speaks Exec messages; translate them to Attach ones.
+        let feeder = tokio::spawn(feed_stdin(stdin, exec_tx));
+        let _feeder = AbortOnDrop(feeder);
+        let translate = tokio::spawn(async move {
+            use pb::exec_request::Request as E;
+            while let Some(msg) = exec_rx.recv().await {
+                let request = match msg.request {
+                    Some(E::Stdin(data)) => Req::Stdin(data),
+                    Some(E::CloseStdin(c)) => Req::CloseStdin(c),
+                    _ => continue,
+                };
+                if tx
+                    .send(pb::AttachRequest {
+                        request: Some(request),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // Keep the request stream open until the call ends.
+            tx.closed().await;
+        });
+        let _translate = AbortOnDrop(translate);
+        let mut containers = self.containers.clone();
+        let mut responses = tokio::time::timeout(
+            self.config.rpc_timeout,
+            containers.attach(ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| AgentClientError::Timeout {
+            operation: "Containers.Attach",
+            after: self.config.rpc_timeout,
+            last_error: None,
+        })??
+        .into_inner();
+        while let Some(msg) = responses.message().await? {
+            match msg.response {
+                Some(Resp::Stdout(data)) => stdout
+                    .write_all(&data)
+                    .await
+                    .map_err(AgentClientError::Stdio)?,
+                Some(Resp::Stderr(data)) => stderr
+                    .write_all(&data)
+                    .await
+                    .map_err(AgentClientError::Stdio)?,
+                None => {}
+            }
+        }
+        stdout.flush().await.map_err(AgentClientError::Stdio)?;
+        stderr.flush().await.map_err(AgentClientError::Stdio)?;
+        Ok(())
+    }
+
+    /// Runs another process in running container `id` (`Containers.Exec`), like
+    /// [`AgentClient::exec_with`]: `spec.cwd` empty means the container's.
+    pub async fn exec_in_container<I, O, E>(
+        &self,
+        id: &str,
+        spec: ExecSpec,
+        stdin: Option<I>,
+        stdout: O,
+        stderr: E,
+    ) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        use tokio_stream::StreamExt;
+        let mut containers = self.containers.clone();
+        let id = id.to_owned();
+        drive_exec(
+            |requests| async move {
+                containers
+                    .exec(requests.map(move |r| to_container_exec(&id, r)))
+                    .await
+            },
+            self.config.rpc_timeout,
+            spec,
+            stdin,
+            stdout,
+            stderr,
+        )
+        .await
+    }
+}
+
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -1097,5 +1454,39 @@ mod tests {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).await.expect("read");
         assert_eq!(rest, b"PRI * HTTP/2.0");
+    }
+
+    #[test]
+    fn test_to_container_exec_names_the_container() {
+        let start = pb::ExecRequest {
+            request: Some(pb::exec_request::Request::Start(pb::ExecStart {
+                argv: vec!["hostname".into()],
+                env: vec!["A=1".into()],
+                cwd: String::new(),
+                tty: false,
+            })),
+        };
+        let converted = to_container_exec("c1", start);
+        assert_eq!(
+            converted.request,
+            Some(pb::container_exec_request::Request::Start(
+                pb::ContainerExecStart {
+                    container_id: "c1".into(),
+                    argv: vec!["hostname".into()],
+                    env: vec!["A=1".into()],
+                    cwd: String::new(),
+                    tty: false,
+                }
+            ))
+        );
+    }
+
+    #[test]
+    fn test_container_status_from_wire_keeps_unknown() {
+        assert_eq!(
+            ContainerStatus::from(pb::ContainerStatus::Running as i32),
+            ContainerStatus::Running
+        );
+        assert_eq!(ContainerStatus::from(42), ContainerStatus::Unknown(42));
     }
 }
