@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod resize;
 pub mod sandbox;
+pub mod shim;
 
 /// An error and its sources on one line: "outer: inner: innermost".
 pub fn error_chain(err: &dyn std::error::Error) -> String {

@@ -1,0 +1,3 @@
+fn main() {
+    accordion_runtime::shim::main();
+}
