@@ -546,6 +546,47 @@ pub async fn drive_exec<F, Fut, I, O, E>(
     rpc_timeout: Duration,
     spec: ExecSpec,
     stdin: Option<I>,
+    stdout: O,
+    stderr: E,
+) -> Result<ExitStatus>
+where
+    F: FnOnce(ReceiverStream<pb::ExecRequest>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<tonic::Streaming<pb::ExecResponse>>, Status>>,
+    I: AsyncRead + Unpin + Send + 'static,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    drive_exec_with(
+        open,
+        rpc_timeout,
+        spec,
+        stdin,
+        ExecHooks::default(),
+        stdout,
+        stderr,
+    )
+    .await
+}
+
+/// Terminal size changes, (rows, cols), forwarded to a tty exec or attach while it runs.
+pub type TtyResizes = mpsc::Receiver<(u32, u32)>;
+
+/// What a caller of [`drive_exec_with`] needs beyond plain stdio (the shim's exec processes).
+#[derive(Debug, Default)]
+pub struct ExecHooks {
+    /// Terminal resizes to forward (containerd's ResizePty).
+    pub resizes: Option<TtyResizes>,
+    /// Receives the process's guest pid once the agent started it.
+    pub started: Option<tokio::sync::oneshot::Sender<u32>>,
+}
+
+/// [`drive_exec`] with [`ExecHooks`].
+pub async fn drive_exec_with<F, Fut, I, O, E>(
+    open: F,
+    rpc_timeout: Duration,
+    spec: ExecSpec,
+    stdin: Option<I>,
+    hooks: ExecHooks,
     mut stdout: O,
     mut stderr: E,
 ) -> Result<ExitStatus>
@@ -575,7 +616,7 @@ where
             request: Some(Req::Resize(pb::TtyResize { rows, cols })),
         });
     }
-    let feeder = tokio::spawn(feed_stdin(stdin, tx));
+    let feeder = tokio::spawn(feed_stdin(stdin, hooks.resizes, tx));
     // Stops feeding stdin however this function returns.
     let _feeder = AbortOnDrop(feeder);
 
@@ -593,8 +634,12 @@ where
         .map_err(|_| timed_out("Exec start"))??
     {
         Some(pb::ExecResponse {
-            response: Some(Resp::Started(_)),
-        }) => {}
+            response: Some(Resp::Started(started)),
+        }) => {
+            if let Some(tx) = hooks.started {
+                let _ = tx.send(started.pid);
+            }
+        }
         other => {
             return Err(AgentClientError::Protocol(format!(
                 "expected started, got {other:?}"
@@ -1024,12 +1069,26 @@ impl AgentClient {
             .ok_or_else(|| AgentClientError::Protocol("Wait answered without an exit".into()))
     }
 
+    /// Sends `signal` to exec `pid` (its guest pid) of container `id`.
+    pub async fn kill_container_exec(&self, id: &str, pid: u32, signal: i32) -> Result<()> {
+        let request = self.request(pb::KillContainerRequest {
+            container_id: id.to_owned(),
+            signal,
+            all: false,
+            exec_pid: pid,
+        });
+        self.unary("Containers.Kill", self.containers.clone().kill(request))
+            .await?;
+        Ok(())
+    }
+
     /// Sends `signal` to the container's main process (with `all`, to all its processes).
     pub async fn kill_container(&self, id: &str, signal: i32, all: bool) -> Result<()> {
         let request = self.request(pb::KillContainerRequest {
             container_id: id.to_owned(),
             signal,
             all,
+            exec_pid: 0,
         });
         self.unary("Containers.Kill", self.containers.clone().kill(request))
             .await
@@ -1089,6 +1148,24 @@ impl AgentClient {
         &self,
         id: &str,
         stdin: Option<I>,
+        stdout: O,
+        stderr: E,
+    ) -> Result<()>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        self.attach_container_with(id, stdin, None, stdout, stderr)
+            .await
+    }
+
+    /// [`AgentClient::attach_container`] that also forwards terminal resizes to a tty container.
+    pub async fn attach_container_with<I, O, E>(
+        &self,
+        id: &str,
+        stdin: Option<I>,
+        resizes: Option<TtyResizes>,
         mut stdout: O,
         mut stderr: E,
     ) -> Result<()>
@@ -1105,7 +1182,7 @@ impl AgentClient {
         });
         let (exec_tx, mut exec_rx) = mpsc::channel(STDIN_QUEUE);
         // The stdin feeder speaks Exec messages; translate them to Attach ones.
-        let feeder = tokio::spawn(feed_stdin(stdin, exec_tx));
+        let feeder = tokio::spawn(feed_stdin(stdin, resizes, exec_tx));
         let _feeder = AbortOnDrop(feeder);
         let translate = tokio::spawn(async move {
             use pb::exec_request::Request as E;
@@ -1113,6 +1190,7 @@ impl AgentClient {
                 let request = match msg.request {
                     Some(E::Stdin(data)) => Req::Stdin(data),
                     Some(E::CloseStdin(c)) => Req::CloseStdin(c),
+                    Some(E::Resize(size)) => Req::Resize(size),
                     _ => continue,
                 };
                 if tx
@@ -1174,10 +1252,29 @@ impl AgentClient {
         O: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
+        self.exec_in_container_with(id, spec, stdin, ExecHooks::default(), stdout, stderr)
+            .await
+    }
+
+    /// [`AgentClient::exec_in_container`] with [`ExecHooks`].
+    pub async fn exec_in_container_with<I, O, E>(
+        &self,
+        id: &str,
+        spec: ExecSpec,
+        stdin: Option<I>,
+        hooks: ExecHooks,
+        stdout: O,
+        stderr: E,
+    ) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
         use tokio_stream::StreamExt;
         let mut containers = self.containers.clone();
         let id = id.to_owned();
-        drive_exec(
+        drive_exec_with(
             |requests| async move {
                 containers
                     .exec(requests.map(move |r| to_container_exec(&id, r)))
@@ -1186,6 +1283,7 @@ impl AgentClient {
             self.config.rpc_timeout,
             spec,
             stdin,
+            hooks,
             stdout,
             stderr,
         )
@@ -1201,29 +1299,39 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Sends `stdin` in chunks, then `close_stdin`. The request stream stays open afterwards: ending
-/// it early is harmless for the agent, but a live stream is what the future tty resize needs.
-async fn feed_stdin<I: AsyncRead + Unpin>(stdin: Option<I>, tx: mpsc::Sender<pb::ExecRequest>) {
+/// Sends `stdin` in chunks, then `close_stdin`, and terminal resizes whenever they come.
+async fn feed_stdin<I: AsyncRead + Unpin>(
+    stdin: Option<I>,
+    mut resizes: Option<TtyResizes>,
+    tx: mpsc::Sender<pb::ExecRequest>,
+) {
     use pb::exec_request::Request as Req;
+    let resize = |(rows, cols)| pb::ExecRequest {
+        request: Some(Req::Resize(pb::TtyResize { rows, cols })),
+    };
     if let Some(mut stdin) = stdin {
         let mut buf = vec![0u8; STDIN_CHUNK];
         loop {
-            match stdin.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .send(pb::ExecRequest {
+            tokio::select! {
+                read = stdin.read(&mut buf) => match read {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let data = pb::ExecRequest {
                             request: Some(Req::Stdin(buf[..n].to_vec())),
-                        })
-                        .await
-                        .is_err()
-                    {
+                        };
+                        if tx.send(data).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // A broken local stdin ends the input; the command still gets its EOF.
+                    Err(_) => break,
+                },
+                Some(size) = next_resize(&mut resizes) => {
+                    if tx.send(resize(size)).await.is_err() {
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A broken local stdin ends the input; the command still gets its EOF.
-                Err(_) => break,
             }
         }
     }
@@ -1232,7 +1340,31 @@ async fn feed_stdin<I: AsyncRead + Unpin>(stdin: Option<I>, tx: mpsc::Sender<pb:
             request: Some(Req::CloseStdin(pb::CloseStdin {})),
         })
         .await;
-    tx.closed().await;
+    // The request stream stays open until the call ends: resizes still flow after stdin's EOF.
+    loop {
+        tokio::select! {
+            () = tx.closed() => return,
+            Some(size) = next_resize(&mut resizes) => {
+                if tx.send(resize(size)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The next terminal size; pends forever without a resize source (or once it is closed).
+async fn next_resize(resizes: &mut Option<TtyResizes>) -> Option<(u32, u32)> {
+    match resizes {
+        Some(rx) => match rx.recv().await {
+            Some(size) => Some(size),
+            None => {
+                *resizes = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

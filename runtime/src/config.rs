@@ -128,6 +128,46 @@ impl Default for TimeoutConfig {
     }
 }
 
+/// How the cache of virtiofsd behaves (its `--cache` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsCache {
+    Never,
+    Metadata,
+    Auto,
+    Always,
+}
+
+impl FsCache {
+    /// The value of virtiofsd's `--cache`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Metadata => "metadata",
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+}
+
+/// virtiofsd, run by the shim once per pod to share the containers' root filesystems and volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VirtiofsdConfig {
+    pub path: PathBuf,
+    pub cache: FsCache,
+}
+
+impl Default for VirtiofsdConfig {
+    fn default() -> Self {
+        Self {
+            // Where Debian's virtiofsd package installs it.
+            path: PathBuf::from("/usr/libexec/virtiofsd"),
+            cache: FsCache::Auto,
+        }
+    }
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +187,7 @@ pub struct Config {
     pub vcpus: VcpuConfig,
     pub memory: MemoryConfig,
     pub timeouts: TimeoutConfig,
+    pub virtiofsd: VirtiofsdConfig,
     pub log_level: LogLevel,
 }
 
@@ -157,6 +198,7 @@ impl Default for Config {
             vcpus: VcpuConfig::default(),
             memory: MemoryConfig::default(),
             timeouts: TimeoutConfig::default(),
+            virtiofsd: VirtiofsdConfig::default(),
             log_level: LogLevel::Info,
         }
     }
@@ -237,6 +279,7 @@ impl Config {
         for (key, file) in [
             ("guest.kernel", &self.guest.kernel),
             ("guest.initrd", &self.guest.initrd),
+            ("virtiofsd.path", &self.virtiofsd.path),
         ] {
             if !file.is_absolute() {
                 return Err(bad(

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
+pub mod containerd;
+
 /// Where guest assets are installed.
 pub fn share() -> PathBuf {
     std::env::var_os("ACCORDION_SHARE_DIR")

@@ -779,6 +779,19 @@ impl Containers for ContainersService {
             .map_err(|_| Status::invalid_argument(format!("{} is not a signal", request.signal)))?;
         let id = request.container_id;
         self.entry(&id).map_err(|e| to_status(&e))?;
+        if request.exec_pid != 0 {
+            let pid = request.exec_pid;
+            let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if !in_container_cgroup(&cgroup, &id) {
+                return Err(Status::not_found(format!(
+                    "No running exec with pid {pid} in container {id:?}"
+                )));
+            }
+            return match self.reaper.kill(pid, signal, false) {
+                Ok(()) => Ok(Response::new(pb::KillContainerResponse {})),
+                Err(e) => Err(Status::not_found(error_chain(&e))),
+            };
+        }
         let paths = self.paths.clone();
         blocking(move || {
             Self::load(&paths, &id)?
@@ -978,8 +991,26 @@ impl Containers for ContainersService {
     }
 }
 
+/// Whether a /proc/<pid>/cgroup text puts the process in container `id`'s cgroup (or below).
+fn in_container_cgroup(proc_cgroup: &str, id: &str) -> bool {
+    let own = format!("/{}/{id}", super::CGROUP_PARENT);
+    proc_cgroup.lines().any(|l| {
+        l.strip_prefix("0::")
+            .is_some_and(|path| path == own || path.starts_with(&format!("{own}/")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn test_exec_pid_must_be_in_the_containers_cgroup() {
+        assert!(in_container_cgroup("0::/accordion/c1\n", "c1"));
+        assert!(in_container_cgroup("0::/accordion/c1/sub\n", "c1"));
+        assert!(!in_container_cgroup("0::/accordion/c10\n", "c1"));
+        assert!(!in_container_cgroup("0::/\n", "c1"));
+        assert!(!in_container_cgroup("", "c1"));
+    }
     use super::*;
 
     #[test]

@@ -56,7 +56,8 @@ struct StopCommand {
 
 struct ControlService {
     sandbox: Arc<Sandbox>,
-    stop: mpsc::Sender<StopCommand>,
+    /// `None` when someone else owns the sandbox's life (the containerd shim's pods).
+    stop: Option<mpsc::Sender<StopCommand>>,
 }
 
 /// Serves `sandbox`'s control socket while `work` runs; stops the sandbox (removing its state
@@ -78,7 +79,7 @@ pub async fn serve<W: Future>(
     let (stop_tx, mut stop_rx) = mpsc::channel(4);
     let service = ControlServer::new(ControlService {
         sandbox: Arc::clone(&sandbox),
-        stop: stop_tx,
+        stop: Some(stop_tx),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -110,6 +111,30 @@ pub async fn serve<W: Future>(
     let _ = drain_tx.send(());
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, server).await;
     Ok((ended, reason))
+}
+
+/// Serves `sandbox`'s control socket (Status, Exec, Resize; Stop is refused) until the returned
+/// task is aborted: the shim's pods, whose life containerd owns.
+pub fn serve_pod(sandbox: Arc<Sandbox>) -> Result<tokio::task::JoinHandle<()>, ControlError> {
+    let path = sandbox.dir().join(crate::sandbox::CONTROL_SOCKET);
+    let serve_err = |source| ControlError::Serve {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(serve_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(serve_err)?;
+    let service = ControlServer::new(ControlService {
+        sandbox,
+        stop: None,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await;
+    }))
 }
 
 /// What `accordion status` shows, asked from the VMM and the agent.
@@ -268,8 +293,15 @@ impl Control for ControlService {
             0 => DEFAULT_STOP_GRACE,
             ms => Duration::from_millis(ms),
         };
+        let Some(stop) = &self.stop else {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {} is a pod of containerd: stop it through containerd \
+                 (kubectl delete pod, or ctr task kill / crictl stopp)",
+                self.sandbox.name()
+            )));
+        };
         let (done, outcome) = oneshot::channel();
-        let reason = match self.stop.send(StopCommand { grace, done }).await {
+        let reason = match stop.send(StopCommand { grace, done }).await {
             Ok(()) => outcome.await.ok(),
             // Already stopping or stopped.
             Err(_) => None,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use accordion_vmm::{ExitReason, VcpuState, Vm, VmConfig, VsockConfig};
+use accordion_vmm::{ExitReason, FsConfig, VcpuState, Vm, VmConfig, VsockConfig};
 
 use crate::agent_client::{AgentClient, AgentClientError};
 
@@ -51,6 +51,8 @@ pub enum SandboxError {
     Exists(String),
     #[error("Cannot create the state directory {0}")]
     StateDir(PathBuf, #[source] std::io::Error),
+    #[error("Cannot prepare the sandbox's devices")]
+    Prepare(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Cannot start the VM")]
     Vm(#[from] accordion_vmm::VmError),
     #[error("The guest agent did not come up; last console lines:\n{console_tail}")]
@@ -128,6 +130,16 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boots the VM and waits until its agent answers.
     pub async fn boot(spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
+        Self::boot_with(spec, |_| Ok(Vec::new())).await
+    }
+
+    /// Like [`Sandbox::boot`], with virtio-fs devices: `prepare` runs once the (empty) state
+    /// directory exists and before the VM starts, e.g. to start virtiofsd in it, and returns the
+    /// shares to attach. The shim boots pods this way.
+    pub async fn boot_with<P>(spec: &SandboxSpec, prepare: P) -> Result<Sandbox, SandboxError>
+    where
+        P: FnOnce(&Path) -> Result<Vec<FsConfig>, Box<dyn std::error::Error + Send + Sync>>,
+    {
         validate_name(&spec.name)?;
         let t0 = Instant::now();
         let root = run_root();
@@ -173,6 +185,7 @@ impl Sandbox {
             cid: GUEST_CID,
             uds_path: vsock_path.clone(),
         });
+        config.fs = prepare(&dir).map_err(SandboxError::Prepare)?;
         let vm = Vm::start(config)?;
         let vm_started = t0.elapsed();
 

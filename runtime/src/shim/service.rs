@@ -1,0 +1,1302 @@
+//! The containerd task service (task v2 over ttrpc) of one pod: every container of the pod is a
+//! container in the pod's VM, run by the guest agent. Calls arrive in containerd's order
+//! (Create, Start, Wait, Kill, Delete, Shutdown); each answers from the agent's view.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use containerd_shim::api;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::event::Event;
+use containerd_shim::protos::cgroups_v2::metrics as v2;
+use containerd_shim::protos::events::task as ev;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
+use containerd_shim::TtrpcResult;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::options;
+use super::pod::{self, Pod, PodSize};
+use super::spec::{self, Role, SandboxResources, GUEST_SHARE};
+use super::stdio;
+use crate::agent_client::{AgentClient, AgentClientError, ContainerCreate, ExecHooks, ExecSpec};
+use crate::config::Config;
+use crate::error_chain;
+use crate::resize::policy::{CpuShape, PodCpu};
+use crate::resize::ResizeError;
+
+/// A process runs this long at most as far as our Wait call to the agent is concerned.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// After a container's main process exits, how long its output may take to drain before the
+/// exit is published (containerd's clients read output until the exit arrives).
+const IO_DRAIN: Duration = Duration::from_secs(5);
+
+fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+fn not_found(what: impl Into<String>) -> ttrpc::Error {
+    status(ttrpc::Code::NOT_FOUND, what)
+}
+
+/// An agent error as containerd should see it: the agent's own code when it answered, else
+/// UNAVAILABLE (the guest is gone or did not answer in time).
+fn agent_error(context: &str, e: &AgentClientError) -> ttrpc::Error {
+    let code = match e {
+        AgentClientError::Rpc { code, .. } => match code {
+            tonic::Code::NotFound => ttrpc::Code::NOT_FOUND,
+            tonic::Code::InvalidArgument => ttrpc::Code::INVALID_ARGUMENT,
+            tonic::Code::FailedPrecondition => ttrpc::Code::FAILED_PRECONDITION,
+            tonic::Code::AlreadyExists => ttrpc::Code::ALREADY_EXISTS,
+            tonic::Code::DeadlineExceeded => ttrpc::Code::DEADLINE_EXCEEDED,
+            tonic::Code::Unimplemented => ttrpc::Code::UNIMPLEMENTED,
+            _ => ttrpc::Code::INTERNAL,
+        },
+        AgentClientError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        _ => ttrpc::Code::UNAVAILABLE,
+    };
+    status(code, format!("{context}: {}", error_chain(e)))
+}
+
+/// A failed resize as containerd should see it (it then keeps the old resources).
+fn resize_error(id: &str, target: u32, e: &ResizeError) -> ttrpc::Error {
+    let code = match e {
+        ResizeError::InvalidTarget { .. } => ttrpc::Code::INVALID_ARGUMENT,
+        ResizeError::Superseded => ttrpc::Code::ABORTED,
+        ResizeError::NotRunning(_) => ttrpc::Code::FAILED_PRECONDITION,
+        ResizeError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        ResizeError::Agent { .. } => ttrpc::Code::UNAVAILABLE,
+        ResizeError::Vmm(_) | ResizeError::OnlineFailed { .. } => ttrpc::Code::INTERNAL,
+    };
+    status(
+        code,
+        format!(
+            "{id}: resizing the pod to {target} vCPUs: {}",
+            error_chain(e)
+        ),
+    )
+}
+
+fn timestamp(at: SystemTime) -> Timestamp {
+    let d = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    code: u32,
+    at: SystemTime,
+}
+
+/// containerd's stdio of a process.
+#[derive(Debug, Clone, Default)]
+struct Stdio {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+}
+
+/// A container's main process or one of its execs.
+struct Process {
+    container_id: String,
+    /// Empty for the main process.
+    exec_id: String,
+    stdio: Stdio,
+    pid: AtomicU32,
+    status: Mutex<api::Status>,
+    exit: watch::Sender<Option<Exit>>,
+    stdin: Mutex<Option<stdio::StdinCloser>>,
+    resize: Mutex<Option<mpsc::Sender<(u32, u32)>>>,
+    /// An exec's command, until it starts.
+    pending: Mutex<Option<ExecSpec>>,
+    /// Fires when the main process's output stream ended (the attach finished).
+    io_done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Tasks serving it (stdio, the wait for its exit): aborted when it is deleted.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Process {
+    fn new(container_id: &str, exec_id: &str, stdio: Stdio) -> Self {
+        Self {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            stdio,
+            pid: AtomicU32::new(0),
+            status: Mutex::new(api::Status::CREATED),
+            exit: watch::channel(None).0,
+            stdin: Mutex::new(None),
+            resize: Mutex::new(None),
+            pending: Mutex::new(None),
+            io_done: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    fn status(&self) -> api::Status {
+        *lock(&self.status)
+    }
+
+    fn set_status(&self, status: api::Status) {
+        *lock(&self.status) = status;
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    fn set_exited(&self, code: u32) -> Exit {
+        let exit = Exit {
+            code,
+            at: SystemTime::now(),
+        };
+        self.set_status(api::Status::STOPPED);
+        self.exit.send_replace(Some(exit));
+        if let Some(mut stdin) = lock(&self.stdin).take() {
+            stdin.close();
+        }
+        lock(&self.resize).take();
+        exit
+    }
+
+    async fn wait(&self) -> Exit {
+        let mut rx = self.exit.subscribe();
+        loop {
+            if let Some(exit) = *rx.borrow_and_update() {
+                return exit;
+            }
+            if rx.changed().await.is_err() {
+                return Exit {
+                    code: 255,
+                    at: SystemTime::now(),
+                };
+            }
+        }
+    }
+
+    fn state(&self, bundle: &str) -> api::StateResponse {
+        let exit = self.exited();
+        api::StateResponse {
+            id: if self.exec_id.is_empty() {
+                self.container_id.clone()
+            } else {
+                self.exec_id.clone()
+            },
+            exec_id: self.exec_id.clone(),
+            bundle: bundle.to_string(),
+            pid: self.pid(),
+            status: self.status().into(),
+            stdin: self.stdio.stdin.clone(),
+            stdout: self.stdio.stdout.clone(),
+            stderr: self.stdio.stderr.clone(),
+            terminal: self.stdio.terminal,
+            exit_status: exit.map_or(0, |e| e.code),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// A container of the pod.
+struct Container {
+    id: String,
+    role: Role,
+    bundle: String,
+    /// Its directory in the pod's share, on the host.
+    host_dir: PathBuf,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> TtrpcResult<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(Arc::clone(&self.init));
+        }
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("exec {exec_id} not found in container {}", self.id)))
+    }
+}
+
+/// The shim's task service.
+pub struct Service {
+    /// The shim's id: the pod's sandbox id (CRI) or the container's (`ctr run`).
+    id: String,
+    namespace: String,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    /// The pod, once its first container was created; the lock serializes the boot.
+    pod: tokio::sync::Mutex<Option<(Arc<Pod>, Arc<Config>)>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Every container's CPU resources (from Create and each Update) and the pod's own: what
+    /// the vCPU target is computed from.
+    cpu: Mutex<PodCpu>,
+    /// Serializes resource changes (Update, and Create of a pod member).
+    resizing: tokio::sync::Mutex<()>,
+}
+
+impl Service {
+    pub fn new(
+        id: &str,
+        namespace: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            namespace: namespace.to_string(),
+            publisher: Arc::new(publisher),
+            exit,
+            pod: tokio::sync::Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            cpu: Mutex::new(PodCpu::default()),
+            resizing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("container {id} not found")))
+    }
+
+    async fn running_pod(&self) -> TtrpcResult<(Arc<Pod>, Arc<Config>)> {
+        self.pod.lock().await.clone().ok_or_else(|| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "the pod's VM is not running",
+            )
+        })
+    }
+
+    async fn agent(&self) -> TtrpcResult<AgentClient> {
+        Ok(self.running_pod().await?.0.sandbox.agent().clone())
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn Event>) {
+        let ctx = ttrpc::context::Context::default();
+        if let Err(e) = self
+            .publisher
+            .publish(ctx, topic, &self.namespace, event)
+            .await
+        {
+            log::warn!("cannot publish {topic}: {e}");
+        }
+    }
+
+    /// The pod of a container being created: booted for the pod's first container (a CRI
+    /// sandbox, or a `ctr run` container), the running one for the pod's other containers.
+    async fn pod_for(
+        &self,
+        id: &str,
+        role: &Role,
+        spec: &oci_spec::runtime::Spec,
+        options: Option<&Any>,
+    ) -> TtrpcResult<(Arc<Pod>, Arc<Config>)> {
+        let mut slot = self.pod.lock().await;
+        match (role, slot.as_ref()) {
+            (Role::PodMember { sandbox_id }, Some(pod)) if *sandbox_id == self.id => {
+                return Ok(pod.clone())
+            }
+            (Role::PodMember { sandbox_id }, _) => {
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {id}: its sandbox {sandbox_id} is not running in this shim"),
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!(
+                        "container {id}: this shim's pod {} already has its sandbox",
+                        self.id
+                    ),
+                ))
+            }
+            (_, None) => {}
+        }
+        let config = options::runtime_config(options)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let annotations = spec.annotations().as_ref();
+        let mut resources = SandboxResources::from_annotations(annotations);
+        if *role == Role::Sandbox && !resources.is_empty() {
+            // Pod-level resources: they take precedence over the containers' sum.
+            let shape = CpuShape::from_cfs(
+                resources.cpu_quota,
+                resources.cpu_period,
+                resources.cpu_shares,
+            )
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+            lock(&self.cpu).pod = Some(shape).filter(|s| s.limit_millis.is_some());
+        }
+        if resources.is_empty() {
+            resources = SandboxResources::from_spec(spec);
+        }
+        let size = PodSize::of(&resources, &config)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        log::info!(
+            "pod {}: booting with {} vCPUs (of {}), {} MiB",
+            self.id,
+            size.vcpus,
+            config.vcpus.max,
+            size.memory_mib
+        );
+        let pod = Pod::boot(&self.id, size, &config)
+            .await
+            .map_err(|e| status(ttrpc::Code::INTERNAL, error_chain(&e)))?;
+        let entry = (Arc::new(pod), Arc::new(config));
+        *slot = Some(entry.clone());
+        Ok(entry)
+    }
+
+    async fn create_container(
+        &self,
+        req: &api::CreateTaskRequest,
+    ) -> TtrpcResult<(Arc<Container>, u32)> {
+        let id = &req.id;
+        let bundle = Path::new(&req.bundle);
+        let oci = spec::load(bundle)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let role = spec::role(oci.annotations().as_ref());
+        let (pod, config) = self.pod_for(id, &role, &oci, req.options.as_ref()).await?;
+        if role != Role::Sandbox {
+            let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
+            let shape = match &resources {
+                Some(r) => CpuShape::from_resources(r)
+                    .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?,
+                None => CpuShape::default(),
+            };
+            // The pod grows (acknowledged) before the container exists, so it starts with its CPUs.
+            self.resize_for(id, shape, &pod, &config, None).await?;
+        }
+        let root = oci
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_default();
+        let bundle_rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        let guest_dir = format!("{GUEST_SHARE}/{id}");
+        let guest = spec::for_guest(oci, req.terminal, &guest_dir, |p| {
+            std::fs::metadata(p).ok().map(|m| m.is_dir())
+        })
+        .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let spec_json = spec::to_json(&guest.spec)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+
+        let host_dir = pod.container_dir(id);
+        if host_dir.exists() {
+            pod::remove_container_dir(&host_dir);
+        }
+        let rootfs = req.rootfs.clone();
+        let binds = guest.binds.clone();
+        let dir = host_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            pod::mount_container(&dir, &rootfs, &bundle_rootfs, &binds)
+        })
+        .await
+        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+        .map_err(|e| {
+            pod::remove_container_dir(&host_dir);
+            status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e))
+        })?;
+
+        let agent = pod.sandbox.agent().clone();
+        let created = agent
+            .create_container(ContainerCreate {
+                id: id.clone(),
+                bundle: guest_dir,
+                spec_json,
+                tty: req.terminal,
+            })
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                pod::remove_container_dir(&host_dir);
+                return Err(agent_error(
+                    &format!("creating container {id} in the guest"),
+                    &e,
+                ));
+            }
+        };
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let init = Arc::new(Process::new(id, "", stdio));
+        init.pid.store(pid, Ordering::SeqCst);
+        if let Err(e) = self.attach(&agent, &init, &config).await {
+            let _ = agent.delete_container(id, true).await;
+            pod::remove_container_dir(&host_dir);
+            return Err(e);
+        }
+        let container = Arc::new(Container {
+            id: id.clone(),
+            role,
+            bundle: req.bundle.clone(),
+            host_dir,
+            init,
+            execs: Mutex::new(HashMap::new()),
+        });
+        Ok((container, pid))
+    }
+
+    /// Connects the main process's stdio to containerd's before it starts, so no output is lost.
+    async fn attach(
+        &self,
+        agent: &AgentClient,
+        init: &Arc<Process>,
+        _config: &Config,
+    ) -> TtrpcResult<()> {
+        let io_err = |what: &str, e: std::io::Error| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {}: {what}: {e}", init.container_id),
+            )
+        };
+        let stdout = stdio::open_output(&init.stdio.stdout)
+            .await
+            .map_err(|e| io_err("stdout", e))?;
+        let stderr = stdio::open_output(&init.stdio.stderr)
+            .await
+            .map_err(|e| io_err("stderr", e))?;
+        let stdin = stdio::open_stdin(&init.stdio.stdin).map_err(|e| io_err("stdin", e))?;
+        let (reader, closer) = match stdin {
+            Some(s) => (Some(s.reader), Some(s.closer)),
+            None => (None, None),
+        };
+        *lock(&init.stdin) = closer;
+        let resizes = if init.stdio.terminal {
+            let (tx, rx) = mpsc::channel(16);
+            *lock(&init.resize) = Some(tx);
+            Some(rx)
+        } else {
+            None
+        };
+        let agent = agent.with_rpc_timeout(Duration::from_secs(60));
+        let id = init.container_id.clone();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = agent
+                .attach_container_with(&id, reader, resizes, stdout, stderr)
+                .await
+            {
+                log::warn!("container {id}: stdio: {}", error_chain(&e));
+            }
+            let _ = done_tx.send(());
+        });
+        lock(&init.tasks).push(task);
+        *lock(&init.io_done) = Some(done_rx);
+        Ok(())
+    }
+
+    async fn start_init(&self, container: &Arc<Container>) -> TtrpcResult<u32> {
+        let init = Arc::clone(&container.init);
+        if init.status() != api::Status::CREATED {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is not in the created state", container.id),
+            ));
+        }
+        let agent = self.agent().await?;
+        agent
+            .start_container(&container.id)
+            .await
+            .map_err(|e| agent_error(&format!("starting container {}", container.id), &e))?;
+        init.set_status(api::Status::RUNNING);
+        let io_done = lock(&init.io_done).take();
+        let publisher = Arc::clone(&self.publisher);
+        let namespace = self.namespace.clone();
+        let process = Arc::clone(&init);
+        let waiter = tokio::spawn(async move {
+            let code = match agent.wait_container(&process.container_id, FOREVER).await {
+                Ok(status) => status.shell_code(),
+                Err(e) => {
+                    log::warn!(
+                        "container {}: lost its main process: {}",
+                        process.container_id,
+                        error_chain(&e)
+                    );
+                    255
+                }
+            };
+            if let Some(io) = io_done {
+                let _ = tokio::time::timeout(IO_DRAIN, io).await;
+            }
+            let exit = process.set_exited(u32::try_from(code).unwrap_or(255));
+            publish_exit(&publisher, &namespace, &process, exit).await;
+        });
+        lock(&init.tasks).push(waiter);
+        Ok(init.pid())
+    }
+
+    async fn start_exec(&self, container: &Arc<Container>, exec_id: &str) -> TtrpcResult<u32> {
+        let process = container.process(exec_id)?;
+        let spec = lock(&process.pending).take().ok_or_else(|| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("exec {exec_id} was already started"),
+            )
+        })?;
+        let (pod, _) = self.running_pod().await?;
+        let agent = pod
+            .sandbox
+            .agent()
+            .with_rpc_timeout(Duration::from_secs(60));
+        let io_err = |what: &str, e: std::io::Error| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("exec {exec_id}: {what}: {e}"),
+            )
+        };
+        let stdout = stdio::open_output(&process.stdio.stdout)
+            .await
+            .map_err(|e| io_err("stdout", e))?;
+        let stderr = stdio::open_output(&process.stdio.stderr)
+            .await
+            .map_err(|e| io_err("stderr", e))?;
+        let stdin = stdio::open_stdin(&process.stdio.stdin).map_err(|e| io_err("stdin", e))?;
+        let reader = match stdin {
+            Some(s) => {
+                *lock(&process.stdin) = Some(s.closer);
+                Some(s.reader)
+            }
+            None => None,
+        };
+        let resizes = if process.stdio.terminal {
+            let (tx, rx) = mpsc::channel(16);
+            *lock(&process.resize) = Some(tx);
+            Some(rx)
+        } else {
+            None
+        };
+        let (started_tx, started_rx) = oneshot::channel();
+        let hooks = ExecHooks {
+            resizes,
+            started: Some(started_tx),
+        };
+        let cid = container.id.clone();
+        let run = tokio::spawn(async move {
+            agent
+                .exec_in_container_with(&cid, spec, reader, hooks, stdout, stderr)
+                .await
+        });
+        match started_rx.await {
+            Ok(pid) => {
+                process.pid.store(pid, Ordering::SeqCst);
+                process.set_status(api::Status::RUNNING);
+                let publisher = Arc::clone(&self.publisher);
+                let namespace = self.namespace.clone();
+                let p = Arc::clone(&process);
+                let waiter = tokio::spawn(async move {
+                    let code = match run.await {
+                        Ok(Ok(status)) => status.shell_code(),
+                        Ok(Err(e)) => {
+                            log::warn!("exec {}: {}", p.exec_id, error_chain(&e));
+                            255
+                        }
+                        Err(_) => 255,
+                    };
+                    let exit = p.set_exited(u32::try_from(code).unwrap_or(255));
+                    publish_exit(&publisher, &namespace, &p, exit).await;
+                });
+                lock(&process.tasks).push(waiter);
+                Ok(pid)
+            }
+            Err(_) => {
+                let why = match run.await {
+                    Ok(Err(e)) => agent_error(&format!("exec {exec_id}"), &e),
+                    _ => status(
+                        ttrpc::Code::INTERNAL,
+                        format!("exec {exec_id} did not start"),
+                    ),
+                };
+                process.set_exited(255);
+                Err(why)
+            }
+        }
+    }
+
+    /// Records container `id`'s CPU shape, resizes the pod to the new target and, with
+    /// `resources_json`, applies them to the container's cgroup in the guest. Acknowledged: OK
+    /// only when the guest has the target online and the cgroup is written. Nothing is recorded
+    /// on failure (and a vCPU change whose cgroup write failed is undone).
+    async fn resize_for(
+        &self,
+        id: &str,
+        shape: CpuShape,
+        pod: &Pod,
+        config: &Config,
+        resources_json: Option<&[u8]>,
+    ) -> TtrpcResult<()> {
+        let _serial = self.resizing.lock().await;
+        let before = lock(&self.cpu).clone();
+        let mut next = before.clone();
+        next.containers.insert(id.to_string(), shape);
+        let v = &config.vcpus;
+        let target = next
+            .target(v.sizing_policy, v.min, v.max)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, format!("{id}: {e}")))?;
+        let outcome = pod
+            .sandbox
+            .resize(target, config.resize_timeout())
+            .await
+            .map_err(|e| resize_error(id, target, &e))?;
+        if let Some(json) = resources_json {
+            if let Err(e) = pod
+                .sandbox
+                .agent()
+                .update_container(id, json.to_vec())
+                .await
+            {
+                let previous = before
+                    .target(v.sizing_policy, v.min, v.max)
+                    .unwrap_or(target);
+                if previous != target {
+                    if let Err(undo) = pod.sandbox.resize(previous, config.resize_timeout()).await {
+                        log::warn!(
+                            "{id}: cannot return to {previous} vCPUs: {}",
+                            error_chain(&undo)
+                        );
+                    }
+                }
+                return Err(agent_error(
+                    &format!("{id}: the guest has {target} vCPUs but its cgroup was not updated"),
+                    &e,
+                ));
+            }
+        }
+        *lock(&self.cpu) = next;
+        log::info!(
+            "{id}: pod at {target} vCPUs (guest online {}){}",
+            outcome.guest_online,
+            if outcome.changed {
+                format!(" in {:?}", outcome.latency)
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    fn is_sandbox_container(&self, container: &Container) -> bool {
+        container.role == Role::Sandbox
+    }
+
+    /// Ends the pod: the VM, virtiofsd, the share. The shim then exits.
+    async fn stop_pod(&self) {
+        let pod = self.pod.lock().await.take();
+        if let Some((pod, config)) = pod {
+            pod.stop(Duration::from_secs(config.timeouts.stop_grace_secs))
+                .await;
+        }
+    }
+}
+
+async fn publish_exit(publisher: &RemotePublisher, namespace: &str, p: &Process, exit: Exit) {
+    let event = ev::TaskExit {
+        container_id: p.container_id.clone(),
+        id: if p.exec_id.is_empty() {
+            p.container_id.clone()
+        } else {
+            p.exec_id.clone()
+        },
+        pid: p.pid(),
+        exit_status: exit.code,
+        exited_at: MessageField::some(timestamp(exit.at)),
+        ..Default::default()
+    };
+    let ctx = ttrpc::context::Context::default();
+    if let Err(e) = publisher
+        .publish(
+            ctx,
+            topics::TASK_EXIT_EVENT_TOPIC,
+            namespace,
+            Box::new(event),
+        )
+        .await
+    {
+        log::warn!("cannot publish the exit of {}: {e}", p.container_id);
+    }
+}
+
+/// An exec's process spec (the OCI `process` JSON containerd sends in an Any).
+fn exec_spec(spec: Option<&Any>, terminal: bool) -> TtrpcResult<ExecSpec> {
+    let any =
+        spec.ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+    let process: oci_spec::runtime::Process = serde_json::from_slice(&any.value).map_err(|e| {
+        status(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("malformed exec process spec: {e}"),
+        )
+    })?;
+    let argv = process.args().clone().unwrap_or_default();
+    if argv.is_empty() {
+        return Err(status(ttrpc::Code::INVALID_ARGUMENT, "exec without args"));
+    }
+    let tty_size = process.console_size().as_ref().map(|b| {
+        (
+            u32::try_from(b.height()).unwrap_or(0),
+            u32::try_from(b.width()).unwrap_or(0),
+        )
+    });
+    Ok(ExecSpec {
+        argv,
+        env: process.env().clone().unwrap_or_default(),
+        cwd: process.cwd().display().to_string(),
+        tty: terminal,
+        timeout: None,
+        tty_size,
+    })
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        log::info!("create {} (bundle {})", req.id, req.bundle);
+        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
+            return Err(status(
+                ttrpc::Code::UNIMPLEMENTED,
+                "accordion cannot restore checkpoints (the container runs in a microVM)",
+            ));
+        }
+        if lock(&self.containers).contains_key(&req.id) {
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        let (container, pid) = match self.create_container(&req).await {
+            Ok(created) => created,
+            Err(e) => {
+                log::error!("create {}: {e}", req.id);
+                return Err(e);
+            }
+        };
+        lock(&self.containers).insert(req.id.clone(), container);
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(ev::TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(ev::TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let container = self.container(&req.id)?;
+        let pid = if req.exec_id.is_empty() {
+            let pid = self.start_init(&container).await?;
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(ev::TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+            pid
+        } else {
+            let pid = self.start_exec(&container, &req.exec_id).await?;
+            self.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(ev::TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+            pid
+        };
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let container = self.container(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let process = container.process(&req.exec_id)?;
+            if process.status() == api::Status::RUNNING {
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("exec {} is still running", req.exec_id),
+                ));
+            }
+            lock(&container.execs).remove(&req.exec_id);
+            let exit = process.exited();
+            return Ok(api::DeleteResponse {
+                pid: process.pid(),
+                exit_status: exit.map_or(0, |e| e.code),
+                exited_at: exit.map(|e| timestamp(e.at)).into(),
+                ..Default::default()
+            });
+        }
+        let init = &container.init;
+        if matches!(init.status(), api::Status::RUNNING | api::Status::PAUSED) {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is still running", req.id),
+            ));
+        }
+        if let Ok(agent) = self.agent().await {
+            // Force: a container that never started still has its init waiting in the guest.
+            if let Err(e) = agent.delete_container(&req.id, true).await {
+                if !matches!(
+                    &e,
+                    AgentClientError::Rpc {
+                        code: tonic::Code::NotFound,
+                        ..
+                    }
+                ) {
+                    log::warn!("delete {} in the guest: {}", req.id, error_chain(&e));
+                }
+            }
+        }
+        let dir = container.host_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || pod::remove_container_dir(&dir)).await;
+        lock(&self.containers).remove(&req.id);
+        // The pod keeps its size until the next change: a restarting container gets it back.
+        lock(&self.cpu).containers.remove(&req.id);
+        let exit = init.exited().unwrap_or(Exit {
+            code: 255,
+            at: SystemTime::now(),
+        });
+        if init.exited().is_none() {
+            init.set_exited(exit.code);
+        }
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(ev::TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: init.pid(),
+                exit_status: exit.code,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::DeleteResponse {
+            pid: init.pid(),
+            exit_status: exit.code,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        Ok(process.state(&container.bundle))
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let container = self.container(&req.id)?;
+        let agent = self.agent().await?;
+        let pids = agent
+            .container_pids_merge(&req.id)
+            .await
+            .map_err(|e| agent_error(&format!("pids of {}", req.id), &e))?;
+        let processes = pids
+            .into_iter()
+            .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        let _ = container;
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let agent = self.agent().await?;
+        agent
+            .pause_container_merge(&req.id)
+            .await
+            .map_err(|e| agent_error(&format!("pausing {}", req.id), &e))?;
+        container.init.set_status(api::Status::PAUSED);
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(ev::TaskPaused {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let agent = self.agent().await?;
+        agent
+            .resume_container_merge(&req.id)
+            .await
+            .map_err(|e| agent_error(&format!("resuming {}", req.id), &e))?;
+        if container.init.status() == api::Status::PAUSED {
+            container.init.set_status(api::Status::RUNNING);
+        }
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(ev::TaskResumed {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(status(
+            ttrpc::Code::UNIMPLEMENTED,
+            format!(
+                "checkpoint of {} is not supported: accordion runs containers in a microVM",
+                req.id
+            ),
+        ))
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        if process.exited().is_some() {
+            return Err(not_found(format!("process {} already finished", req.id)));
+        }
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "signal out of range"))?;
+        let agent = self.agent().await?;
+        let result = if req.exec_id.is_empty() {
+            agent.kill_container(&req.id, signal, req.all).await
+        } else {
+            agent
+                .kill_container_exec(&req.id, process.pid(), signal)
+                .await
+        };
+        result.map_err(|e| agent_error(&format!("signal {signal} to {}", req.id), &e))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        if container.init.status() != api::Status::RUNNING {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        let spec = exec_spec(req.spec.as_ref(), req.terminal)?;
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut execs = lock(&container.execs);
+            if execs.contains_key(&req.exec_id) {
+                return Err(status(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+            let process = Process::new(&req.id, &req.exec_id, stdio);
+            *lock(&process.pending) = Some(spec);
+            execs.insert(req.exec_id.clone(), Arc::new(process));
+        }
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(ev::TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        let tx = lock(&process.resize).clone();
+        match tx {
+            Some(tx) => {
+                let _ = tx.try_send((req.height, req.width));
+                Ok(api::Empty::new())
+            }
+            None if !process.stdio.terminal => Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("{} has no terminal", req.id),
+            )),
+            None => Ok(api::Empty::new()),
+        }
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        if req.stdin {
+            if let Some(stdin) = lock(&process.stdin).as_mut() {
+                stdin.close();
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // Errors only: containerd takes NOT_FOUND or UNIMPLEMENTED from Update as success.
+        let container = self.container(&req.id).map_err(|_| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} not found", req.id),
+            )
+        })?;
+        let json = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, "Update without resources"))?;
+        let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, format!("{}: {e}", req.id));
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&json)
+            .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
+        let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
+        let (pod, config) = self.running_pod().await?;
+        let vm_bytes = pod.sandbox.memory_mib() << 20;
+        if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
+            if u64::try_from(limit).is_ok_and(|l| l > vm_bytes) {
+                return Err(invalid(format!(
+                    "memory limit {limit} bytes exceeds the VM's memory ({} MiB); accordion does not hotplug memory",
+                    pod.sandbox.memory_mib()
+                )));
+            }
+        }
+        if container.id == self.id && self.is_sandbox_container(&container) {
+            // The pause container: its cgroup only, the pod's size follows its containers.
+            return pod
+                .sandbox
+                .agent()
+                .update_container(&req.id, json)
+                .await
+                .map(|()| api::Empty::new())
+                .map_err(|e| agent_error(&format!("updating {}", req.id), &e));
+        }
+        self.resize_for(&req.id, shape, &pod, &config, Some(&json))
+            .await
+            .map(|()| api::Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        let exit = process.wait().await;
+        Ok(api::WaitResponse {
+            exit_status: exit.code,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let _ = self.container(&req.id)?;
+        let agent = self.agent().await?;
+        let s = agent
+            .container_stats(&req.id)
+            .await
+            .map_err(|e| agent_error(&format!("stats of {}", req.id), &e))?;
+        let metrics = v2::Metrics {
+            pids: MessageField::some(v2::PidsStat {
+                current: s.pids_current,
+                limit: s.pids_max.unwrap_or(0),
+                ..Default::default()
+            }),
+            cpu: MessageField::some(v2::CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                nr_periods: s.cpu_nr_periods,
+                nr_throttled: s.cpu_nr_throttled,
+                throttled_usec: s.cpu_throttled_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(v2::MemoryStat {
+                usage: s.memory_current_bytes,
+                usage_limit: s.memory_max_bytes.unwrap_or(u64::MAX),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = Any::pack(&metrics).map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = lock(&self.containers)
+            .get(&req.id)
+            .map_or(0, |c| c.init.pid());
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // One shim serves the whole pod: it ends with the pod's last container.
+        if !lock(&self.containers).is_empty() {
+            return Ok(api::Empty::new());
+        }
+        log::info!("pod {}: shutting down", self.id);
+        self.stop_pod().await;
+        self.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
+
+// MERGE: placeholders until the agent's Pause/Resume/Pids land (branch agent-pause).
+trait MergePending {
+    async fn container_pids_merge(&self, id: &str) -> Result<Vec<u32>, AgentClientError>;
+    async fn pause_container_merge(&self, id: &str) -> Result<(), AgentClientError>;
+    async fn resume_container_merge(&self, id: &str) -> Result<(), AgentClientError>;
+}
+impl MergePending for AgentClient {
+    async fn container_pids_merge(&self, id: &str) -> Result<Vec<u32>, AgentClientError> {
+        Ok(vec![self.container_state(id).await?.pid])
+    }
+    async fn pause_container_merge(&self, _id: &str) -> Result<(), AgentClientError> {
+        Err(AgentClientError::Protocol("pause pending".into()))
+    }
+    async fn resume_container_merge(&self, _id: &str) -> Result<(), AgentClientError> {
+        Err(AgentClientError::Protocol("resume pending".into()))
+    }
+}

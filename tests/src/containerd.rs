@@ -1,0 +1,135 @@
+//! Helpers for tests that drive containerd in the node (`cargo xtask node-test --containerd`).
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::text;
+
+/// containerd's runtime_type of Accordion's shim.
+pub const RUNTIME: &str = "io.containerd.accordion.v2";
+/// The locally built test image the node imports.
+pub const TEST_IMAGE: &str = "localhost/accordion-test:latest";
+const SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// Whether containerd runs here; panics under ACCORDION_REQUIRE_KVM=1 when not.
+pub fn containerd_ready() -> bool {
+    if std::path::Path::new(SOCKET).exists() {
+        return true;
+    }
+    if std::env::var("ACCORDION_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("ACCORDION_REQUIRE_KVM=1 but containerd is not running ({SOCKET} is missing)");
+    }
+    eprintln!("SKIPPED: containerd is not running ({SOCKET} is missing)");
+    false
+}
+
+fn ctr_command(args: &[&str]) -> Command {
+    let mut c = Command::new("ctr");
+    c.args(args);
+    c
+}
+
+/// Runs `ctr args…` (stdin from /dev/null).
+pub fn ctr(args: &[&str]) -> Output {
+    ctr_command(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ctr (is containerd installed?)")
+}
+
+/// Runs `ctr args…` feeding it `stdin`.
+pub fn ctr_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = ctr_command(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ctr");
+    let mut pipe = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = pipe.write_all(&data);
+    });
+    child.wait_with_output().expect("wait for ctr")
+}
+
+/// Starts `ctr args…` in the background, output captured.
+pub fn spawn_ctr(args: &[&str]) -> Child {
+    ctr_command(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ctr")
+}
+
+/// Polls `check` every 200 ms until it returns Ok, or returns its last Err after `limit`.
+pub fn wait_for<T, E>(limit: Duration, mut check: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Pids of running processes whose executable is named `name`.
+pub fn process_pids(name: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/exe"))
+                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+/// What Accordion left behind: shims, virtiofsd, state directories, mounts under /run/accordion.
+pub fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    for name in ["containerd-shim-accordion-v2", "virtiofsd"] {
+        for pid in process_pids(name) {
+            left.push(format!("{name} process {pid}"));
+        }
+    }
+    for entry in crate::run_dir_entries() {
+        left.push(format!("/run/accordion/{entry}"));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines() {
+        if let Some(point) = line.split(' ').nth(4) {
+            if point.starts_with("/run/accordion") {
+                left.push(format!("mount {point}"));
+            }
+        }
+    }
+    left
+}
+
+/// Restarts containerd (the node's /accordion/containerd.sh), waiting until it answers.
+pub fn restart_containerd() {
+    let run = |arg: &str| {
+        let out = Command::new("/accordion/containerd.sh")
+            .arg(arg)
+            .env("ACCORDION_NODE_QUIET", "1")
+            .output()
+            .expect("run /accordion/containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd.sh {arg}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    };
+    run("stop");
+    run("start");
+}

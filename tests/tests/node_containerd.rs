@@ -1,0 +1,269 @@
+//! containerd runs containers through containerd-shim-accordion-v2, driven with `ctr` as a user
+//! would, in the emulated ARM64 node started with containerd (`cargo xtask node-test
+//! --containerd`). Every test checks that nothing is left behind: no shim, no virtiofsd, no
+//! state directory, no mount.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use accordion_tests::containerd::{
+    containerd_ready, ctr, leftovers, process_pids, restart_containerd, wait_for, RUNTIME,
+    TEST_IMAGE,
+};
+use accordion_tests::{assert_code, can_run, one_vm, run_dir_entries, text};
+
+/// `ctr run --rm` with our runtime.
+fn ctr_run(id: &str, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.push(TEST_IMAGE);
+    args.push(id);
+    args.extend_from_slice(cmd);
+    ctr(&args)
+}
+
+fn assert_clean() {
+    let left = wait_for(Duration::from_secs(30), || {
+        let l = leftovers();
+        l.is_empty().then_some(()).ok_or(l)
+    });
+    if let Err(left) = left {
+        panic!("left behind: {left:?}");
+    }
+}
+
+#[test]
+fn test_ctr_run_prints_output_and_propagates_the_exit_code() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let out = ctr_run("t1", &[], &["sh", "-c", "uname -m; nproc; exit 3"]);
+    assert_code(&out, 3);
+    assert_eq!(text(&out.stdout), "aarch64\n1\n");
+    assert_clean();
+
+    // stdin reaches the container and EOF ends it; stderr is kept apart.
+    let out = accordion_tests::containerd::ctr_with_stdin(
+        &[
+            "run",
+            "--rm",
+            "-i",
+            "--runtime",
+            RUNTIME,
+            TEST_IMAGE,
+            "t1b",
+            "sh",
+            "-c",
+            "wc -c; echo oops >&2",
+        ],
+        &vec![b'x'; 100_000],
+    );
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout).trim(), "100000");
+    assert_eq!(text(&out.stderr).trim(), "oops");
+    assert_clean();
+}
+
+#[test]
+fn test_ctr_task_exec_and_kill() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // SIGTERM reaches the container's process, which exits with its own code.
+    let run = accordion_tests::containerd::spawn_ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        TEST_IMAGE,
+        "t2",
+        "sh",
+        "-c",
+        "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 1; done",
+    ]);
+    wait_for(Duration::from_secs(120), || {
+        let out = ctr(&["task", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("t2 ") && l.contains("RUNNING"))
+            .then_some(())
+            .ok_or(text(&out.stdout))
+    })
+    .expect("t2 running");
+
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t2",
+        "sh",
+        "-c",
+        "echo in-exec; exit 4",
+    ]);
+    assert_code(&out, 4);
+    assert_eq!(text(&out.stdout), "in-exec\n");
+
+    let out = ctr(&["task", "ps", "t2"]);
+    assert_code(&out, 0);
+
+    let out = ctr(&["task", "kill", "-s", "SIGTERM", "t2"]);
+    assert_code(&out, 0);
+    let out = run.wait_with_output().expect("ctr run");
+    assert_code(&out, 42);
+    assert!(
+        text(&out.stdout).contains("got TERM"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_clean();
+
+    // SIGKILL: 128 + 9.
+    let run = accordion_tests::containerd::spawn_ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        TEST_IMAGE,
+        "t3",
+        "sleep",
+        "3600",
+    ]);
+    wait_for(Duration::from_secs(120), || {
+        let out = ctr(&["task", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("t3 ") && l.contains("RUNNING"))
+            .then_some(())
+            .ok_or(text(&out.stdout))
+    })
+    .expect("t3 running");
+    let out = ctr(&["task", "kill", "-s", "SIGKILL", "t3"]);
+    assert_code(&out, 0);
+    let out = run.wait_with_output().expect("ctr run");
+    assert_code(&out, 137);
+    assert_clean();
+}
+
+#[test]
+fn test_bad_input_gives_a_clear_error_and_leaks_nothing() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // An unknown key in the runtime's config (containerd's runtime options, ConfigPath).
+    std::fs::write("/tmp/accordion-bad.toml", "bogus_key = 1\n").expect("write");
+    let out = ctr_run(
+        "b1",
+        &["--runtime-config-path", "/tmp/accordion-bad.toml"],
+        &["true"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("bogus_key"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_clean();
+
+    // A bind mount whose source does not exist.
+    let out = ctr_run(
+        "b2",
+        &[
+            "--mount",
+            "type=bind,src=/nonexistent/dir,dst=/data,options=rbind:ro",
+        ],
+        &["true"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/dir"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_clean();
+
+    // A rootfs that does not exist.
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--rootfs",
+        "/nonexistent/rootfs",
+        "b3",
+        "true",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/rootfs"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = ctr(&["container", "rm", "b3"]);
+    assert_clean();
+}
+
+#[test]
+fn test_containerd_restart_and_shim_kill() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        TEST_IMAGE,
+        "r1",
+        "sleep",
+        "3600",
+    ]);
+    assert_code(&out, 0);
+    let shims = process_pids("containerd-shim-accordion-v2");
+    assert_eq!(shims.len(), 1, "one shim for the container: {shims:?}");
+
+    // containerd restarts; the container keeps running and containerd reconnects to the shim.
+    restart_containerd();
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "r1",
+        "sh",
+        "-c",
+        "echo still-here",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), "still-here\n");
+    assert_eq!(process_pids("containerd-shim-accordion-v2"), shims);
+
+    // The shim dies: containerd's cleanup (`shim delete`) removes the VM's files.
+    let pid = shims[0];
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    wait_for(Duration::from_secs(60), || {
+        let out = ctr(&["task", "ls"]);
+        let t = text(&out.stdout);
+        (!t.lines()
+            .any(|l| l.starts_with("r1 ") && l.contains("RUNNING")))
+        .then_some(())
+        .ok_or(t)
+    })
+    .expect("containerd saw the shim die");
+    let _ = ctr(&["task", "delete", "-f", "r1"]);
+    let out = ctr(&["container", "rm", "r1"]);
+    assert_code(&out, 0);
+    assert!(
+        !run_dir_entries().contains(&"r1".to_string()),
+        "state left: {:?}",
+        run_dir_entries()
+    );
+    assert_clean();
+    let _ = Instant::now();
+}
