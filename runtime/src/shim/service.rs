@@ -353,6 +353,7 @@ impl Service {
         }
         let config = options::runtime_config(options)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        log::set_max_level(config.log_level.filter());
         let annotations = spec.annotations().as_ref();
         let mut resources = SandboxResources::from_annotations(annotations);
         if *role == Role::Sandbox && !resources.is_empty() {
@@ -675,6 +676,12 @@ impl Service {
         let before = lock(&self.cpu).clone();
         let mut next = before.clone();
         next.containers.insert(id.to_string(), shape);
+        if resources_json.is_some() {
+            // The pod-level resources in the sandbox annotations describe the pod as kubelet
+            // created it; an in-place resize changed it since, and containerd 1.7 has no call
+            // that tells the shim the new pod total. From now on the containers' sum counts.
+            next.pod = None;
+        }
         let v = &config.vcpus;
         let target = next
             .target(v.sizing_policy, v.min, v.max)

@@ -1,0 +1,280 @@
+//! Pods through containerd's CRI plugin, as kubelet drives it, with `accordion-cri` (the CRI v1
+//! client of this repository: crictl is not packaged here), in the emulated ARM64 node with
+//! containerd (`cargo xtask node-test --containerd`): one VM per pod, and in-place resize
+//! (UpdateContainerResources) becoming acknowledged vCPU hotplug.
+
+use std::process::{Command, Output, Stdio};
+
+use accordion_tests::containerd::{
+    containerd_ready, leftovers, process_pids, wait_for, TEST_IMAGE,
+};
+use accordion_tests::{accordion, assert_code, can_run, one_vm, text};
+use std::time::Duration;
+
+/// Runs `accordion-cri args…`.
+fn cri(args: &[&str]) -> Output {
+    Command::new("accordion-cri")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run accordion-cri (is it on PATH?)")
+}
+
+/// Runs `accordion-cri args…` and returns its stdout, trimmed; panics when it fails.
+fn cri_ok(args: &[&str]) -> String {
+    let out = cri(args);
+    assert_code(&out, 0);
+    text(&out.stdout).trim().to_string()
+}
+
+fn write_json(name: &str, json: &serde_json::Value) -> String {
+    let path = format!("/tmp/accordion-cri-{name}.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(json).expect("json")).expect("write");
+    path
+}
+
+/// A pod config (no pod-level resources unless given).
+fn pod_config(name: &str, resources: Option<serde_json::Value>) -> String {
+    let mut linux = serde_json::json!({});
+    if let Some(r) = resources {
+        linux["resources"] = r;
+    }
+    write_json(
+        &format!("pod-{name}"),
+        &serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"), "attempt": 1},
+            "log_directory": format!("/tmp/pods/{name}"),
+            "linux": linux,
+        }),
+    )
+}
+
+/// A container config running `script`, with CPU quota (period 100 ms) and shares.
+fn container_config(name: &str, quota: Option<i64>, shares: Option<i64>, script: &str) -> String {
+    let mut resources = serde_json::json!({});
+    if let Some(q) = quota {
+        resources["cpu_quota"] = q.into();
+        resources["cpu_period"] = 100_000.into();
+    }
+    if let Some(s) = shares {
+        resources["cpu_shares"] = s.into();
+    }
+    write_json(
+        &format!("ctr-{name}"),
+        &serde_json::json!({
+            "metadata": {"name": name},
+            "image": {"image": TEST_IMAGE},
+            "command": ["sh", "-c", script],
+            "log_path": format!("{name}.log"),
+            "linux": {"resources": resources},
+        }),
+    )
+}
+
+/// RunPodSandbox with runtime `accordion`; returns the pod id.
+fn run_pod(name: &str, resources: Option<serde_json::Value>) -> (String, String) {
+    let config = pod_config(name, resources);
+    let id = cri_ok(&["runp", "--runtime", "accordion", &config]);
+    (id, config)
+}
+
+/// CreateContainer + StartContainer; returns the container id.
+fn run_container(pod: &str, pod_config: &str, config: &str) -> String {
+    let id = cri_ok(&["create", pod, config, pod_config]);
+    cri_ok(&["start", &id]);
+    id
+}
+
+/// ExecSync `sh -c script` in container `id`: (exit code, stdout).
+fn exec(id: &str, script: &str) -> (i32, String) {
+    let out = cri(&["exec", id, "--", "sh", "-c", script]);
+    (out.status.code().unwrap_or(-1), text(&out.stdout))
+}
+
+fn online(id: &str) -> String {
+    let (code, out) = exec(id, "cat /sys/devices/system/cpu/online");
+    assert_eq!(code, 0, "{out}");
+    out.trim().to_string()
+}
+
+/// Stops and removes the pod, then checks nothing is left.
+fn remove_pod(pod: &str) {
+    cri_ok(&["stopp", pod]);
+    cri_ok(&["rmp", pod]);
+    let left = wait_for(Duration::from_secs(60), || {
+        let l = leftovers();
+        l.is_empty().then_some(()).ok_or(l)
+    });
+    if let Err(left) = left {
+        panic!("left behind after removing pod {pod}: {left:?}");
+    }
+}
+
+#[test]
+fn test_pod_with_two_containers_runs_in_one_vm_and_leaves_nothing() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let (pod, pod_cfg) = run_pod("two", None);
+    let a = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("a", Some(100_000), None, "echo a > /tmp/a; exec sleep 3600"),
+    );
+    let b = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("b", Some(100_000), None, "exec sleep 3600"),
+    );
+    assert_eq!(
+        process_pids("containerd-shim-accordion-v2").len(),
+        1,
+        "one shim (and so one VMM) for the pod"
+    );
+    assert_eq!(
+        process_pids("virtiofsd").len(),
+        1,
+        "one virtiofsd for the pod"
+    );
+    // Same guest kernel (boot id), not the node's; separate root filesystems.
+    let (_, boot_a) = exec(&a, "cat /proc/sys/kernel/random/boot_id");
+    let (_, boot_b) = exec(&b, "cat /proc/sys/kernel/random/boot_id");
+    let node_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");
+    assert_eq!(boot_a, boot_b);
+    assert_ne!(boot_a, node_boot);
+    assert_eq!(exec(&b, "cat /tmp/a 2>/dev/null; echo end").1, "end\n");
+    // ExecSync: output and exit code.
+    assert_eq!(
+        exec(&a, "echo hi; uname -m; exit 3"),
+        (3, "hi\naarch64\n".into())
+    );
+    // The pod's sandbox is an Accordion sandbox the operator CLI sees.
+    let out = accordion(&["status", &pod]);
+    assert_code(&out, 0);
+    remove_pod(&pod);
+}
+
+#[test]
+fn test_in_place_resize_is_acknowledged_vcpu_hotplug() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let (pod, pod_cfg) = run_pod("resize", None);
+    let c = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("main", Some(100_000), Some(1024), "exec sleep 3600"),
+    );
+    assert_eq!(online(&c), "0");
+
+    // Up to 3 CPUs: acknowledged, the guest has CPUs 0-2 and the container's cgroup says so.
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "300000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    assert_eq!(online(&c), "0-2");
+    let cgroup = format!("/sys/fs/cgroup/accordion/{c}/cpu.max");
+    let out = accordion(&["exec", &pod, "--", "cat", &cgroup]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout).trim(), "300000 100000");
+
+    // Back to 1.
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "100000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    assert_eq!(online(&c), "0");
+
+    // Beyond max_vcpus: the call fails, containerd keeps the old resources, the guest is unchanged.
+    let out = cri(&[
+        "update",
+        "--cpu-quota",
+        "10000000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("at most"),
+        "{}",
+        text(&out.stderr)
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&cri_ok(&["inspect", &c])).expect("inspect json");
+    let quota = inspect
+        .pointer("/status/resources/linux/cpu_quota")
+        .or_else(|| inspect.pointer("/status/resources/linux/cpuQuota"));
+    assert_eq!(
+        quota.and_then(serde_json::Value::as_i64),
+        Some(100_000),
+        "{inspect}"
+    );
+    assert_eq!(online(&c), "0");
+
+    // 20 updates in a row: the last one is what the guest ends with.
+    for i in 0..20 {
+        let cpus = [2, 4, 1, 3][i % 4];
+        let quota = (cpus * 100_000).to_string();
+        cri_ok(&[
+            "update",
+            "--cpu-quota",
+            &quota,
+            "--cpu-period",
+            "100000",
+            &c,
+        ]);
+    }
+    assert_eq!(online(&c), "0-2");
+    let out = accordion(&["status", &pod]);
+    assert_code(&out, 0);
+    assert!(
+        text(&out.stdout).contains("resize"),
+        "{}",
+        text(&out.stdout)
+    );
+    remove_pod(&pod);
+}
+
+#[test]
+fn test_pod_size_follows_limits_then_requests() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // Burstable: a request of 2 CPUs (2048 shares), no limit → 2 vCPUs.
+    let (pod, pod_cfg) = run_pod("burstable", None);
+    let c = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("req", None, Some(2048), "exec sleep 3600"),
+    );
+    assert_eq!(online(&c), "0-1");
+    remove_pod(&pod);
+
+    // Two containers with limits 1 and 1.5 → ceil(2.5) = 3.
+    let (pod, pod_cfg) = run_pod("pair", None);
+    let one = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("one", Some(100_000), None, "exec sleep 3600"),
+    );
+    assert_eq!(online(&one), "0");
+    let half = run_container(
+        &pod,
+        &pod_cfg,
+        &container_config("half", Some(150_000), None, "exec sleep 3600"),
+    );
+    assert_eq!(online(&half), "0-2");
+    remove_pod(&pod);
+}
