@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
+pub mod bench_cri;
 pub mod containerd;
 
 /// Where guest assets are installed.

@@ -33,6 +33,23 @@ pub enum Bench {
         #[arg(long, default_value = "Image")]
         kernel: String,
     },
+    /// Pods through containerd's CRI (accordion-cri): RunPodSandbox + CreateContainer +
+    /// StartContainer until the container's first output, accordion vs runc alternately (medians
+    /// over --runs); --concurrent accordion pods started at once (p50, p99 ÷ single); host RSS
+    /// per sandbox (shim + virtiofsd, guest RAM excluded).
+    Pod {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 10)]
+        concurrent: usize,
+    },
+    /// In-place resize through CRI: UpdateContainerResources 1→4 and 4→1 CPUs until the call
+    /// returns (acknowledged by the guest), --runs times each (median, p99), ÷ a cold pod start
+    /// measured in the same run.
+    Resize {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// The emulated node itself: boot to the command, and whole-run wall time, over N runs.
     Node {
         #[arg(long, default_value_t = 5)]
@@ -136,8 +153,35 @@ fn hotplug_script(runs: usize, kernel: &str) -> String {
     s
 }
 
+/// A node run with containerd whose command is `script` (the CRI benchmarks).
+fn cri_bench(script: String, what: &str) -> XResult<i32> {
+    let opts = NodeOpts {
+        smp: 2,
+        memory: "3G".into(),
+        timeout: 3600,
+        release: true,
+        add: Vec::new(),
+        containerd: true,
+    };
+    let (spec, k, bb) = prepare_node(&opts, Vec::new(), vec!["sh".into(), "-c".into(), script])?;
+    println!(
+        "bench {what}: in the emulated node, containerd 1.7 CRI, runtime `accordion` (and runc)"
+    );
+    run_in_node(&spec, &k, &bb)
+}
+
 pub fn run(b: Bench) -> XResult<i32> {
     match b {
+        Bench::Pod { runs, concurrent } => cri_bench(
+            format!(
+                "accordion-bench pod --runs {runs} --concurrent {concurrent} --out /root/bench.txt"
+            ),
+            "pod",
+        ),
+        Bench::Resize { runs } => cri_bench(
+            format!("accordion-bench resize --runs {runs} --out /root/bench.txt"),
+            "resize",
+        ),
         Bench::Hotplug { runs, kernel } => {
             let opts = NodeOpts {
                 smp: 2,

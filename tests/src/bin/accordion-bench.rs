@@ -331,16 +331,43 @@ fn report(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `pod --runs N --concurrent M --out FILE` / `resize --runs N --out FILE`.
+fn cri_bench(args: &[String], pod: bool) -> Result<(), String> {
+    let (mut runs, mut concurrent, mut out) = (5usize, 10usize, String::from("/root/bench.txt"));
+    let mut i = 0;
+    while i < args.len() {
+        let value = args
+            .get(i + 1)
+            .ok_or(format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--runs" => runs = value.parse().map_err(|_| "bad --runs")?,
+            "--concurrent" => concurrent = value.parse().map_err(|_| "bad --concurrent")?,
+            "--out" => out = value.clone(),
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    if pod {
+        accordion_tests::bench_cri::pod(runs, concurrent, &out)
+    } else {
+        accordion_tests::bench_cri::resize(runs, &out)
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("latency") => latency(&args[1..]),
+        Some("pod") => cri_bench(&args[1..], true),
+        Some("resize") => cri_bench(&args[1..], false),
         Some("report") => args
             .get(1)
             .ok_or("usage: accordion-bench report FILE".to_string())
             .and_then(|p| report(p)),
-        _ => Err("usage: accordion-bench run … | latency … | report FILE".into()),
+        _ => {
+            Err("usage: accordion-bench run … | latency … | pod … | resize … | report FILE".into())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

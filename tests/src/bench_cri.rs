@@ -1,0 +1,259 @@
+//! Pod benchmarks through containerd's CRI plugin (`cargo xtask bench pod|resize`), run in the node
+//! by `accordion-bench pod|resize`: each step is an `accordion-cri` call, as kubelet would make it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::containerd::{process_pids, TEST_IMAGE};
+
+fn cri(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("accordion-cri")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("accordion-cri: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "accordion-cri {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn write(path: &str, json: &serde_json::Value) -> Result<(), String> {
+    std::fs::write(path, json.to_string()).map_err(|e| format!("{path}: {e}"))
+}
+
+/// A running pod of the benchmark.
+pub struct Pod {
+    pub id: String,
+    pub container: String,
+}
+
+/// RunPodSandbox + CreateContainer + StartContainer until the container's first output (its log
+/// file gets the line `first`): returns the pod and the time that took.
+pub fn start_pod(name: &str, runtime: &str, quota: i64) -> Result<(Pod, Duration), String> {
+    let dir = format!("/tmp/bench-pods/{name}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{dir}: {e}"))?;
+    let pod_cfg = format!("{dir}/pod.json");
+    let ctr_cfg = format!("{dir}/container.json");
+    write(
+        &pod_cfg,
+        &serde_json::json!({
+            "metadata": {"name": name, "namespace": "bench", "uid": format!("uid-{name}"), "attempt": 1},
+            "log_directory": dir,
+        }),
+    )?;
+    write(
+        &ctr_cfg,
+        &serde_json::json!({
+            "metadata": {"name": "main"},
+            "image": {"image": TEST_IMAGE},
+            "command": ["sh", "-c", "echo first; exec sleep 3600"],
+            "log_path": "main.log",
+            "linux": {"resources": {"cpu_quota": quota, "cpu_period": 100000}},
+        }),
+    )?;
+    let log = format!("{dir}/main.log");
+    let t0 = Instant::now();
+    let id = cri(&["runp", "--runtime", runtime, &pod_cfg])?;
+    let container = cri(&["create", &id, &ctr_cfg, &pod_cfg])?;
+    cri(&["start", &container])?;
+    let deadline = t0 + Duration::from_secs(300);
+    loop {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("first")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("pod {name}: no output in {log} after 300 s"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok((Pod { id, container }, t0.elapsed()))
+}
+
+pub fn remove_pod(pod: &Pod) -> Result<(), String> {
+    cri(&["stopp", &pod.id])?;
+    cri(&["rmp", &pod.id])?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Host memory of the pod's processes: the shim's RSS outside guest RAM (memfd) plus virtiofsd's.
+fn host_rss_kb() -> u64 {
+    let rss = |pid: u32| -> (u64, u64) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+            return (0, 0);
+        };
+        let (mut other, mut guest, mut memfd) = (0, 0, false);
+        for line in text.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                memfd = line.contains("/memfd:");
+            } else if let Some(v) = line.strip_prefix("Rss:") {
+                let kb: u64 = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                if memfd {
+                    guest += kb;
+                } else {
+                    other += kb;
+                }
+            }
+        }
+        (other, guest)
+    };
+    let shim: u64 = process_pids("containerd-shim-accordion-v2")
+        .into_iter()
+        .map(|p| rss(p).0)
+        .sum();
+    let fsd: u64 = process_pids("virtiofsd")
+        .into_iter()
+        .map(|p| rss(p).0)
+        .sum();
+    shim + fsd
+}
+
+fn record(out: &mut impl Write, label: &str, value: f64) -> Result<(), String> {
+    writeln!(out, "LAT {label} {value:.2}").map_err(|e| e.to_string())
+}
+
+/// `accordion-bench pod --runs N --concurrent M --out FILE`.
+pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String> {
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out_path)
+        .map_err(|e| format!("{out_path}: {e}"))?;
+    // Warm-up (page cache, image unpack), not measured.
+    for runtime in ["accordion", "runc"] {
+        let (p, _) = start_pod(&format!("warm-{runtime}"), runtime, 100_000)?;
+        remove_pod(&p)?;
+    }
+    let mut single = Vec::new();
+    let mut runc = Vec::new();
+    let mut rss = Vec::new();
+    for i in 0..runs {
+        // Alternate, so drift in the node affects both alike.
+        let (p, t) = start_pod(&format!("acc-{i}"), "accordion", 100_000)?;
+        record(&mut out, "pod-start-accordion", ms(t))?;
+        single.push(ms(t));
+        rss.push(host_rss_kb() as f64);
+        remove_pod(&p)?;
+        let (p, t) = start_pod(&format!("runc-{i}"), "runc", 100_000)?;
+        record(&mut out, "pod-start-runc", ms(t))?;
+        runc.push(ms(t));
+        remove_pod(&p)?;
+    }
+    let threads: Vec<_> = (0..concurrent)
+        .map(|i| std::thread::spawn(move || start_pod(&format!("conc-{i}"), "accordion", 100_000)))
+        .collect();
+    let mut conc = Vec::new();
+    let mut pods = Vec::new();
+    for t in threads {
+        let (p, d) = t
+            .join()
+            .map_err(|_| "a pod thread panicked".to_string())??;
+        record(&mut out, "pod-start-concurrent", ms(d))?;
+        conc.push(ms(d));
+        pods.push(p);
+    }
+    let rss_all = host_rss_kb();
+    for p in &pods {
+        remove_pod(p)?;
+    }
+    let (acc, rc) = (quantile(single.clone(), 0.5), quantile(runc.clone(), 0.5));
+    println!("bench pod: RunPodSandbox + CreateContainer + StartContainer → first output (accordion-cri)");
+    println!(
+        "  accordion: median {acc:.0} ms over {runs} (p99 {:.0} ms)",
+        quantile(single, 0.99)
+    );
+    println!(
+        "  runc:      median {rc:.0} ms over {runs} (p99 {:.0} ms)",
+        quantile(runc, 0.99)
+    );
+    println!("  accordion / runc = {:.2}x", acc / rc);
+    let (p50, p99) = (quantile(conc.clone(), 0.5), quantile(conc, 0.99));
+    println!(
+        "  {concurrent} accordion pods at once: p50 {p50:.0} ms ({:.2}x single), p99 {p99:.0} ms ({:.2}x single)",
+        p50 / acc,
+        p99 / acc
+    );
+    println!(
+        "  host RSS per sandbox (shim + virtiofsd, guest RAM excluded): median {:.0} KiB; {concurrent} pods: {:.0} KiB each",
+        quantile(rss, 0.5),
+        rss_all as f64 / concurrent.max(1) as f64
+    );
+    Ok(())
+}
+
+/// `accordion-bench resize --runs N --out FILE`: UpdateContainerResources 1→4 and 4→1 CPUs until
+/// the call returns (the shim answers once the guest acknowledged), against a cold pod start.
+pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out_path)
+        .map_err(|e| format!("{out_path}: {e}"))?;
+    let mut cold = Vec::new();
+    for i in 0..5 {
+        let (p, t) = start_pod(&format!("cold-{i}"), "accordion", 100_000)?;
+        record(&mut out, "cold-pod-start", ms(t))?;
+        cold.push(ms(t));
+        remove_pod(&p)?;
+    }
+    let (p, _) = start_pod("resize", "accordion", 100_000)?;
+    let mut up = Vec::new();
+    let mut down = Vec::new();
+    let update = |quota: &str| -> Result<f64, String> {
+        let t0 = Instant::now();
+        cri(&[
+            "update",
+            "--cpu-quota",
+            quota,
+            "--cpu-period",
+            "100000",
+            &p.container,
+        ])?;
+        Ok(ms(t0.elapsed()))
+    };
+    for _ in 0..runs {
+        let t = update("400000")?;
+        record(&mut out, "update-1to4", t)?;
+        up.push(t);
+        let t = update("100000")?;
+        record(&mut out, "update-4to1", t)?;
+        down.push(t);
+    }
+    remove_pod(&p)?;
+    let c = quantile(cold.clone(), 0.5);
+    println!("bench resize: UpdateContainerResources until it returns (guest acknowledged), accordion-cri");
+    println!("  cold pod start (RunPodSandbox → first output): median {c:.0} ms over 5");
+    for (label, v) in [("1→4 CPUs", up), ("4→1 CPUs", down)] {
+        let (m, p99) = (quantile(v.clone(), 0.5), quantile(v.clone(), 0.99));
+        println!(
+            "  {label}: median {m:.0} ms, p99 {p99:.0} ms over {} = {:.1}% of a cold pod start",
+            v.len(),
+            100.0 * m / c
+        );
+    }
+    Ok(())
+}
