@@ -47,9 +47,10 @@ clippy: clippy-x86 clippy-arm64
 unit-test: setup
 	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
 
-# Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM.
+# Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM,
+# with containerd running (the shim's tests drive it with ctr and accordion-cri).
 node-test: kernels
-	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test
+	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test --containerd
 
 # The harness's own end-to-end checks (xtask/tests): exit status, stdout/stderr, timeouts.
 harness-test: kernels
