@@ -133,7 +133,7 @@ impl Cri {
     /// may legitimately take, such as a stop's grace period).
     pub fn request<T>(&self, message: T, extra: Duration) -> Request<T> {
         let mut request = Request::new(message);
-        request.set_timeout(self.timeout + extra);
+        request.set_timeout(self.timeout.saturating_add(extra));
         request
     }
 
@@ -144,7 +144,7 @@ impl Cri {
         extra: Duration,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<T, CriError> {
-        let after = self.timeout + extra;
+        let after = self.timeout.saturating_add(extra);
         match tokio::time::timeout(after, call).await {
             Err(_) => Err(CriError::Timeout { rpc, after }),
             Ok(Err(status)) => Err(CriError::Rpc { rpc, status }),
