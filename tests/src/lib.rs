@@ -1,8 +1,11 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`: they drive the `accordion` binary as a
-//! user would, in the emulated ARM64 node (or on an ARM64 KVM host).
+//! user would, in the emulated ARM64 node (or on an ARM64 KVM host). [`cri`] is the library behind
+//! `accordion-cri`, the CRI v1 client the containerd tests drive.
 
 // Test helpers: a failure here is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod cri;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
