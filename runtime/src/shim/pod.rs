@@ -241,7 +241,7 @@ impl Pod {
         self.share.join(id)
     }
 
-    /// Unmounts whatever is left in the share, stops virtiofsd and the VM, and removes the state
+    /// Unmounts whatever is left in the share, stops the VM and virtiofsd, and removes the state
     /// directory.
     pub async fn stop(&self, grace: Duration) {
         if let Some(control) = self
@@ -252,16 +252,17 @@ impl Pod {
         {
             control.abort();
         }
-        // Unmount first: the sandbox removes its state directory when it stops, and removing
-        // through a live rootfs mount would delete files in containerd's snapshot.
+        // Unmount first (lazily: virtiofsd keeps what it has open, so the guest can still sync and
+        // power off): the sandbox removes its state directory when it stops, and removing through
+        // a live rootfs mount would delete files in containerd's snapshot.
         unmount_all_under(&self.share);
+        let reason = self.sandbox.stop(grace).await;
         drop(
             self.virtiofsd
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        let reason = self.sandbox.stop(grace).await;
         log::info!("pod {}: VM stopped ({reason:?})", self.sandbox.name());
     }
 }
