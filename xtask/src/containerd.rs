@@ -154,6 +154,124 @@ pub fn wrap_command(cmd: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// A fresh scratch directory for one test.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A base layer (busybox and a link to it) and a marker layer, as the accordion-test image has.
+    fn layers(dir: &Path) -> (PathBuf, PathBuf) {
+        let (base, top) = (dir.join("base"), dir.join("top"));
+        std::fs::create_dir_all(base.join("bin")).unwrap();
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        std::fs::write(base.join("bin/busybox"), "not really busybox").unwrap();
+        std::os::unix::fs::symlink("busybox", base.join("bin/sh")).unwrap();
+        std::fs::write(top.join("etc/accordion-test"), "accordion-test\n").unwrap();
+        (base, top)
+    }
+
+    /// scripts/oci-image.sh NAME DIR/<file>.oci.tar --cmd ["sh"] LAYERS…, unpacked; returns the
+    /// unpacked layout's directory.
+    fn oci_image(dir: &Path, file: &str, name: &str, layers: &[&Path]) -> PathBuf {
+        let archive = dir.join(format!("{file}.oci.tar"));
+        run(Command::new(root().join("scripts/oci-image.sh"))
+            .args([name, &archive.to_string_lossy(), "--cmd", r#"["sh"]"#])
+            .args(layers));
+        let out = dir.join(file);
+        std::fs::create_dir_all(&out).unwrap();
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&out));
+        out
+    }
+
+    /// The blob `digest` of an unpacked layout, checked against its digest.
+    fn blob(layout: &Path, digest: &str) -> PathBuf {
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        let sum = run(Command::new("sha256sum").arg(&path));
+        assert_eq!(
+            format!("sha256:{}", &sum[..64]),
+            digest,
+            "{}",
+            path.display()
+        );
+        path
+    }
+
+    fn json(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn test_oci_image_archive_has_the_layout_ctr_imports() {
+        let dir = scratch("oci-layout");
+        let (base, top) = layers(&dir);
+
+        let img = oci_image(&dir, "t", "localhost/t:latest", &[&base, &top]);
+
+        let listing = run(Command::new("tar").arg("-tf").arg(dir.join("t.oci.tar")));
+        assert!(
+            listing.starts_with("oci-layout\nindex.json\nblobs/\nblobs/sha256/\n"),
+            "{listing}"
+        );
+        // The two layers, the config and the manifest.
+        assert_eq!(listing.lines().count(), 4 + 4, "{listing}");
+        assert_eq!(json(&img.join("oci-layout"))["imageLayoutVersion"], "1.0.0");
+        let index = &json(&img.join("index.json"))["manifests"][0];
+        assert_eq!(
+            index["annotations"]["io.containerd.image.name"],
+            "localhost/t:latest"
+        );
+        assert_eq!(index["platform"]["architecture"], "arm64");
+        let manifest = json(&blob(&img, index["digest"].as_str().unwrap()));
+        let config = json(&blob(&img, manifest["config"]["digest"].as_str().unwrap()));
+        let layer = |i: usize| manifest["layers"][i]["digest"].as_str().unwrap();
+        assert_eq!(config["config"]["Cmd"], serde_json::json!(["sh"]));
+        assert_eq!(
+            config["rootfs"]["diff_ids"],
+            serde_json::json!([layer(0), layer(1)])
+        );
+        let base_tar = run(Command::new("tar").arg("-tvf").arg(blob(&img, layer(0))));
+        let top_tar = run(Command::new("tar").arg("-tf").arg(blob(&img, layer(1))));
+        assert!(base_tar.contains("./bin/sh -> busybox"), "{base_tar}");
+        assert!(top_tar.contains("./etc/accordion-test"), "{top_tar}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_oci_image_of_the_same_base_dir_shares_its_layer_digest() {
+        let dir = scratch("oci-shared");
+        let (base, top) = layers(&dir);
+
+        let alone = oci_image(&dir, "alone", "localhost/a:latest", &[&base]);
+        let stacked = oci_image(&dir, "stacked", "localhost/b:latest", &[&base, &top]);
+
+        let first_layer = |img: &Path| {
+            let index = json(&img.join("index.json"));
+            let manifest = json(&blob(
+                img,
+                index["manifests"][0]["digest"].as_str().unwrap(),
+            ));
+            manifest["layers"][0]["digest"].clone()
+        };
+        assert_eq!(first_layer(&alone), first_layer(&stacked));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn test_config_names_the_pause_image_and_debian_cni_dir() {
