@@ -94,7 +94,9 @@ case "$1" in
 start)
     t0=$(up)
     mkdir -p /var/log /var/lib/containerd /run/containerd /var/lib/cni
-    containerd --config /etc/containerd/config.toml > "$LOG" 2>&1 &
+    # Appending (O_APPEND): the import logs below go into the same file while containerd writes it.
+    : > "$LOG"
+    containerd --config /etc/containerd/config.toml >> "$LOG" 2>&1 &
     pid=$!
     echo "$pid" > "$PIDFILE"
     deadline=$(awk -v t="$t0" -v d="${ACCORDION_CONTAINERD_DEADLINE:-90}" 'BEGIN { print t + d }')
