@@ -79,8 +79,10 @@ pub struct NodeOpts {
     /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
     #[arg(long = "add", value_name = "HOST:NODE")]
     add: Vec<String>,
-    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with the images
-    /// localhost/busybox:latest and registry.k8s.io/pause:3.8 imported (scripts/containerd-node.sh).
+    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with runtime
+    /// `accordion` (io.containerd.accordion.v2, our shim) beside runc and the images
+    /// localhost/busybox:latest, localhost/accordion-test:latest and registry.k8s.io/pause:3.8
+    /// imported (scripts/containerd-node.sh).
     #[arg(long)]
     containerd: bool,
 }
@@ -143,6 +145,13 @@ pub fn prepare_node(
     let bins = step("aarch64 build", || {
         cross::build(cross::Kind::Binaries, opts.release)
     })?;
+    if opts.containerd && !bins.iter().any(|a| a.name == containerd::SHIM_BINARY) {
+        return Err(format!(
+            "--containerd: the aarch64 build made no {}",
+            containerd::SHIM_BINARY
+        )
+        .into());
+    }
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
     let mut trees = vec![(step("virtiofsd", assets::virtiofsd)?, String::new())];
