@@ -60,6 +60,14 @@ enum Cmd {
     },
     /// What `make demo` shows.
     Demo,
+    /// Stage the files an ARM64 KVM host needs (docs/install.md) under DIR, laid out as under /:
+    /// the shim and the CLI in usr/local/bin, the guest kernel and agent initramfs in
+    /// opt/accordion/share/guest.
+    Dist {
+        dir: PathBuf,
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -233,7 +241,41 @@ fn run(cmd: Cmd) -> XResult<i32> {
         }
         Cmd::Bench { what } => bench::run(what),
         Cmd::Demo => demo(),
+        Cmd::Dist { dir, release } => dist(&dir, release),
     }
+}
+
+/// `cargo xtask dist DIR`: prints every file it wrote.
+fn dist(dir: &Path, release: bool) -> XResult<i32> {
+    let bins = step("aarch64 build", || {
+        cross::build(cross::Kind::Binaries, release)
+    })?;
+    let kernels = step("kernels", assets::kernels)?;
+    let busybox = assets::busybox()?;
+    let built = |name: &str| {
+        bins.iter()
+            .find(|a| a.name == name)
+            .map(|a| a.path.as_path())
+            .ok_or_else(|| format!("the aarch64 build made no {name}"))
+    };
+    let bin = dir.join("usr/local/bin");
+    let guest = dir
+        .join(node::SHARE_DIR.trim_start_matches('/'))
+        .join("guest");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::create_dir_all(&guest)?;
+    for name in [containerd::SHIM_BINARY, "accordion"] {
+        let dest = bin.join(name);
+        std::fs::rename(assets::stripped(built(name)?, &dest)?, &dest)?;
+        println!("{}", dest.display());
+    }
+    let image = guest.join("Image");
+    std::fs::copy(kernels.minimal(), &image)?;
+    println!("{}", image.display());
+    let initrd = guest.join("agent-initrd.cpio");
+    assets::write_agent_initrd(&kernels, &busybox, built("accordion-agent")?, &initrd)?;
+    println!("{}", initrd.display());
+    Ok(0)
 }
 
 /// What `make demo` runs in the node: a 1-vCPU sandbox that grows and shrinks, with what the guest
