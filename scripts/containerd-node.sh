@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # containerd for the emulated ARM64 node (`cargo xtask node --containerd`): Debian trixie's arm64 containerd,
-# runc and CNI plugins with their shared-library closure, plus two locally built OCI image archives (no
-# registry is reachable from the node or from here), laid out as a root to pack at / of the node's initramfs.
+# runc and CNI plugins with their shared-library closure, plus three OCI image archives built here by
+# scripts/oci-image.sh (no registry is reachable from the node or from here), laid out as a root to pack at / of
+# the node's initramfs.
 #
 #   scripts/containerd-node.sh [--force]
 #     --force  rebuild even when cached
@@ -14,6 +15,8 @@
 #                                            containerd looks for CNI plugins in /usr/lib/cni
 #     lib/ld-linux-aarch64.so.1, usr/lib/aarch64-linux-gnu/<soname>   the ELF interpreter and NEEDED closure
 #     opt/accordion/images/busybox.oci.tar   `localhost/busybox:latest`: busybox-static (arm64) + its applet links
+#     opt/accordion/images/accordion-test.oci.tar   `localhost/accordion-test:latest`: the same busybox layer
+#                                            + /etc/accordion-test (the image the shim's tests run)
 #     opt/accordion/images/pause.oci.tar     `registry.k8s.io/pause:3.8`, the sandbox image containerd 1.7's CRI
 #                                            expects: a tiny static pause program (see PAUSE_C)
 #   versions     package versions it came from (the cache key)
@@ -27,7 +30,7 @@
 # ACCORDION_OFFLINE=1 reuses the last version lookup without touching apt.
 set -euo pipefail
 
-RECIPE=1     # bump when the selection or layout of the files changes
+RECIPE=2     # bump when the selection or layout of the files changes
 SUITE=trixie
 PKGS=(containerd runc containernetworking-plugins busybox-static)
 BINS=(usr/bin/containerd usr/bin/ctr usr/bin/containerd-shim-runc-v2 usr/sbin/runc
@@ -40,6 +43,7 @@ CC=${CROSS_COMPILE:-aarch64-linux-gnu-}gcc
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APT_SH="$REPO/scripts/debian-apt.sh"
+OCI_IMAGE="$REPO/scripts/oci-image.sh"
 CACHE="${ACCORDION_CACHE:-$HOME/.cache/accordion}"
 CN="$CACHE/containerd-node"
 FORCE=0
@@ -172,42 +176,6 @@ int main(void) {
 }
 '
 
-# json_str_array WORD...: ["WORD",...] (words must not need escaping; all callers pass literals).
-json_str_array() { local IFS=,; local -a q=(); local w; for w in "$@"; do q+=("\"$w\""); done; echo "[${q[*]}]"; }
-
-# blob DIR FILE: move FILE into DIR/blobs/sha256/<digest>; prints "sha256:<hex> <size>".
-blob() {
-    local dir=$1 f=$2 h s
-    h=$(sha256sum "$f" | cut -d' ' -f1); s=$(stat -c %s "$f")
-    mkdir -p "$dir/blobs/sha256"; mv "$f" "$dir/blobs/sha256/$h"
-    echo "sha256:$h $s"
-}
-
-# oci_image ROOTFS NAME OUT ENTRYPOINT_JSON CMD_JSON: an OCI image layout archive of one uncompressed layer,
-# tagged NAME (annotation io.containerd.image.name, which `ctr images import` uses as the image name).
-oci_image() {
-    local rootfs=$1 name=$2 out=$3 entry=$4 cmd=$5 d="$1.oci" layer cfg man ld ls cd cs md ms
-    rm -rf "$d"; mkdir -p "$d"
-    # Reproducible: sorted, numeric root owner, epoch mtimes.
-    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 --format=gnu -C "$rootfs" -cf "$d/layer.tar" .
-    read -r ld ls < <(blob "$d" "$d/layer.tar")
-    cat > "$d/config.json" <<EOF
-{"architecture":"arm64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Entrypoint":$entry,"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["$ld"]},"history":[{"created_by":"scripts/containerd-node.sh"}]}
-EOF
-    read -r cd cs < <(blob "$d" "$d/config.json")
-    cat > "$d/manifest.json" <<EOF
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"$cd","size":$cs},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"$ld","size":$ls}]}
-EOF
-    read -r md ms < <(blob "$d" "$d/manifest.json")
-    cat > "$d/index.json" <<EOF
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"$md","size":$ms,"platform":{"architecture":"arm64","os":"linux"},"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"${name##*:}"}}]}
-EOF
-    echo '{"imageLayoutVersion":"1.0.0"}' > "$d/oci-layout"
-    mkdir -p "$(dirname "$out")"
-    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$d" -cf "$out" oci-layout index.json blobs
-    log "   image $name: manifest $md, $(stat -c %s "$out") bytes"
-}
-
 images() {
     local stage=$1 out=$2 tmp=$3 bb a
     bb=$(in_root "$stage" /bin/busybox || in_root "$stage" /usr/bin/busybox) || die "busybox-static has no busybox"
@@ -222,14 +190,21 @@ images() {
     for a in "${applets[@]}"; do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' > "$r/etc/group"
-    oci_image "$r" localhost/busybox:latest "$out/opt/accordion/images/busybox.oci.tar" null "$(json_str_array sh)"
+    "$OCI_IMAGE" localhost/busybox:latest "$out/opt/accordion/images/busybox.oci.tar" --cmd '["sh"]' "$r"
+    # accordion-test, the image the shim's tests run: that same busybox layer (one blob and one snapshot in
+    # containerd, which dedupes by digest) under a small layer whose /etc/accordion-test tells a container's
+    # rootfs apart from the guest's own busybox.
+    local t="$tmp/accordion-test-rootfs"
+    mkdir -p "$t/etc"
+    echo accordion-test > "$t/etc/accordion-test"
+    "$OCI_IMAGE" localhost/accordion-test:latest "$out/opt/accordion/images/accordion-test.oci.tar" --cmd '["sh"]' "$r" "$t"
 
     # pause: one static binary.
     local p="$tmp/pause-rootfs"
     mkdir -p "$p"
     printf '%s' "$PAUSE_C" > "$tmp/pause.c"
     "$CC" -static -Os -s -o "$p/pause" "$tmp/pause.c" || die "building pause.c failed"
-    oci_image "$p" registry.k8s.io/pause:3.8 "$out/opt/accordion/images/pause.oci.tar" "$(json_str_array /pause)" null
+    "$OCI_IMAGE" registry.k8s.io/pause:3.8 "$out/opt/accordion/images/pause.oci.tar" --entrypoint '["/pause"]' "$p"
 }
 
 build() {
@@ -280,7 +255,7 @@ build() {
     [ -z "$(find "$tmp/root" ! -type f ! -type d)" ] || die "self-check: root holds something other than files and dirs"
     (cd "$tmp/root" && find . -type f -printf '%P %s\n' | sort) > "$tmp/MANIFEST"
     echo "$VERSIONS" > "$tmp/versions"
-    rm -rf "$tmp/debs" "$tmp/stage" "$tmp"/*-rootfs "$tmp"/*-rootfs.oci "$tmp/pause.c"
+    rm -rf "$tmp/debs" "$tmp/stage" "$tmp"/*-rootfs "$tmp/pause.c"
     echo "$RECIPE" > "$tmp/recipe"
     log "   root: $(wc -l < "$tmp/MANIFEST") files, $(du -sm "$tmp/root" | cut -f1) MB"
     rm -rf "$out"

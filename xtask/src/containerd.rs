@@ -5,10 +5,19 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::node::SHARE_DIR;
 use crate::{root, XResult};
 
 /// The sandbox image name containerd 1.7's CRI plugin expects (its built-in default).
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.8";
+
+/// Accordion's runtime in CRI: the handler a RuntimeClass names.
+pub const RUNTIME_NAME: &str = "accordion";
+/// Its runtime type, also what `ctr run --runtime` takes.
+pub const RUNTIME_TYPE: &str = "io.containerd.accordion.v2";
+/// The shim binary containerd looks up on its PATH for RUNTIME_TYPE: `io.containerd.<name>.<version>`
+/// runs `containerd-shim-<name>-<version>`. The node has it in /usr/local/bin with our other binaries.
+pub const SHIM_BINARY: &str = "containerd-shim-accordion-v2";
 
 /// Runs scripts/containerd-node.sh (cached; progress on stderr) and returns the root to pack at /.
 pub fn tree() -> XResult<PathBuf> {
@@ -27,7 +36,8 @@ pub fn tree() -> XResult<PathBuf> {
 }
 
 /// /etc/containerd/config.toml: containerd 1.7's version 2 format, the CRI plugin with Debian's CNI
-/// plugin directory and one runtime, runc (cgroupfs: the node has no systemd).
+/// plugin directory and two runtimes: runc, the default (cgroupfs: the node has no systemd) and the
+/// peer of benchmarks, and Accordion's shim. docs/install.md shows the same `accordion` table.
 pub fn config_toml() -> String {
     format!(
         r#"version = 2
@@ -50,6 +60,29 @@ state = "/run/containerd"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "/usr/sbin/runc"
         SystemdCgroup = false
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_NAME}]
+      runtime_type = "{RUNTIME_TYPE}"
+"#
+    )
+}
+
+/// /etc/accordion/config.toml (runtime/src/config.rs, docs/configuration.md): the guest kernel and
+/// agent initramfs the node packs under SHARE_DIR, and sandboxes of 1 vCPU that can grow to 8, with
+/// 512 MiB.
+pub fn accordion_config_toml() -> String {
+    format!(
+        r#"# cargo xtask node --containerd (xtask/src/containerd.rs)
+[guest]
+kernel = "{SHARE_DIR}/guest/Image"
+initrd = "{SHARE_DIR}/guest/agent-initrd.cpio"
+
+[vcpus]
+default = 1
+min = 1
+max = 8
+
+[memory]
+default_mib = 512
 "#
     )
 }
@@ -78,7 +111,8 @@ pub const CNI_CONFLIST: &str = r#"{
 /// /accordion/containerd.sh start|stop: the node command runs between the two.
 /// `start` waits until `ctr version` answers (deadline ACCORDION_CONTAINERD_DEADLINE, 90 s: TCG is
 /// slow) and imports every image archive into the `default` and `k8s.io` namespaces; on failure it
-/// prints containerd's log tail and exits 125 (a harness failure, like xtask's own).
+/// prints containerd's log tail and exits 125 (a harness failure, like xtask's own). containerd logs
+/// at ACCORDION_CONTAINERD_LOG_LEVEL (info; at debug it also passes `-debug` to the shims it starts).
 pub const CONTROL_SCRIPT: &str = r#"#!/bin/sh
 LOG=/var/log/containerd.log
 PIDFILE=/run/containerd.pid
@@ -94,7 +128,9 @@ case "$1" in
 start)
     t0=$(up)
     mkdir -p /var/log /var/lib/containerd /run/containerd /var/lib/cni
-    containerd --config /etc/containerd/config.toml > "$LOG" 2>&1 &
+    # Appending (O_APPEND): the import logs below go into the same file while containerd writes it.
+    : > "$LOG"
+    containerd --config /etc/containerd/config.toml --log-level "${ACCORDION_CONTAINERD_LOG_LEVEL:-info}" >> "$LOG" 2>&1 &
     pid=$!
     echo "$pid" > "$PIDFILE"
     deadline=$(awk -v t="$t0" -v d="${ACCORDION_CONTAINERD_DEADLINE:-90}" 'BEGIN { print t + d }')
@@ -154,6 +190,124 @@ pub fn wrap_command(cmd: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// A fresh scratch directory for one test.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A base layer (busybox and a link to it) and a marker layer, as the accordion-test image has.
+    fn layers(dir: &Path) -> (PathBuf, PathBuf) {
+        let (base, top) = (dir.join("base"), dir.join("top"));
+        std::fs::create_dir_all(base.join("bin")).unwrap();
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        std::fs::write(base.join("bin/busybox"), "not really busybox").unwrap();
+        std::os::unix::fs::symlink("busybox", base.join("bin/sh")).unwrap();
+        std::fs::write(top.join("etc/accordion-test"), "accordion-test\n").unwrap();
+        (base, top)
+    }
+
+    /// scripts/oci-image.sh NAME DIR/<file>.oci.tar --cmd ["sh"] LAYERS…, unpacked; returns the
+    /// unpacked layout's directory.
+    fn oci_image(dir: &Path, file: &str, name: &str, layers: &[&Path]) -> PathBuf {
+        let archive = dir.join(format!("{file}.oci.tar"));
+        run(Command::new(root().join("scripts/oci-image.sh"))
+            .args([name, &archive.to_string_lossy(), "--cmd", r#"["sh"]"#])
+            .args(layers));
+        let out = dir.join(file);
+        std::fs::create_dir_all(&out).unwrap();
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&out));
+        out
+    }
+
+    /// The blob `digest` of an unpacked layout, checked against its digest.
+    fn blob(layout: &Path, digest: &str) -> PathBuf {
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        let sum = run(Command::new("sha256sum").arg(&path));
+        assert_eq!(
+            format!("sha256:{}", &sum[..64]),
+            digest,
+            "{}",
+            path.display()
+        );
+        path
+    }
+
+    fn json(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn test_oci_image_archive_has_the_layout_ctr_imports() {
+        let dir = scratch("oci-layout");
+        let (base, top) = layers(&dir);
+
+        let img = oci_image(&dir, "t", "localhost/t:latest", &[&base, &top]);
+
+        let listing = run(Command::new("tar").arg("-tf").arg(dir.join("t.oci.tar")));
+        assert!(
+            listing.starts_with("oci-layout\nindex.json\nblobs/\nblobs/sha256/\n"),
+            "{listing}"
+        );
+        // The two layers, the config and the manifest.
+        assert_eq!(listing.lines().count(), 4 + 4, "{listing}");
+        assert_eq!(json(&img.join("oci-layout"))["imageLayoutVersion"], "1.0.0");
+        let index = &json(&img.join("index.json"))["manifests"][0];
+        assert_eq!(
+            index["annotations"]["io.containerd.image.name"],
+            "localhost/t:latest"
+        );
+        assert_eq!(index["platform"]["architecture"], "arm64");
+        let manifest = json(&blob(&img, index["digest"].as_str().unwrap()));
+        let config = json(&blob(&img, manifest["config"]["digest"].as_str().unwrap()));
+        let layer = |i: usize| manifest["layers"][i]["digest"].as_str().unwrap();
+        assert_eq!(config["config"]["Cmd"], serde_json::json!(["sh"]));
+        assert_eq!(
+            config["rootfs"]["diff_ids"],
+            serde_json::json!([layer(0), layer(1)])
+        );
+        let base_tar = run(Command::new("tar").arg("-tvf").arg(blob(&img, layer(0))));
+        let top_tar = run(Command::new("tar").arg("-tf").arg(blob(&img, layer(1))));
+        assert!(base_tar.contains("./bin/sh -> busybox"), "{base_tar}");
+        assert!(top_tar.contains("./etc/accordion-test"), "{top_tar}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_oci_image_of_the_same_base_dir_shares_its_layer_digest() {
+        let dir = scratch("oci-shared");
+        let (base, top) = layers(&dir);
+
+        let alone = oci_image(&dir, "alone", "localhost/a:latest", &[&base]);
+        let stacked = oci_image(&dir, "stacked", "localhost/b:latest", &[&base, &top]);
+
+        let first_layer = |img: &Path| {
+            let index = json(&img.join("index.json"));
+            let manifest = json(&blob(
+                img,
+                index["manifests"][0]["digest"].as_str().unwrap(),
+            ));
+            manifest["layers"][0]["digest"].clone()
+        };
+        assert_eq!(first_layer(&alone), first_layer(&stacked));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn test_config_names_the_pause_image_and_debian_cni_dir() {
@@ -161,6 +315,50 @@ mod tests {
         assert!(c.contains("sandbox_image = \"registry.k8s.io/pause:3.8\""));
         assert!(c.contains("bin_dir = \"/usr/lib/cni\""));
         assert!(c.starts_with("version = 2\n"));
+    }
+
+    #[test]
+    fn test_config_registers_the_accordion_runtime_and_keeps_runc_the_default() {
+        let c: toml::Table = config_toml().parse().expect("config.toml is TOML");
+        let cri = &c["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+        assert_eq!(cri["default_runtime_name"].as_str(), Some("runc"));
+        assert_eq!(
+            cri["runtimes"]["runc"]["runtime_type"].as_str(),
+            Some("io.containerd.runc.v2")
+        );
+        assert_eq!(
+            cri["runtimes"]["accordion"]["runtime_type"].as_str(),
+            Some("io.containerd.accordion.v2")
+        );
+    }
+
+    #[test]
+    fn test_shim_binary_is_the_one_containerd_derives_from_the_runtime_type() {
+        // containerd: "io.containerd.<name>.<version>" -> "containerd-shim-<name>-<version>".
+        let parts: Vec<&str> = RUNTIME_TYPE.split('.').collect();
+        assert_eq!(parts[..2], ["io", "containerd"]);
+        assert_eq!(
+            SHIM_BINARY,
+            format!("containerd-shim-{}-{}", parts[2], parts[3])
+        );
+    }
+
+    #[test]
+    fn test_accordion_config_points_at_the_node_guest_assets() {
+        let c: toml::Table = accordion_config_toml()
+            .parse()
+            .expect("accordion config is TOML");
+        assert_eq!(
+            c["guest"]["kernel"].as_str(),
+            Some("/opt/accordion/share/guest/Image")
+        );
+        assert_eq!(
+            c["guest"]["initrd"].as_str(),
+            Some("/opt/accordion/share/guest/agent-initrd.cpio")
+        );
+        assert_eq!(c["vcpus"]["default"].as_integer(), Some(1));
+        assert_eq!(c["vcpus"]["max"].as_integer(), Some(8));
+        assert_eq!(c["memory"]["default_mib"].as_integer(), Some(512));
     }
 
     #[test]

@@ -60,6 +60,14 @@ enum Cmd {
     },
     /// What `make demo` shows.
     Demo,
+    /// Stage the files an ARM64 KVM host needs (docs/install.md) under DIR, laid out as under /:
+    /// the shim and the CLI in usr/local/bin, the guest kernel and agent initramfs in
+    /// opt/accordion/share/guest.
+    Dist {
+        dir: PathBuf,
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -79,8 +87,10 @@ pub struct NodeOpts {
     /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
     #[arg(long = "add", value_name = "HOST:NODE")]
     add: Vec<String>,
-    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with the images
-    /// localhost/busybox:latest and registry.k8s.io/pause:3.8 imported (scripts/containerd-node.sh).
+    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with runtime
+    /// `accordion` (io.containerd.accordion.v2, our shim) beside runc and the images
+    /// localhost/busybox:latest, localhost/accordion-test:latest and registry.k8s.io/pause:3.8
+    /// imported (scripts/containerd-node.sh).
     #[arg(long)]
     containerd: bool,
 }
@@ -143,6 +153,13 @@ pub fn prepare_node(
     let bins = step("aarch64 build", || {
         cross::build(cross::Kind::Binaries, opts.release)
     })?;
+    if opts.containerd && !bins.iter().any(|a| a.name == containerd::SHIM_BINARY) {
+        return Err(format!(
+            "--containerd: the aarch64 build made no {}",
+            containerd::SHIM_BINARY
+        )
+        .into());
+    }
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
     let mut trees = vec![(step("virtiofsd", assets::virtiofsd)?, String::new())];
@@ -224,7 +241,41 @@ fn run(cmd: Cmd) -> XResult<i32> {
         }
         Cmd::Bench { what } => bench::run(what),
         Cmd::Demo => demo(),
+        Cmd::Dist { dir, release } => dist(&dir, release),
     }
+}
+
+/// `cargo xtask dist DIR`: prints every file it wrote.
+fn dist(dir: &Path, release: bool) -> XResult<i32> {
+    let bins = step("aarch64 build", || {
+        cross::build(cross::Kind::Binaries, release)
+    })?;
+    let kernels = step("kernels", assets::kernels)?;
+    let busybox = assets::busybox()?;
+    let built = |name: &str| {
+        bins.iter()
+            .find(|a| a.name == name)
+            .map(|a| a.path.as_path())
+            .ok_or_else(|| format!("the aarch64 build made no {name}"))
+    };
+    let bin = dir.join("usr/local/bin");
+    let guest = dir
+        .join(node::SHARE_DIR.trim_start_matches('/'))
+        .join("guest");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::create_dir_all(&guest)?;
+    for name in [containerd::SHIM_BINARY, "accordion"] {
+        let dest = bin.join(name);
+        std::fs::rename(assets::stripped(built(name)?, &dest)?, &dest)?;
+        println!("{}", dest.display());
+    }
+    let image = guest.join("Image");
+    std::fs::copy(kernels.minimal(), &image)?;
+    println!("{}", image.display());
+    let initrd = guest.join("agent-initrd.cpio");
+    assets::write_agent_initrd(&kernels, &busybox, built("accordion-agent")?, &initrd)?;
+    println!("{}", initrd.display());
+    Ok(0)
 }
 
 /// What `make demo` runs in the node: a 1-vCPU sandbox that grows and shrinks, with what the guest

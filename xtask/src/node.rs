@@ -249,12 +249,19 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     Ok(())
 }
 
-/// containerd's configuration, the CNI network, /var/run and the re-root marker read by NODE_INIT.
+/// containerd's configuration, Accordion's (for the shim), the CNI network, /var/run and the re-root
+/// marker read by NODE_INIT.
 fn add_containerd_files<W: Write>(
     w: &mut cpio::Writer<W>,
     mkdirs: &mut impl FnMut(&mut cpio::Writer<W>, &str) -> std::io::Result<()>,
 ) -> XResult<()> {
-    for d in ["etc/containerd", "etc/cni/net.d", "var/lib", "var/log"] {
+    for d in [
+        "etc/containerd",
+        "etc/accordion",
+        "etc/cni/net.d",
+        "var/lib",
+        "var/log",
+    ] {
         mkdirs(w, d)?;
     }
     // CRI bind-mounts network namespaces under /var/run/netns.
@@ -263,6 +270,11 @@ fn add_containerd_files<W: Write>(
         "etc/containerd/config.toml",
         0o644,
         containerd::config_toml().as_bytes(),
+    )?;
+    w.file(
+        "etc/accordion/config.toml",
+        0o644,
+        containerd::accordion_config_toml().as_bytes(),
     )?;
     w.file(
         "etc/cni/net.d/10-accordion.conflist",

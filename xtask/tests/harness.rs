@@ -80,16 +80,22 @@ fn test_node_bad_add_argument_is_a_clear_error() {
     );
 }
 
-/// One node with `--containerd`: runc really runs a container from the local busybox image (its
-/// exit status comes back through ctr); the CRI plugin is loaded, found its CNI config, and the
-/// sandbox image it expects is in k8s.io; Debian's CNI bridge plugin wires a network namespace to
-/// cni0 (veth, host-local IPAM) and it answers ping. Debian ships no crictl: no pod runs through CRI.
+/// One node with `--containerd`: runc really runs containers from the local busybox and
+/// accordion-test images (exit status back through ctr); the CRI plugin is loaded, found its CNI
+/// config, and the sandbox and test images are in k8s.io; CRI has the `accordion` runtime and
+/// containerd's PATH has its shim; Debian's CNI bridge plugin wires a network namespace to cni0
+/// (veth, host-local IPAM) and it answers ping. Debian ships no crictl: no pod runs through CRI.
 #[test]
 fn test_node_containerd_runs_a_runc_container_and_loads_cri() {
     let script = [
         r#"ctr plugins ls | awk '$1 == "io.containerd.grpc.v1" && $2 == "cri" { print "cri:" $NF }'"#,
         "grep -q 'failed to load cni' /var/log/containerd.log || echo cni:ok",
-        "ctr -n k8s.io images ls -q | grep -x registry.k8s.io/pause:3.8",
+        "ctr -n k8s.io images ls -q | grep -x -e registry.k8s.io/pause:3.8 -e localhost/accordion-test:latest",
+        r#"containerd --config /etc/containerd/config.toml config dump |
+             awk '/runtimes.accordion]/ { f = 1 } f && /runtime_type/ { print $NF; exit }'"#,
+        r#"env PATH="$(tr '\0' '\n' < /proc/$(cat /run/containerd.pid)/environ | sed -n 's/^PATH=//p')" \
+             which containerd-shim-accordion-v2"#,
+        "ctr run --rm localhost/accordion-test:latest t0 sh -c 'cat /etc/accordion-test; uname -m'",
         "mkdir -p /run/netns && touch /run/netns/t && unshare --net=/run/netns/t true",
         r#"echo '{"cniVersion": "1.0.0", "name": "t", "type": "bridge", "bridge": "cni0", "isGateway": true,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]]}}' |
@@ -108,7 +114,9 @@ fn test_node_containerd_runs_a_runc_container_and_loads_cri() {
     );
     assert_eq!(
         stdout,
-        "cri:ok\ncni:ok\nregistry.k8s.io/pause:3.8\n\"address\": \"10.88.0.2/16\"\nping:ok\nhi\n",
+        "cri:ok\ncni:ok\nlocalhost/accordion-test:latest\nregistry.k8s.io/pause:3.8\n\
+         \"io.containerd.accordion.v2\"\n/usr/local/bin/containerd-shim-accordion-v2\n\
+         accordion-test\naarch64\n\"address\": \"10.88.0.2/16\"\nping:ok\nhi\n",
         "stderr: {stderr}"
     );
 }
