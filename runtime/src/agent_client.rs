@@ -306,6 +306,12 @@ pub struct GuestInfo {
     pub uptime: Duration,
     /// The agent's version.
     pub agent_version: String,
+    /// The virtio-fs tag the guest's kernel command line named (`accordion.share=`) for
+    /// /run/accordion/containers; None when it named none.
+    pub share_tag: Option<String>,
+    /// Why that share is not mounted; None when it is, or when none was named. Bundles are then
+    /// on the guest's tmpfs: refuse containers that need the share.
+    pub share_error: Option<String>,
 }
 
 impl From<pb::GetGuestInfoResponse> for GuestInfo {
@@ -319,6 +325,8 @@ impl From<pb::GetGuestInfoResponse> for GuestInfo {
             memory_available_bytes: r.memory_available_bytes,
             uptime: Duration::from_millis(r.uptime_ms),
             agent_version: r.agent_version,
+            share_tag: (!r.share_tag.is_empty()).then_some(r.share_tag),
+            share_error: (!r.share_error.is_empty()).then_some(r.share_error),
         }
     }
 }
@@ -1478,6 +1486,18 @@ mod tests {
                     tty: false,
                 }
             ))
+        );
+    }
+
+    #[test]
+    fn test_guest_info_share_fields_empty_are_none() {
+        let info = GuestInfo::from(pb::GetGuestInfoResponse {
+            share_tag: "pod".into(),
+            ..pb::GetGuestInfoResponse::default()
+        });
+        assert_eq!(
+            (info.share_tag.as_deref(), info.share_error),
+            (Some("pod"), None)
         );
     }
 
