@@ -44,8 +44,9 @@ pub struct Options {
 
 /// Usage text.
 pub const USAGE: &str = "usage: accordion-agent [--listen-unix PATH | --vsock-port PORT] [--init | --no-init]\n\
-  As PID 1 (or with --init): mounts /proc, /sys, /dev, /dev/pts, /sys/fs/cgroup, /tmp, /run, reaps orphans,\n\
-  powers the VM off on Shutdown. Serves accordion.agent.v1 on vsock port 1024 unless told otherwise.";
+  As PID 1 (or with --init): mounts /proc, /sys, /dev, /dev/pts, /sys/fs/cgroup, /tmp, /run, and the\n\
+  virtio-fs share the kernel command line names (accordion.share=TAG) on /run/accordion/containers,\n\
+  reaps orphans, powers the VM off on Shutdown. Serves accordion.agent.v1 on vsock port 1024 unless told otherwise.";
 
 impl Options {
     /// Parses the arguments after the program name. `Ok(None)` means help was asked for.

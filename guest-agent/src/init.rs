@@ -1,4 +1,5 @@
-//! What PID 1 owes the guest: the basic filesystems, a console, and a clean power-off.
+//! What PID 1 owes the guest: the basic filesystems, the host's share, a console, and a clean
+//! power-off.
 //!
 //! Runs only when the agent is PID 1 or is started with `--init`; on a host (tests, `--no-init`)
 //! none of this touches the machine.
@@ -50,6 +51,143 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Errors of mounting the host's share.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShareError {
+    /// The command line names a tag no virtio-fs device could have.
+    #[error("{SHARE_PARAM}={0:?} is not a virtio-fs tag (1-{MAX_TAG_LEN} bytes, no NUL)")]
+    InvalidTag(String),
+}
+
+/// The kernel command line parameter naming the virtio-fs tag to mount on [`SHARE_MOUNT`].
+pub const SHARE_PARAM: &str = "accordion.share";
+/// Where the share is mounted: the root every bundle must be under.
+pub const SHARE_MOUNT: &str = crate::containers::BUNDLES_ROOT;
+/// The longest virtio-fs tag: the device's config space has 36 bytes for it.
+pub const MAX_TAG_LEN: usize = 36;
+
+/// The parameters of a kernel command line, split as the kernel does: at spaces outside double
+/// quotes, with the quotes removed. Everything after a lone "--" is init's, not the kernel's, and
+/// is left out.
+pub fn cmdline_params(cmdline: &str) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_ascii_whitespace() && !quoted => {
+                if started {
+                    if current == "--" {
+                        return params;
+                    }
+                    params.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if started && current != "--" {
+        params.push(current);
+    }
+    params
+}
+
+/// The virtio-fs tag `accordion.share=<tag>` names on the kernel command line (the last one when
+/// repeated, as the kernel does with its own parameters); `Ok(None)` when there is none.
+pub fn share_tag(cmdline: &str) -> Result<Option<String>, ShareError> {
+    let Some(tag) = cmdline_params(cmdline)
+        .into_iter()
+        .filter_map(|p| {
+            p.strip_prefix(SHARE_PARAM)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(str::to_owned)
+        })
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains('\0') {
+        return Err(ShareError::InvalidTag(tag));
+    }
+    Ok(Some(tag))
+}
+
+/// What became of the host's share at boot, for GetGuestInfo.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShareStatus {
+    /// The tag the command line named; None when it named none.
+    pub tag: Option<String>,
+    /// Why the share is not mounted; None when it is, or when none was named.
+    pub error: Option<String>,
+}
+
+/// Mounts the virtio-fs share the kernel command line (the text of `cmdline`, /proc/cmdline)
+/// names on [`SHARE_MOUNT`], creating the directory first. Reports what happened and logs it; a
+/// failure is no reason to stop: the agent serves and GetGuestInfo tells the host.
+pub fn mount_share(cmdline: &Path) -> ShareStatus {
+    let text = match fs::read_to_string(cmdline) {
+        Ok(text) => text,
+        Err(e) => {
+            let error = format!("Cannot read {}: {e}", cmdline.display());
+            crate::error!("host share: {error}");
+            return ShareStatus {
+                tag: None,
+                error: Some(error),
+            };
+        }
+    };
+    let tag = match share_tag(&text) {
+        Ok(None) => return ShareStatus::default(),
+        Ok(Some(tag)) => tag,
+        Err(e) => {
+            crate::error!("host share not mounted: {e}");
+            let ShareError::InvalidTag(tag) = &e;
+            return ShareStatus {
+                tag: Some(tag.clone()),
+                error: Some(e.to_string()),
+            };
+        }
+    };
+    let result = fs::create_dir_all(SHARE_MOUNT)
+        .map_err(|e| format!("Cannot create {SHARE_MOUNT}: {e}"))
+        .and_then(|()| {
+            // No nosuid/nodev: container images keep their setuid binaries.
+            mount(
+                Some(tag.as_str()),
+                SHARE_MOUNT,
+                Some("virtiofs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| format!("Cannot mount virtio-fs tag {tag:?} on {SHARE_MOUNT}: {e}"))
+        });
+    match result {
+        Ok(()) => {
+            crate::info!("host share: virtio-fs {tag:?} mounted on {SHARE_MOUNT}");
+            ShareStatus {
+                tag: Some(tag),
+                error: None,
+            }
+        }
+        Err(error) => {
+            crate::error!("host share not mounted, bundles stay on the guest's tmpfs: {error}");
+            ShareStatus {
+                tag: Some(tag),
+                error: Some(error),
+            }
+        }
+    }
 }
 
 /// statfs(2) magic numbers of the filesystems an initramfs root can be.
@@ -391,6 +529,73 @@ mod tests {
         let info = "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n\
                     23 22 0:22 / /sys rw shared:2 - sysfs sysfs rw\n";
         assert_eq!(mount_points(info), vec!["/proc", "/sys"]);
+    }
+
+    #[test]
+    fn test_cmdline_params_split_like_the_kernel() {
+        assert_eq!(
+            cmdline_params("console=ttyS0  quiet foo=\"a b\" \"bar=c d\"\n"),
+            vec!["console=ttyS0", "quiet", "foo=a b", "bar=c d"]
+        );
+        assert_eq!(cmdline_params("a -- b c"), vec!["a"]);
+        assert_eq!(cmdline_params(""), Vec::<String>::new());
+        assert_eq!(cmdline_params("x=\"\""), vec!["x="]);
+    }
+
+    #[test]
+    fn test_share_tag_absent_is_none() {
+        assert_eq!(share_tag("console=hvc0 quiet\n"), Ok(None));
+        assert_eq!(share_tag("accordion.shared=x xaccordion.share=y"), Ok(None));
+        assert_eq!(share_tag("accordion.share"), Ok(None));
+    }
+
+    #[test]
+    fn test_share_tag_found_last_wins_quotes_removed() {
+        assert_eq!(
+            share_tag("quiet accordion.share=pod-1 panic=1\n"),
+            Ok(Some("pod-1".into()))
+        );
+        assert_eq!(
+            share_tag("accordion.share=a accordion.share=\"b\""),
+            Ok(Some("b".into()))
+        );
+    }
+
+    #[test]
+    fn test_share_tag_after_double_dash_is_init_argument_not_ours() {
+        assert_eq!(share_tag("quiet -- accordion.share=x"), Ok(None));
+    }
+
+    #[test]
+    fn test_share_tag_invalid_is_error() {
+        assert_eq!(
+            share_tag("accordion.share="),
+            Err(ShareError::InvalidTag(String::new()))
+        );
+        let long = "t".repeat(MAX_TAG_LEN + 1);
+        assert_eq!(
+            share_tag(&format!("accordion.share={long}")),
+            Err(ShareError::InvalidTag(long))
+        );
+        assert!(share_tag(&format!("accordion.share={}", "t".repeat(MAX_TAG_LEN))).is_ok());
+    }
+
+    #[test]
+    fn test_mount_share_without_parameter_mounts_nothing() {
+        let file = std::env::temp_dir().join(format!("accordion-cmdline-{}", std::process::id()));
+        fs::write(&file, "console=hvc0 quiet\n").expect("write");
+        let status = mount_share(&file);
+        fs::remove_file(&file).expect("cleanup");
+        assert_eq!(status, ShareStatus::default());
+    }
+
+    #[test]
+    fn test_mount_share_unreadable_cmdline_is_reported() {
+        let status = mount_share(Path::new("/nonexistent/cmdline"));
+        assert_eq!(status.tag, None);
+        assert!(status
+            .error
+            .is_some_and(|e| e.contains("/nonexistent/cmdline")));
     }
 
     #[test]

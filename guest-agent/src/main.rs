@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         }
     };
     let as_init = options.wants_init(std::process::id());
-    if as_init {
+    let share = if as_init {
         // PID 1 must never die: a panic is a bug (release builds abort on it), so power off
         // cleanly — the host sees a VM that stopped — instead of a kernel panic ("Attempted to
         // kill init").
@@ -70,7 +70,11 @@ fn main() -> ExitCode {
         for e in module_errors {
             warn!("{}", error_chain(&e));
         }
-    }
+        // After the modules (a distribution kernel's virtio transport may be one); logs either way.
+        init::mount_share(Path::new("/proc/cmdline"))
+    } else {
+        init::ShareStatus::default()
+    };
     info!(
         "accordion-agent {} starting (pid {}, init {as_init})",
         accordion_agent::AGENT_VERSION,
@@ -83,7 +87,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))
-        .and_then(|rt| rt.block_on(run(&options)).map_err(|e| error_chain(&e)));
+        .and_then(|rt| {
+            rt.block_on(run(&options, share))
+                .map_err(|e| error_chain(&e))
+        });
     match (&result, as_init) {
         (Ok(()), true) => init::power_off("shutdown requested", POWER_OFF_GRACE),
         (Err(e), true) => {
@@ -98,11 +105,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(options: &Options) -> Result<(), ServeError> {
+async fn run(options: &Options, share: init::ShareStatus) -> Result<(), ServeError> {
     let reaper = Reaper::global()?;
     let shutdown = Arc::new(Notify::new());
     let containers = ContainersService::new(reaper.clone());
-    let service = AgentService::new(reaper, shutdown.clone());
+    let service = AgentService::new(reaper, shutdown.clone()).with_share(share);
     // CPU hotplug is watched from the moment the agent serves, in the guest and on a host alike.
     let cpu = CpuService::new(CpuHub::start(Path::new(SYSFS)));
     // The server stops accepting on `stop`; in-flight calls (the Shutdown answer itself) get

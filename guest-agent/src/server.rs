@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::containers::ContainersService;
 use crate::cpu::CpuService;
 use crate::exec::{self, Event, ExecError, ExecSpec, Input};
+use crate::init::ShareStatus;
 use crate::reaper::{ExitStatus, Reaper, ReaperError};
 use crate::sysinfo;
 
@@ -64,6 +65,8 @@ pub struct AgentService {
     next_exec: Arc<AtomicU64>,
     exec_slots: Arc<Semaphore>,
     shutdown: Arc<Notify>,
+    /// What became of the host's share at boot.
+    share: Arc<ShareStatus>,
 }
 
 impl AgentService {
@@ -75,7 +78,14 @@ impl AgentService {
             next_exec: Arc::new(AtomicU64::new(1)),
             exec_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_EXECS)),
             shutdown,
+            share: Arc::default(),
         }
+    }
+
+    /// Reports `share` (the boot's share mount) in GetGuestInfo.
+    pub fn with_share(mut self, share: ShareStatus) -> Self {
+        self.share = Arc::new(share);
+        self
     }
 
     /// The tonic service with the message size limits applied.
@@ -195,7 +205,10 @@ impl Agent for AgentService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(error_chain(&e)))?;
-        Ok(Response::new(info.into()))
+        let mut response = pb::GetGuestInfoResponse::from(info);
+        response.share_tag = self.share.tag.clone().unwrap_or_default();
+        response.share_error = self.share.error.clone().unwrap_or_default();
+        Ok(Response::new(response))
     }
 
     type ExecStream = ExecStream;

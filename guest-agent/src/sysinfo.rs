@@ -154,6 +154,9 @@ impl From<GuestInfo> for accordion_proto::agent::v1::GetGuestInfoResponse {
             memory_available_bytes: info.memory_available_bytes,
             uptime_ms: info.uptime_ms,
             agent_version: crate::AGENT_VERSION.to_owned(),
+            // The boot's share mount is the Agent service's to report.
+            share_tag: String::new(),
+            share_error: String::new(),
         }
     }
 }

@@ -38,6 +38,9 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 const STDIN_CHUNK: usize = 32 * 1024;
 /// Queued stdin messages before reading stdin waits for the agent.
 const STDIN_QUEUE: usize = 16;
+/// The shortest deadline of Pause and Resume: the agent gives the kernel 10 s to freeze or thaw
+/// and then answers DEADLINE_EXCEEDED itself, which the caller should get to see.
+pub const FREEZE_RPC_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors of the agent client.
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +309,12 @@ pub struct GuestInfo {
     pub uptime: Duration,
     /// The agent's version.
     pub agent_version: String,
+    /// The virtio-fs tag the guest's kernel command line named (`accordion.share=`) for
+    /// /run/accordion/containers; None when it named none.
+    pub share_tag: Option<String>,
+    /// Why that share is not mounted; None when it is, or when none was named. Bundles are then
+    /// on the guest's tmpfs: refuse containers that need the share.
+    pub share_error: Option<String>,
 }
 
 impl From<pb::GetGuestInfoResponse> for GuestInfo {
@@ -319,6 +328,8 @@ impl From<pb::GetGuestInfoResponse> for GuestInfo {
             memory_available_bytes: r.memory_available_bytes,
             uptime: Duration::from_millis(r.uptime_ms),
             agent_version: r.agent_version,
+            share_tag: (!r.share_tag.is_empty()).then_some(r.share_tag),
+            share_error: (!r.share_error.is_empty()).then_some(r.share_error),
         }
     }
 }
@@ -970,6 +981,56 @@ pub struct ContainerStats {
     pub cpu_max: String,
     /// cpu.weight.
     pub cpu_weight: u64,
+    /// cpu.stat nr_bursts (0 before Linux 5.14).
+    pub cpu_nr_bursts: u64,
+    /// cpu.stat burst_usec (0 before Linux 5.14).
+    pub cpu_burst_usec: u64,
+    /// memory.stat.
+    pub memory_stat: MemoryStat,
+    /// memory.events.
+    pub memory_events: MemoryEvents,
+    /// memory.swap.current, bytes; None when the guest kernel does not account swap.
+    pub memory_swap_current_bytes: Option<u64>,
+    /// memory.swap.max, bytes; None when unlimited or not accounted.
+    pub memory_swap_max_bytes: Option<u64>,
+    /// memory.peak, bytes; None when the guest kernel has no such file (before 5.19).
+    pub memory_peak_bytes: Option<u64>,
+}
+
+/// A struct of u64 counters with the same field names as its wire message, and the conversion.
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident <= $wire:path { $($field:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub struct $name {
+            $(pub $field: u64,)*
+        }
+
+        impl From<$wire> for $name {
+            fn from(w: $wire) -> Self {
+                Self { $($field: w.$field,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// A container's memory.stat, as containerd's cgroup v2 `MemoryStat` names its fields: sizes
+    /// in bytes, `pg*` and `thp_*` event counts. All zero from an agent that does not send it.
+    MemoryStat <= pb::MemoryStat {
+        anon, file, kernel_stack, slab, sock, shmem, file_mapped, file_dirty, file_writeback,
+        anon_thp, inactive_anon, active_anon, inactive_file, active_file, unevictable,
+        slab_reclaimable, slab_unreclaimable, pgfault, pgmajfault, workingset_refault,
+        workingset_activate, workingset_nodereclaim, pgrefill, pgscan, pgsteal, pgactivate,
+        pgdeactivate, pglazyfree, pglazyfreed, thp_fault_alloc, thp_collapse_alloc,
+    }
+}
+
+counters! {
+    /// A container's memory.events: how often it hit memory.low/high/max, ran out of memory, and
+    /// had a process (or its whole group) OOM-killed.
+    MemoryEvents <= pb::MemoryEvents { low, high, max, oom, oom_kill, oom_group_kill }
 }
 
 impl From<pb::ContainerStatsResponse> for ContainerStats {
@@ -987,7 +1048,31 @@ impl From<pb::ContainerStatsResponse> for ContainerStats {
             pids_max: r.pids_max,
             cpu_max: r.cpu_max,
             cpu_weight: r.cpu_weight,
+            cpu_nr_bursts: r.cpu_nr_bursts,
+            cpu_burst_usec: r.cpu_burst_usec,
+            memory_stat: r.memory_stat.map(Into::into).unwrap_or_default(),
+            memory_events: r.memory_events.map(Into::into).unwrap_or_default(),
+            memory_swap_current_bytes: r.memory_swap_current_bytes,
+            memory_swap_max_bytes: r.memory_swap_max_bytes,
+            memory_peak_bytes: r.memory_peak_bytes,
         }
+    }
+}
+
+/// An open OOM watch ([`AgentClient::watch_oom`]). It has no deadline: it lasts until dropped or
+/// until the agent goes away.
+#[derive(Debug)]
+pub struct OomWatch {
+    stream: tonic::Streaming<pb::OomEvent>,
+}
+
+impl OomWatch {
+    /// The id of the next container in which the guest kernel OOM-killed a process (several
+    /// kills the agent saw at once are one event). `Ok(None)` when the agent ended the stream in
+    /// an orderly way (it is shutting down); [`AgentClientError::AgentGone`] when the connection
+    /// died.
+    pub async fn next(&mut self) -> Result<Option<String>> {
+        Ok(self.stream.message().await?.map(|e| e.container_id))
     }
 }
 
@@ -1127,6 +1212,69 @@ impl AgentClient {
         self.unary("Containers.Update", self.containers.clone().update(request))
             .await
             .map(drop)
+    }
+
+    /// Freezes every process of running container `id` (`Containers.Pause`); returns once the
+    /// guest kernel reports them frozen, and [`AgentClient::container_state`] then says
+    /// [`ContainerStatus::Paused`]. Pausing a paused container is a no-op; a created or stopped
+    /// one is refused (`FailedPrecondition`). The deadline is at least [`FREEZE_RPC_TIMEOUT`], so
+    /// the agent's own `DeadlineExceeded` (not frozen within 10 s, thawed again) comes through.
+    pub async fn pause_container(&self, id: &str) -> Result<()> {
+        let client = self.with_rpc_timeout(self.config.rpc_timeout.max(FREEZE_RPC_TIMEOUT));
+        let request = client.request(pb::PauseContainerRequest {
+            container_id: id.to_owned(),
+        });
+        client
+            .unary("Containers.Pause", client.containers.clone().pause(request))
+            .await
+            .map(drop)
+    }
+
+    /// Thaws paused container `id` (`Containers.Resume`); returns once the guest kernel reports it
+    /// thawed. Resuming a running container is a no-op; a stopped one is refused
+    /// (`FailedPrecondition`). Deadline as for [`AgentClient::pause_container`].
+    pub async fn resume_container(&self, id: &str) -> Result<()> {
+        let client = self.with_rpc_timeout(self.config.rpc_timeout.max(FREEZE_RPC_TIMEOUT));
+        let request = client.request(pb::ResumeContainerRequest {
+            container_id: id.to_owned(),
+        });
+        client
+            .unary(
+                "Containers.Resume",
+                client.containers.clone().resume(request),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// The pids (in the guest) of every process of container `id`, its sub-cgroups included,
+    /// ascending (`Containers.Pids`).
+    pub async fn container_pids(&self, id: &str) -> Result<Vec<u32>> {
+        let request = self.request(pb::ContainerPidsRequest {
+            container_id: id.to_owned(),
+        });
+        Ok(self
+            .unary("Containers.Pids", self.containers.clone().pids(request))
+            .await?
+            .pids)
+    }
+
+    /// Opens a watch of OOM kills in every container of the guest, present and future
+    /// (`Containers.WatchOom`). Opening has the RPC deadline; the watch itself has none. Once this
+    /// returns, the agent is subscribed: every later kill is reported.
+    pub async fn watch_oom(&self) -> Result<OomWatch> {
+        let mut containers = self.containers.clone();
+        // No grpc-timeout on this request: it would end the stream on the agent's side.
+        let open = containers.watch_oom(Request::new(pb::WatchOomRequest {}));
+        let stream = tokio::time::timeout(self.config.rpc_timeout, open)
+            .await
+            .map_err(|_| AgentClientError::Timeout {
+                operation: "Containers.WatchOom",
+                after: self.config.rpc_timeout,
+                last_error: None,
+            })??
+            .into_inner();
+        Ok(OomWatch { stream })
     }
 
     /// The container's cgroup counters.
@@ -1610,6 +1758,51 @@ mod tests {
                     tty: false,
                 }
             ))
+        );
+    }
+
+    #[test]
+    fn test_container_stats_from_wire_memory_fields() {
+        let stats = ContainerStats::from(pb::ContainerStatsResponse {
+            memory_stat: Some(pb::MemoryStat {
+                anon: 4096,
+                pgmajfault: 3,
+                ..pb::MemoryStat::default()
+            }),
+            memory_events: Some(pb::MemoryEvents {
+                oom_kill: 2,
+                ..pb::MemoryEvents::default()
+            }),
+            memory_swap_current_bytes: Some(0),
+            ..pb::ContainerStatsResponse::default()
+        });
+        assert_eq!(
+            (
+                stats.memory_stat.anon,
+                stats.memory_stat.pgmajfault,
+                stats.memory_events.oom_kill,
+                stats.memory_swap_current_bytes,
+                stats.memory_peak_bytes
+            ),
+            (4096, 3, 2, Some(0), None)
+        );
+        // An older agent sends no memory.stat: zeros, not an error.
+        let old = ContainerStats::from(pb::ContainerStatsResponse::default());
+        assert_eq!(
+            (old.memory_stat, old.memory_events),
+            (MemoryStat::default(), MemoryEvents::default())
+        );
+    }
+
+    #[test]
+    fn test_guest_info_share_fields_empty_are_none() {
+        let info = GuestInfo::from(pb::GetGuestInfoResponse {
+            share_tag: "pod".into(),
+            ..pb::GetGuestInfoResponse::default()
+        });
+        assert_eq!(
+            (info.share_tag.as_deref(), info.share_error),
+            (Some("pod"), None)
         );
     }
 

@@ -1,9 +1,10 @@
 //! The agent's Containers service in a real microVM: `Sandbox::boot` with the minimal kernel and
 //! the agent as PID 1, a busybox bundle built in the guest through Exec, OCI containers run by
 //! libcontainer in the guest. Needs KVM and the guest assets (the emulated ARM64 node); skipped
-//! elsewhere, and fails instead under ACCORDION_REQUIRE_KVM=1.
+//! elsewhere, and fails instead under ACCORDION_REQUIRE_KVM=1. The two tests boot one guest each
+//! and run side by side.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use accordion_runtime::agent_client::{
     AgentClient, AgentClientError, ContainerCreate, ContainerStatus, ExecSpec,
@@ -36,13 +37,13 @@ fn can_run() -> bool {
     }
 }
 
-async fn boot(name: &str) -> Sandbox {
+async fn boot(name: &str, extra_cmdline: &str) -> Sandbox {
     let share = sandbox::share_dir().join("guest");
     let spec = SandboxSpec {
         name: name.into(),
         kernel: share.join("Image"),
         initrd: share.join("agent-initrd.cpio"),
-        extra_cmdline: String::new(),
+        extra_cmdline: extra_cmdline.into(),
         vcpus: 1,
         max_vcpus: 2,
         memory_mib: 512,
@@ -175,8 +176,13 @@ async fn test_containers_lifecycle_in_a_real_guest() {
     if !can_run() {
         return;
     }
-    let sandbox = boot(&format!("ctr-{}", std::process::id())).await;
+    let sandbox = boot(&format!("ctr-{}", std::process::id()), "").await;
     let agent = sandbox.agent().with_rpc_timeout(RPC);
+
+    // 0. No accordion.share on the command line: nothing mounted, nothing reported.
+    let info = agent.guest_info().await.expect("guest info");
+    assert_eq!((info.share_tag, info.share_error), (None, None));
+    assert_eq!(bundles_mount(&agent).await, "", "a mount on {BUNDLES}");
 
     // 1. Output and exit code of a short container.
     let bundle = make_bundle(&agent, "c1").await;
@@ -323,6 +329,11 @@ async fn test_containers_lifecycle_in_a_real_guest() {
     assert_eq!(stats.cpu_max, "50000 100000");
     assert_eq!(stats.memory_max_bytes, Some(134_217_728));
     assert!(stats.pids_current >= 1, "{stats:?}");
+    assert!(
+        stats.memory_stat.pgfault > 0 && stats.memory_stat.kernel_stack > 0,
+        "{stats:?}"
+    );
+    assert!(stats.memory_peak_bytes.is_some(), "{stats:?}");
     let err = agent
         .update_container("c2", br#"{"cpu": {"quota": 5}}"#.to_vec())
         .await
@@ -411,6 +422,257 @@ async fn test_containers_lifecycle_in_a_real_guest() {
         .expect_err("unknown id");
     assert_eq!(rpc_code(&err), Some(Code::NotFound), "{err}");
     assert!(!agent.health().await.expect("health").is_empty());
+
+    sandbox.stop(Duration::from_secs(5)).await;
+}
+
+/// The mountinfo line of whatever is mounted on the bundles' root in the guest; empty when none.
+async fn bundles_mount(agent: &AgentClient) -> String {
+    let (code, out) = guest_sh(
+        agent,
+        &format!("awk '$5 == \"{BUNDLES}\"' /proc/self/mountinfo"),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
+/// The file's content in the guest; empty when it does not exist (yet).
+async fn guest_cat(agent: &AgentClient, path: &str) -> String {
+    guest_sh(agent, &format!("cat {path} 2>/dev/null")).await.1
+}
+
+/// Waits up to `within` for `path` to hold something other than `before` (and not nothing).
+async fn wait_for_change(
+    agent: &AgentClient,
+    path: &str,
+    before: &str,
+    within: Duration,
+) -> String {
+    let end = Instant::now() + within;
+    loop {
+        let now = guest_cat(agent, path).await;
+        if !now.trim().is_empty() && now != before {
+            return now;
+        }
+        assert!(
+            Instant::now() < end,
+            "{path} stayed {before:?} for {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_containers_pause_pids_oom_and_share_error_in_a_real_guest() {
+    if !can_run() {
+        return;
+    }
+    // A tag no virtio-fs device has: PID 1 cannot mount it, says why, and serves anyway.
+    let sandbox = boot(
+        &format!("ctrp-{}", std::process::id()),
+        "accordion.share=no-such-tag",
+    )
+    .await;
+    let agent = sandbox.agent().with_rpc_timeout(RPC);
+    let info = agent.guest_info().await.expect("guest info");
+    assert_eq!(info.share_tag.as_deref(), Some("no-such-tag"));
+    let share_error = info.share_error.expect("a share error");
+    assert!(share_error.contains("no-such-tag"), "{share_error}");
+    assert_eq!(bundles_mount(&agent).await, "", "a mount on {BUNDLES}");
+
+    // Opened first: the containers below are created after it and still covered.
+    let mut oom = agent.watch_oom().await.expect("watch OOM");
+
+    // 1. Pause: a counter stops; Exec is refused; Resume: it moves again; force-delete of a
+    //    paused container.
+    let bundle = make_bundle(&agent, "p1").await;
+    create(
+        &agent,
+        "p1",
+        &bundle,
+        "p1",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done",
+        ],
+    )
+    .await;
+    let err = agent
+        .pause_container("p1")
+        .await
+        .expect_err("pause created");
+    assert_eq!(rpc_code(&err), Some(Code::FailedPrecondition), "{err}");
+    agent.start_container("p1").await.expect("start");
+    let count = format!("{bundle}/rootfs/tmp/count");
+    let first = wait_for_change(&agent, &count, "", Duration::from_secs(60)).await;
+    wait_for_change(&agent, &count, &first, Duration::from_secs(60)).await;
+
+    agent.pause_container("p1").await.expect("pause");
+    agent
+        .pause_container("p1")
+        .await
+        .expect("pause again is a no-op");
+    assert_eq!(
+        agent.container_state("p1").await.expect("state").status,
+        ContainerStatus::Paused
+    );
+    let frozen = guest_cat(&agent, &count).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        guest_cat(&agent, &count).await,
+        frozen,
+        "the counter moved while paused"
+    );
+    let err = agent
+        .exec_in_container(
+            "p1",
+            ExecSpec {
+                argv: vec!["true".into()],
+                ..ExecSpec::default()
+            },
+            None::<tokio::io::Empty>,
+            tokio::io::sink(),
+            tokio::io::sink(),
+        )
+        .await
+        .expect_err("exec while paused");
+    assert_eq!(rpc_code(&err), Some(Code::FailedPrecondition), "{err}");
+
+    agent.resume_container("p1").await.expect("resume");
+    assert_eq!(
+        agent.container_state("p1").await.expect("state").status,
+        ContainerStatus::Running
+    );
+    wait_for_change(&agent, &count, &frozen, Duration::from_secs(60)).await;
+
+    agent.pause_container("p1").await.expect("pause");
+    let err = agent
+        .delete_container("p1", false)
+        .await
+        .expect_err("delete paused without force");
+    assert_eq!(rpc_code(&err), Some(Code::FailedPrecondition), "{err}");
+    agent
+        .delete_container("p1", true)
+        .await
+        .expect("force-delete paused");
+    assert_gone(&agent, "p1").await;
+    let err = agent
+        .pause_container("p1")
+        .await
+        .expect_err("pause deleted");
+    assert_eq!(rpc_code(&err), Some(Code::NotFound), "{err}");
+
+    // 2. Pids: the shell and its background sleep. Kill of all keeps a paused container paused;
+    //    fatal signals reach it.
+    let bundle = make_bundle(&agent, "p2").await;
+    create(
+        &agent,
+        "p2",
+        &bundle,
+        "p2",
+        &["sh", "-c", "sleep 1000 & wait"],
+    )
+    .await;
+    agent.start_container("p2").await.expect("start");
+    let main = agent.container_state("p2").await.expect("state").pid;
+    let end = Instant::now() + Duration::from_secs(60);
+    let pids = loop {
+        let pids = agent.container_pids("p2").await.expect("pids");
+        if pids.len() >= 2 || Instant::now() > end {
+            break pids;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(pids.contains(&main), "main pid {main} not in {pids:?}");
+    let other = pids
+        .iter()
+        .find(|&&p| p != main)
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        guest_cat(&agent, &format!("/proc/{other}/comm")).await,
+        "sleep\n"
+    );
+
+    agent.pause_container("p2").await.expect("pause");
+    // Signalling every process leaves a paused container paused (libcontainer's own kill of all
+    // thaws it). The unhandled SIGTERM still kills the sleep at once, frozen or not: the kernel
+    // turns a fatal signal into SIGKILL. The shell, its pid namespace's init, ignores it.
+    agent
+        .kill_container("p2", 15, true)
+        .await
+        .expect("SIGTERM all, paused");
+    assert_eq!(
+        agent.container_state("p2").await.expect("state").status,
+        ContainerStatus::Paused
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    while agent.container_pids("p2").await.expect("pids") != vec![main] {
+        assert!(Instant::now() < end, "the sleep outlived SIGTERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        agent.container_state("p2").await.expect("state").status,
+        ContainerStatus::Paused
+    );
+    agent
+        .kill_container("p2", 9, false)
+        .await
+        .expect("SIGKILL paused");
+    let exit = agent.wait_container("p2", RPC).await.expect("wait");
+    assert_eq!(exit.shell_code(), 137, "{exit:?}");
+    assert_eq!(
+        agent.container_state("p2").await.expect("state").status,
+        ContainerStatus::Stopped
+    );
+    let err = agent
+        .resume_container("p2")
+        .await
+        .expect_err("resume stopped");
+    assert_eq!(rpc_code(&err), Some(Code::FailedPrecondition), "{err}");
+    assert_eq!(
+        agent.container_pids("p2").await.expect("pids"),
+        Vec::<u32>::new()
+    );
+    agent.delete_container("p2", false).await.expect("delete");
+    assert_gone(&agent, "p2").await;
+
+    // 3. OOM: a shell doubling a string under a 32 MiB memory.max is OOM-killed; the watch
+    //    names it, and Stats counts it.
+    let bundle = make_bundle(&agent, "p3").await;
+    create(
+        &agent,
+        "p3",
+        &bundle,
+        "p3",
+        &[
+            "sh",
+            "-c",
+            "x=0123456789abcdef; while true; do x=$x$x; done",
+        ],
+    )
+    .await;
+    agent
+        .update_container("p3", br#"{"memory": {"limit": 33554432}}"#.to_vec())
+        .await
+        .expect("memory limit");
+    agent.start_container("p3").await.expect("start");
+    let oom_id = tokio::time::timeout(RPC, oom.next())
+        .await
+        .expect("an OOM event in time")
+        .expect("OOM watch")
+        .expect("OOM watch still open");
+    assert_eq!(oom_id, "p3");
+    let exit = agent.wait_container("p3", RPC).await.expect("wait");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    let stats = agent.container_stats("p3").await.expect("stats");
+    assert!(stats.memory_events.oom_kill >= 1, "{stats:?}");
+    assert!(stats.memory_events.max >= 1, "{stats:?}");
+    agent.delete_container("p3", false).await.expect("delete");
+    assert_gone(&agent, "p3").await;
 
     sandbox.stop(Duration::from_secs(5)).await;
 }

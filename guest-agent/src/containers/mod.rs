@@ -3,10 +3,13 @@
 //! Everything the host names is checked here before it reaches the filesystem: ids are plain file
 //! names, bundles are directories under [`BUNDLES_ROOT`], specs are parsed and adjusted
 //! ([`spec`]), and resources become cgroup v2 file writes ([`cgroup`]). The service itself
-//! ([`service`]) keeps the containers' processes, stdio and exit statuses.
+//! ([`service`]) keeps the containers' processes, stdio and exit statuses; [`events`] waits for
+//! the kernel's cgroup notifications (the freezer) and [`oom`] turns them into OOM events.
 
 pub mod cgroup;
 pub mod console;
+pub mod events;
+pub mod oom;
 pub mod service;
 pub mod spec;
 

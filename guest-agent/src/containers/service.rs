@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use accordion_proto::agent::v1 as pb;
@@ -27,6 +27,7 @@ use libcontainer::workload::{self, Executor, ExecutorError, ExecutorValidationEr
 use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -34,6 +35,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::cgroup::{self, CgroupError};
 use super::console::ConsoleSocket;
+use super::events;
+use super::oom::OomMonitor;
 use super::spec::{self, SpecError};
 use super::{validate_bundle, validate_id, ValidateError};
 use super::{BUNDLES_ROOT, CGROUP_MOUNT, CGROUP_PARENT, STATE_ROOT};
@@ -48,6 +51,10 @@ const QUEUE: usize = 16;
 const VEOF: u8 = 0x04;
 /// How long a client has to send the first message of Attach or Exec.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Pause and Resume wait for the kernel to report the cgroup frozen or thawed.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a forced Delete waits for the container's processes to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of a container operation.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +80,9 @@ pub enum ContainerError {
     /// The container's state does not allow the call.
     #[error("{0}")]
     State(String),
+    /// The kernel did not report a change in time.
+    #[error("{0}")]
+    Timeout(String),
     /// The terminal of a tty process could not be set up.
     #[error(transparent)]
     Console(#[from] super::console::ConsoleError),
@@ -139,6 +149,7 @@ pub fn to_status(err: &ContainerError) -> Status {
         ContainerError::NotFound(_) => Status::not_found(message),
         ContainerError::Exists(_) => Status::already_exists(message),
         ContainerError::State(_) => Status::failed_precondition(message),
+        ContainerError::Timeout(_) => Status::deadline_exceeded(message),
         _ => Status::internal(message),
     }
 }
@@ -218,6 +229,15 @@ struct Entry {
     pid: u32,
     exit: watch::Receiver<Option<ExitStatus>>,
     stdio: Mutex<Option<MainStdio>>,
+    /// Held by whatever reads and then changes the freezer state (Pause, Resume, Kill of every
+    /// process, Exec's start), so one cannot undo the other halfway.
+    freezer: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    fn exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
 }
 
 /// Where things live; tests may point them elsewhere.
@@ -247,6 +267,8 @@ pub struct ContainersService {
     reaper: Reaper,
     paths: Arc<Paths>,
     containers: Arc<Mutex<HashMap<String, Arc<Entry>>>>,
+    /// Started on first use (a handler, so inside the runtime).
+    oom: Arc<OnceLock<OomMonitor>>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
@@ -300,7 +322,41 @@ impl ContainersService {
             reaper,
             paths: Arc::new(paths),
             containers: Arc::default(),
+            oom: Arc::default(),
         }
+    }
+
+    fn oom(&self) -> &OomMonitor {
+        self.oom.get_or_init(OomMonitor::start)
+    }
+
+    /// Whether the container's cgroup is asked to be frozen. A cgroup that cannot be read (gone
+    /// with the container) is not.
+    fn frozen(&self, id: &str) -> bool {
+        cgroup::freeze_requested(&self.cgroup_dir(id)).unwrap_or(false)
+    }
+
+    /// Freezes or thaws the cgroup `dir` and waits for the kernel to report it done. A freeze
+    /// that does not complete in time is undone.
+    async fn set_frozen(id: &str, dir: &Path, frozen: bool) -> Result<(), ContainerError> {
+        // A write to cgroup.freeze only flags the tasks; it does not wait for them.
+        cgroup::set_frozen(dir, frozen)?;
+        let file = dir.join(cgroup::EVENTS);
+        let want = u64::from(frozen);
+        let done = events::wait_keyed(&file, "frozen", want, FREEZE_TIMEOUT)
+            .await
+            .map_err(ContainerError::io(format!("read {}", file.display())))?;
+        if done {
+            return Ok(());
+        }
+        let verb = if frozen { "freeze" } else { "thaw" };
+        if frozen {
+            let _ = cgroup::set_frozen(dir, false);
+        }
+        Err(ContainerError::Timeout(format!(
+            "Container {id:?} did not {verb} within {FREEZE_TIMEOUT:?}{}",
+            if frozen { "; it was thawed again" } else { "" }
+        )))
     }
 
     /// The tonic service with the message size limits applied.
@@ -676,7 +732,10 @@ impl Containers for ContainersService {
             pid,
             exit: exit_rx,
             stdio: Mutex::new(Some(stdio)),
+            freezer: tokio::sync::Mutex::new(()),
         };
+        // Before Start: the process cannot run, let alone be OOM-killed, unwatched.
+        self.oom().watch(&id, &self.cgroup_dir(&id));
         self.containers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -778,7 +837,7 @@ impl Containers for ContainersService {
         let signal = nix::sys::signal::Signal::try_from(request.signal)
             .map_err(|_| Status::invalid_argument(format!("{} is not a signal", request.signal)))?;
         let id = request.container_id;
-        self.entry(&id).map_err(|e| to_status(&e))?;
+        let entry = self.entry(&id).map_err(|e| to_status(&e))?;
         if request.exec_pid != 0 {
             let pid = request.exec_pid;
             let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -791,6 +850,19 @@ impl Containers for ContainersService {
                 Ok(()) => Ok(Response::new(pb::KillContainerResponse {})),
                 Err(e) => Err(Status::not_found(error_chain(&e))),
             };
+        }
+        // libcontainer signals every process inside a freeze and thaws afterwards: a paused
+        // container would wake up. Frozen, it cannot fork, so signalling its processes one by one
+        // is just as safe.
+        let _freezer = if request.all {
+            Some(entry.freezer.lock().await)
+        } else {
+            None
+        };
+        if request.all && !entry.exited() && self.frozen(&id) {
+            let dir = self.cgroup_dir(&id);
+            blocking(move || Ok(cgroup::signal_all(&dir, signal)?)).await?;
+            return Ok(Response::new(pb::KillContainerResponse {}));
         }
         let paths = self.paths.clone();
         blocking(move || {
@@ -822,13 +894,34 @@ impl Containers for ContainersService {
             })
             .await?;
             if status == ContainerStatus::Running || status == ContainerStatus::Paused {
+                let status = if self.frozen(&id) {
+                    ContainerStatus::Paused
+                } else {
+                    status
+                };
                 return Err(to_status(&ContainerError::State(format!(
                     "Container {id:?} is {status}; stop it first or force"
                 ))));
             }
         }
-        let paths = self.paths.clone();
         let cgroup = self.cgroup_dir(&id);
+        if !exited && request.force && cgroup.exists() {
+            // Kill everything first, frozen or not (cgroup.kill reaches frozen tasks), and let the
+            // processes die: libcontainer then finds a stopped container and an empty cgroup to
+            // remove, instead of racing the kill with a few short rmdir retries.
+            let dir = cgroup.clone();
+            blocking(move || Ok(cgroup::kill_all(&dir)?)).await?;
+            let mut exit = entry.exit.clone();
+            let _ = tokio::time::timeout(KILL_TIMEOUT, exit.wait_for(Option::is_some)).await;
+            let events = cgroup.join(cgroup::EVENTS);
+            if !matches!(
+                events::wait_keyed(&events, "populated", 0, KILL_TIMEOUT).await,
+                Ok(true)
+            ) {
+                crate::warn!("container {id}: processes left after SIGKILL; deleting anyway");
+            }
+        }
+        let paths = self.paths.clone();
         let bundle = entry.bundle.clone();
         let force = request.force;
         let del_id = id.clone();
@@ -856,6 +949,7 @@ impl Containers for ContainersService {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
+        self.oom().unwatch(&id);
         crate::info!("container {id}: deleted");
         Ok(Response::new(pb::DeleteContainerResponse {}))
     }
@@ -875,9 +969,12 @@ impl Containers for ContainersService {
             Ok(c.status())
         })
         .await?;
-        // An exit we saw wins over /proc (the pid may be reused).
+        // An exit we saw wins over /proc (the pid may be reused). The freezer is the agent's,
+        // not libcontainer's: paused is what the cgroup says.
         let status = if exit.is_some() {
             pb::ContainerStatus::Stopped
+        } else if status == ContainerStatus::Running && self.frozen(&id) {
+            pb::ContainerStatus::Paused
         } else {
             status_to_wire(status)
         };
@@ -910,9 +1007,17 @@ impl Containers for ContainersService {
         };
         let id = start.container_id.clone();
         let entry = self.entry(&id).map_err(|e| to_status(&e))?;
-        if entry.exit.borrow().is_some() {
+        if entry.exited() {
             return Err(to_status(&ContainerError::State(format!(
                 "Container {id:?} has exited"
+            ))));
+        }
+        // The new process would join a frozen cgroup and freeze before it could report that it
+        // started. Held until it has: a Pause waits for that.
+        let _freezer = entry.freezer.lock().await;
+        if self.frozen(&id) {
+            return Err(to_status(&ContainerError::State(format!(
+                "Container {id:?} is paused"
             ))));
         }
         if start.argv.first().is_none_or(String::is_empty)
@@ -987,7 +1092,117 @@ impl Containers for ContainersService {
             pids_max: s.pids_max,
             cpu_max: s.cpu_max,
             cpu_weight: s.cpu_weight,
+            memory_stat: Some(s.memory_stat.into()),
+            memory_events: Some(s.memory_events.into()),
+            memory_swap_current_bytes: s.memory_swap_current,
+            memory_swap_max_bytes: s.memory_swap_max,
+            memory_peak_bytes: s.memory_peak,
+            cpu_nr_bursts: s.cpu_nr_bursts,
+            cpu_burst_usec: s.cpu_burst_usec,
         }))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::PauseContainerRequest>,
+    ) -> Result<Response<pb::PauseContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let entry = self.entry(&id).map_err(|e| to_status(&e))?;
+        let _freezer = entry.freezer.lock().await;
+        if entry.exited() {
+            return Err(to_status(&ContainerError::State(format!(
+                "Cannot pause container {id:?}: it has stopped"
+            ))));
+        }
+        let paths = self.paths.clone();
+        let load_id = id.clone();
+        let status = blocking(move || {
+            let mut c = Self::load(&paths, &load_id)?;
+            c.refresh_status().map_err(ContainerError::lc("inspect"))?;
+            Ok(c.status())
+        })
+        .await?;
+        if status != ContainerStatus::Running {
+            return Err(to_status(&ContainerError::State(format!(
+                "Cannot pause container {id:?}: it is {status}"
+            ))));
+        }
+        Self::set_frozen(&id, &self.cgroup_dir(&id), true)
+            .await
+            .map_err(|e| to_status(&e))?;
+        crate::info!("container {id}: paused");
+        Ok(Response::new(pb::PauseContainerResponse {}))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeContainerRequest>,
+    ) -> Result<Response<pb::ResumeContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let entry = self.entry(&id).map_err(|e| to_status(&e))?;
+        let _freezer = entry.freezer.lock().await;
+        if entry.exited() {
+            return Err(to_status(&ContainerError::State(format!(
+                "Cannot resume container {id:?}: it has stopped"
+            ))));
+        }
+        Self::set_frozen(&id, &self.cgroup_dir(&id), false)
+            .await
+            .map_err(|e| to_status(&e))?;
+        crate::info!("container {id}: resumed");
+        Ok(Response::new(pb::ResumeContainerResponse {}))
+    }
+
+    async fn pids(
+        &self,
+        request: Request<pb::ContainerPidsRequest>,
+    ) -> Result<Response<pb::ContainerPidsResponse>, Status> {
+        let id = request.into_inner().container_id;
+        self.entry(&id).map_err(|e| to_status(&e))?;
+        let dir = self.cgroup_dir(&id);
+        let pids = blocking(move || Ok(cgroup::all_pids(&dir)?)).await?;
+        Ok(Response::new(pb::ContainerPidsResponse { pids }))
+    }
+
+    type WatchOomStream = WatchOomStream;
+
+    async fn watch_oom(
+        &self,
+        _: Request<pb::WatchOomRequest>,
+    ) -> Result<Response<WatchOomStream>, Status> {
+        // Subscribed before the response (and its headers) goes out: a kill after the caller's
+        // call returned is reported.
+        let events = self.oom().subscribe();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(forward_oom(events, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type WatchOomStream = Pin<Box<dyn Stream<Item = Result<pb::OomEvent, Status>> + Send>>;
+
+/// Forwards OOM kills to one WatchOom stream until the client goes away.
+async fn forward_oom(
+    mut events: tokio::sync::broadcast::Receiver<String>,
+    tx: mpsc::Sender<Result<pb::OomEvent, Status>>,
+) {
+    loop {
+        let next = tokio::select! {
+            next = events.recv() => next,
+            () = tx.closed() => return,
+        };
+        match next {
+            Ok(container_id) => {
+                if tx.send(Ok(pb::OomEvent { container_id })).await.is_err() {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                crate::warn!("an OOM watcher fell behind: {missed} OOM events not delivered");
+            }
+            // The monitor is gone (the agent is stopping): end the stream.
+            Err(RecvError::Closed) => return,
+        }
     }
 }
 

@@ -268,6 +268,8 @@ pub struct Service {
     cpu: Mutex<PodCpu>,
     /// Serializes resource changes (Update, and Create of a pod member).
     resizing: tokio::sync::Mutex<()>,
+    /// Turns the agent's OOM notifications into TaskOOM events while the pod runs.
+    oom_events: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Service {
@@ -286,6 +288,7 @@ impl Service {
             containers: Mutex::new(HashMap::new()),
             cpu: Mutex::new(PodCpu::default()),
             resizing: tokio::sync::Mutex::new(()),
+            oom_events: Mutex::new(None),
         }
     }
 
@@ -381,8 +384,32 @@ impl Service {
         let pod = Pod::boot(&self.id, size, &config)
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, error_chain(&e)))?;
+        // Containers live on the share: without it nothing can run.
+        let share = pod
+            .sandbox
+            .agent()
+            .guest_info()
+            .await
+            .map(|i| i.share_error);
+        let problem = match share {
+            Ok(None) => None,
+            Ok(Some(why)) => Some(format!("the guest could not mount the pod's share: {why}")),
+            Err(e) => Some(format!(
+                "the guest agent did not answer: {}",
+                error_chain(&e)
+            )),
+        };
+        if let Some(problem) = problem {
+            pod.stop(Duration::from_secs(config.timeouts.stop_grace_secs))
+                .await;
+            return Err(status(
+                ttrpc::Code::INTERNAL,
+                format!("pod {}: {problem}", self.id),
+            ));
+        }
         let entry = (Arc::new(pod), Arc::new(config));
         *slot = Some(entry.clone());
+        *lock(&self.oom_events) = Some(self.forward_ooms(entry.0.sandbox.agent().clone()));
         Ok(entry)
     }
 
@@ -732,8 +759,45 @@ impl Service {
         container.role == Role::Sandbox
     }
 
+    /// Publishes TaskOOM for every OOM kill the agent reports.
+    fn forward_ooms(&self, agent: AgentClient) -> JoinHandle<()> {
+        let publisher = Arc::clone(&self.publisher);
+        let namespace = self.namespace.clone();
+        tokio::spawn(async move {
+            let mut watch = match agent.watch_oom().await {
+                Ok(watch) => watch,
+                Err(e) => {
+                    log::warn!("no OOM events from the guest: {}", error_chain(&e));
+                    return;
+                }
+            };
+            while let Ok(Some(container_id)) = watch.next().await {
+                log::info!("container {container_id}: the guest kernel OOM-killed a process");
+                let event = ev::TaskOOM {
+                    container_id,
+                    ..Default::default()
+                };
+                let ctx = ttrpc::context::Context::default();
+                if let Err(e) = publisher
+                    .publish(
+                        ctx,
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        &namespace,
+                        Box::new(event),
+                    )
+                    .await
+                {
+                    log::warn!("cannot publish an OOM event: {e}");
+                }
+            }
+        })
+    }
+
     /// Ends the pod: the VM, virtiofsd, the share. The shim then exits.
     async fn stop_pod(&self) {
+        if let Some(task) = lock(&self.oom_events).take() {
+            task.abort();
+        }
         let pod = self.pod.lock().await.take();
         if let Some((pod, config)) = pod {
             pod.stop(Duration::from_secs(config.timeouts.stop_grace_secs))
@@ -983,7 +1047,7 @@ impl Task for Service {
         let container = self.container(&req.id)?;
         let agent = self.agent().await?;
         let pids = agent
-            .container_pids_merge(&req.id)
+            .container_pids(&req.id)
             .await
             .map_err(|e| agent_error(&format!("pids of {}", req.id), &e))?;
         let processes = pids
@@ -1004,7 +1068,7 @@ impl Task for Service {
         let container = self.container(&req.id)?;
         let agent = self.agent().await?;
         agent
-            .pause_container_merge(&req.id)
+            .pause_container(&req.id)
             .await
             .map_err(|e| agent_error(&format!("pausing {}", req.id), &e))?;
         container.init.set_status(api::Status::PAUSED);
@@ -1027,7 +1091,7 @@ impl Task for Service {
         let container = self.container(&req.id)?;
         let agent = self.agent().await?;
         agent
-            .resume_container_merge(&req.id)
+            .resume_container(&req.id)
             .await
             .map_err(|e| agent_error(&format!("resuming {}", req.id), &e))?;
         if container.init.status() == api::Status::PAUSED {
@@ -1229,6 +1293,7 @@ impl Task for Service {
             .container_stats(&req.id)
             .await
             .map_err(|e| agent_error(&format!("stats of {}", req.id), &e))?;
+        let m = &s.memory_stat;
         let metrics = v2::Metrics {
             pids: MessageField::some(v2::PidsStat {
                 current: s.pids_current,
@@ -1242,11 +1307,56 @@ impl Task for Service {
                 nr_periods: s.cpu_nr_periods,
                 nr_throttled: s.cpu_nr_throttled,
                 throttled_usec: s.cpu_throttled_usec,
+                nr_bursts: s.cpu_nr_bursts,
+                burst_usec: s.cpu_burst_usec,
                 ..Default::default()
             }),
             memory: MessageField::some(v2::MemoryStat {
+                anon: m.anon,
+                file: m.file,
+                kernel_stack: m.kernel_stack,
+                slab: m.slab,
+                sock: m.sock,
+                shmem: m.shmem,
+                file_mapped: m.file_mapped,
+                file_dirty: m.file_dirty,
+                file_writeback: m.file_writeback,
+                anon_thp: m.anon_thp,
+                inactive_anon: m.inactive_anon,
+                active_anon: m.active_anon,
+                inactive_file: m.inactive_file,
+                active_file: m.active_file,
+                unevictable: m.unevictable,
+                slab_reclaimable: m.slab_reclaimable,
+                slab_unreclaimable: m.slab_unreclaimable,
+                pgfault: m.pgfault,
+                pgmajfault: m.pgmajfault,
+                workingset_refault: m.workingset_refault,
+                workingset_activate: m.workingset_activate,
+                workingset_nodereclaim: m.workingset_nodereclaim,
+                pgrefill: m.pgrefill,
+                pgscan: m.pgscan,
+                pgsteal: m.pgsteal,
+                pgactivate: m.pgactivate,
+                pgdeactivate: m.pgdeactivate,
+                pglazyfree: m.pglazyfree,
+                pglazyfreed: m.pglazyfreed,
+                thp_fault_alloc: m.thp_fault_alloc,
+                thp_collapse_alloc: m.thp_collapse_alloc,
                 usage: s.memory_current_bytes,
                 usage_limit: s.memory_max_bytes.unwrap_or(u64::MAX),
+                swap_usage: s.memory_swap_current_bytes.unwrap_or(0),
+                swap_limit: s.memory_swap_max_bytes.unwrap_or(u64::MAX),
+                max_usage: s.memory_peak_bytes.unwrap_or(0),
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(v2::MemoryEvents {
+                low: s.memory_events.low,
+                high: s.memory_events.high,
+                max: s.memory_events.max,
+                oom: s.memory_events.oom,
+                oom_kill: s.memory_events.oom_kill,
+                oom_group_kill: s.memory_events.oom_group_kill,
                 ..Default::default()
             }),
             ..Default::default()
@@ -1287,23 +1397,5 @@ impl Task for Service {
         self.stop_pod().await;
         self.exit.signal();
         Ok(api::Empty::new())
-    }
-}
-
-// MERGE: placeholders until the agent's Pause/Resume/Pids land (branch agent-pause).
-trait MergePending {
-    async fn container_pids_merge(&self, id: &str) -> Result<Vec<u32>, AgentClientError>;
-    async fn pause_container_merge(&self, id: &str) -> Result<(), AgentClientError>;
-    async fn resume_container_merge(&self, id: &str) -> Result<(), AgentClientError>;
-}
-impl MergePending for AgentClient {
-    async fn container_pids_merge(&self, id: &str) -> Result<Vec<u32>, AgentClientError> {
-        Ok(vec![self.container_state(id).await?.pid])
-    }
-    async fn pause_container_merge(&self, _id: &str) -> Result<(), AgentClientError> {
-        Err(AgentClientError::Protocol("pause pending".into()))
-    }
-    async fn resume_container_merge(&self, _id: &str) -> Result<(), AgentClientError> {
-        Err(AgentClientError::Protocol("resume pending".into()))
     }
 }
