@@ -48,7 +48,6 @@ fn test_ctr_run_prints_output_and_propagates_the_exit_code() {
         &[
             "run",
             "--rm",
-            "-i",
             "--runtime",
             RUNTIME,
             TEST_IMAGE,

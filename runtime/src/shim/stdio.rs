@@ -1,13 +1,14 @@
 //! containerd's side of a process's stdio: the paths in CreateTask / Exec requests (FIFOs
 //! containerd or `ctr` reads and writes, or `file://` logs), bridged to the agent's streams.
 
-use std::io;
-use std::path::Path;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::unix::pipe;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// A boxed output stream.
@@ -41,82 +42,111 @@ pub async fn open_output(uri: &str) -> io::Result<Output> {
     Ok(Box::pin(sender))
 }
 
-/// A process's stdin: the agent reads `reader`; CloseIO (or the process ending) closes it.
+/// A process's stdin: the agent reads `reader`; EOF comes when the client closes its end of the
+/// FIFO, or with CloseIO.
 pub struct Stdin {
     pub reader: DuplexStream,
     pub closer: StdinCloser,
 }
 
-/// Ends a [`Stdin`] once what containerd already wrote has been passed on.
+/// Ends a [`Stdin`] once what the client already wrote has been passed on.
 pub struct StdinCloser {
     close: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    path: PathBuf,
 }
 
 impl StdinCloser {
-    /// Passes on what is in the FIFO now, then gives the process EOF.
+    /// Passes on what the client wrote so far, then gives the process EOF.
     pub fn close(&mut self) {
         if let Some(close) = self.close.take() {
             let _ = close.send(());
         }
+        unblock_reader(&self.path);
     }
 }
 
 impl Drop for StdinCloser {
     fn drop(&mut self) {
         self.task.abort();
+        unblock_reader(&self.path);
     }
 }
 
+/// A reader thread blocked opening the FIFO (no client ever opened it) returns once a writer
+/// comes and goes: be that writer.
+fn unblock_reader(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path);
+}
+
 const CHUNK: usize = 32 * 1024;
+/// After CloseIO, how long data the reader thread is still passing on may take.
+const CLOSE_DRAIN: Duration = Duration::from_millis(50);
 
 /// Opens containerd's stdin FIFO (`None` when the process has no stdin).
 pub fn open_stdin(uri: &str) -> io::Result<Option<Stdin>> {
     if uri.is_empty() {
         return Ok(None);
     }
-    let path = uri.strip_prefix("fifo://").unwrap_or(uri);
-    if !Path::new(path).exists() {
+    let path = PathBuf::from(uri.strip_prefix("fifo://").unwrap_or(uri));
+    if !path.exists() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("stdin {path} does not exist"),
+            format!("stdin {} does not exist", path.display()),
         ));
     }
-    // Read-write: a FIFO read end sees EOF whenever no writer is connected, which happens
-    // before the client opens it and across containerd restarts. EOF comes from CloseIO instead.
-    let fifo = pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(path)?;
+    // A blocking read-only open, as containerd's own shims do: it waits for the client to open
+    // its end, and reads see EOF when the client closes it (`ctr run` closes stdin that way; CRI
+    // clients call CloseIO). A thread, because tokio's FIFO receiver sees EOF whenever no writer
+    // is connected yet.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let fifo = path.clone();
+    std::thread::Builder::new()
+        .name("stdin-fifo".into())
+        .spawn(move || {
+            let Ok(mut file) = std::fs::File::open(&fifo) else {
+                return;
+            };
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        })?;
     let (reader, mut writer) = tokio::io::duplex(CHUNK * 2);
     let (close, mut closed) = oneshot::channel();
     let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; CHUNK];
         loop {
             tokio::select! {
-                _ = &mut closed => break,
-                ready = fifo.readable() => {
-                    if ready.is_err() {
-                        return;
-                    }
-                    match fifo.try_read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => {
-                            if writer.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
+                biased;
+                chunk = rx.recv() => match chunk {
+                    Some(data) => {
+                        if writer.write_all(&data).await.is_err() {
+                            return;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
                     }
+                    None => break,
+                },
+                _ = &mut closed => {
+                    while let Ok(Some(data)) = tokio::time::timeout(CLOSE_DRAIN, rx.recv()).await {
+                        if writer.write_all(&data).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
                 }
-            }
-        }
-        // The client wrote everything before asking to close: pass on what is still queued.
-        // A plain read(2) on the non-blocking FIFO: tokio's try_read would report WouldBlock
-        // until the reactor has seen the FIFO readable.
-        while let Ok(n) = nix::unistd::read(&fifo, &mut buf) {
-            if n == 0 || writer.write_all(&buf[..n]).await.is_err() {
-                break;
             }
         }
         let _ = writer.shutdown().await;
@@ -126,6 +156,7 @@ pub fn open_stdin(uri: &str) -> io::Result<Option<Stdin>> {
         closer: StdinCloser {
             close: Some(close),
             task,
+            path,
         },
     }))
 }
@@ -155,6 +186,31 @@ mod tests {
         let mut got = Vec::new();
         stdin.reader.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hello\n");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_stdin_ends_when_the_client_closes_its_end() {
+        let path = fifo("stdin-eof");
+        let mut stdin = open_stdin(path.to_str().unwrap()).unwrap().unwrap();
+        {
+            let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            std::io::Write::write_all(&mut w, b"abc").unwrap();
+        }
+        let mut got = Vec::new();
+        stdin.reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"abc");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_close_without_a_client_ends_stdin() {
+        let path = fifo("stdin-none");
+        let mut stdin = open_stdin(path.to_str().unwrap()).unwrap().unwrap();
+        stdin.closer.close();
+        let mut got = Vec::new();
+        stdin.reader.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
         std::fs::remove_file(&path).unwrap();
     }
 
