@@ -284,29 +284,42 @@ const DEMO_SCRIPT: &str = r#"
 now() { read up _ < /proc/uptime; echo "$up"; }
 step() { echo; echo "== $*"; T0=$(now); }
 took() { echo "   ($(awk -v a="$T0" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) * 1000 }') ms)"; }
-guest() { accordion exec demo -- sh -c 'echo "   guest sees: online CPUs $(cat /sys/devices/system/cpu/online), nproc $(nproc)"'; }
-echo "node: $(uname -m), kernel $(uname -r), $(nproc) CPUs"
+cat > /root/demo-pod.json <<'JSON'
+{"metadata": {"name": "demo", "namespace": "default", "uid": "demo-uid", "attempt": 1},
+ "log_directory": "/tmp/demo-pod"}
+JSON
+cat > /root/demo-ctr.json <<'JSON'
+{"metadata": {"name": "main"}, "image": {"image": "localhost/accordion-test:latest"},
+ "command": ["sh", "-c", "echo started; exec sleep 3600"], "log_path": "main.log",
+ "linux": {"resources": {"cpu_quota": 100000, "cpu_period": 100000, "cpu_shares": 1024}}}
+JSON
+guest() {
+  accordion-cri exec "$C" -- sh -c 'echo "   guest sees: online CPUs $(cat /sys/devices/system/cpu/online), nproc $(nproc)"'
+  echo "   container cgroup cpu.max: $(accordion exec "$P" -- cat /sys/fs/cgroup/accordion/$C/cpu.max)"
+}
+echo "node: $(uname -m), kernel $(uname -r), $(nproc) CPUs; containerd $(containerd --version | cut -d' ' -f3)"
 accordion check | sed 's/^/   /'
-step "boot a sandbox with 1 vCPU (8 possible): accordion run -d --name demo --vcpus 1 --max-vcpus 8"
-accordion run -d --name demo --vcpus 1 --max-vcpus 8 >/dev/null || exit 1
+step "a pod through containerd's CRI, runtime accordion: RunPodSandbox + CreateContainer + StartContainer (container limit 1 CPU)"
+P=$(accordion-cri runp --runtime accordion /root/demo-pod.json) || exit 1
+C=$(accordion-cri create "$P" /root/demo-ctr.json /root/demo-pod.json) || exit 1
+accordion-cri start "$C" >/dev/null || exit 1
 took
-accordion status demo | grep -E '^(vcpus|kernel|agent version|boot):' | sed 's/^/   /'
-step "run a command in it: accordion exec demo -- uname -a"
-accordion exec demo -- uname -a | sed 's/^/   /'
-took
+echo "   pod $P: $(pidof containerd-shim-accordion-v2 | wc -w) shim process (the VMM runs inside it), $(pidof virtiofsd | wc -w) virtiofsd"
+accordion status "$P" | grep -E '^(vcpus|kernel|boot):' | sed 's/^/   /'
 guest
-for n in 4 2 8 1; do
-  step "resize: accordion resize demo --vcpus $n"
-  accordion resize demo --vcpus "$n" | sed 's/^/   /' || exit 1
+for cpus in 4 1; do
+  step "in-place resize as kubelet does it: UpdateContainerResources cpu quota ${cpus}00000 / period 100000"
+  accordion-cri update --cpu-quota "${cpus}00000" --cpu-period 100000 "$C" || exit 1
+  took
   guest
 done
-step "out of range: accordion resize demo --vcpus 9"
-accordion resize demo --vcpus 9 2>&1 | sed 's/^/   /'
+step "beyond the pod's 8 possible vCPUs: quota 900000 is refused, nothing changes"
+accordion-cri update --cpu-quota 900000 --cpu-period 100000 "$C" 2>&1 | sed 's/^/   /'
 guest
-step "accordion status demo"
-accordion status demo | sed 's/^/   /'
-step "stop: accordion stop demo"
-accordion stop demo >/dev/null || exit 1
+step "accordion status (the pod's VM, with its last resizes)"
+accordion status "$P" | sed 's/^/   /'
+step "StopPodSandbox + RemovePodSandbox"
+accordion-cri stopp "$P" >/dev/null && accordion-cri rmp "$P" >/dev/null || exit 1
 took
 echo "   left in /run/accordion: $(ls /run/accordion | wc -l) entries"
 "#;
@@ -318,9 +331,11 @@ fn demo() -> XResult<i32> {
         timeout: 900,
         release: false,
         add: Vec::new(),
-        containerd: false,
+        containerd: true,
     };
-    println!("== Accordion demo: a microVM in the emulated ARM64 node grows and shrinks its vCPUs");
+    println!(
+        "== Accordion demo: a pod through containerd in the emulated ARM64 node; its microVM grows and shrinks its vCPUs"
+    );
     let (spec, k, bb) = prepare_node(
         &opts,
         Vec::new(),
