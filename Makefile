@@ -50,7 +50,7 @@ unit-test: setup
 # Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM,
 # with containerd running (the shim's tests drive it with ctr and accordion-cri).
 node-test: kernels
-	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test --containerd
+	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test --containerd --timeout 2400
 
 # The harness's own end-to-end checks (xtask/tests): exit status, stdout/stderr, timeouts.
 harness-test: kernels
