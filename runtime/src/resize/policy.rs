@@ -242,4 +242,28 @@ mod tests {
         let shape = CpuShape::from_cfs(None, None, Some(millis_to_shares(250))).expect("ok");
         assert_eq!(shape.request_millis, Some(250));
     }
+
+    #[test]
+    fn test_edges_zero_quota_cpuset_only_shares_only_and_nothing() {
+        // No resources at all: the minimum, under every policy.
+        let empty = CpuShape::from_resources_json(b"{}").expect("ok");
+        for policy in [LimitsThenRequests, Limits, Requests] {
+            assert_eq!(pod(&[empty]).target(policy, 1, 8), Ok(1));
+        }
+        // A zero quota is no limit (runc ignores it), not zero CPUs.
+        let zero =
+            CpuShape::from_resources_json(br#"{"cpu":{"quota":0,"period":100000}}"#).expect("ok");
+        assert_eq!(zero.limit_millis, None);
+        // A cpuset alone sizes nothing: it pins, the guest cgroup applies it.
+        let cpuset = CpuShape::from_resources_json(br#"{"cpu":{"cpus":"0-3"}}"#).expect("ok");
+        assert_eq!(cpuset, CpuShape::default());
+        assert_eq!(pod(&[cpuset]).target(LimitsThenRequests, 1, 8), Ok(1));
+        // Shares only: a request (3 CPUs), counted unless the policy is limits.
+        let shares = CpuShape::from_resources_json(br#"{"cpu":{"shares":3072}}"#).expect("ok");
+        assert_eq!(pod(&[shares]).target(LimitsThenRequests, 1, 8), Ok(3));
+        assert_eq!(pod(&[shares]).target(Requests, 1, 8), Ok(3));
+        assert_eq!(pod(&[shares]).target(Limits, 1, 8), Ok(1));
+        // The minimum still applies above 1.
+        assert_eq!(pod(&[empty]).target(Limits, 2, 8), Ok(2));
+    }
 }
