@@ -111,6 +111,9 @@ pub struct TimeoutConfig {
     pub agent_ready_secs: u64,
     /// One agent call.
     pub agent_call_secs: u64,
+    /// One container call of the shim to the agent (create, start, delete, exec start): these
+    /// mount, fork and exec in the guest, slow under load.
+    pub container_call_secs: u64,
     /// A resize waiting for the guest's acknowledgement.
     pub resize_secs: u64,
     /// A stop waiting for the guest to power off before forcing it.
@@ -122,6 +125,7 @@ impl Default for TimeoutConfig {
         Self {
             agent_ready_secs: 120,
             agent_call_secs: 10,
+            container_call_secs: 60,
             resize_secs: 60,
             stop_grace_secs: 10,
         }
@@ -283,6 +287,7 @@ impl Config {
         for (key, value) in [
             ("timeouts.agent_ready_secs", t.agent_ready_secs),
             ("timeouts.agent_call_secs", t.agent_call_secs),
+            ("timeouts.container_call_secs", t.container_call_secs),
             ("timeouts.resize_secs", t.resize_secs),
         ] {
             if value == 0 {

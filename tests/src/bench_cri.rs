@@ -163,23 +163,6 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
         runc.push(ms(t));
         remove_pod(&p)?;
     }
-    let threads: Vec<_> = (0..concurrent)
-        .map(|i| std::thread::spawn(move || start_pod(&format!("conc-{i}"), "accordion", 100_000)))
-        .collect();
-    let mut conc = Vec::new();
-    let mut pods = Vec::new();
-    for t in threads {
-        let (p, d) = t
-            .join()
-            .map_err(|_| "a pod thread panicked".to_string())??;
-        record(&mut out, "pod-start-concurrent", ms(d))?;
-        conc.push(ms(d));
-        pods.push(p);
-    }
-    let rss_all = host_rss_kb();
-    for p in &pods {
-        remove_pod(p)?;
-    }
     let (acc, rc) = (quantile(single.clone(), 0.5), quantile(runc.clone(), 0.5));
     println!("bench pod: RunPodSandbox + CreateContainer + StartContainer → first output (accordion-cri)");
     println!(
@@ -191,17 +174,47 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
         quantile(runc, 0.99)
     );
     println!("  accordion / runc = {:.2}x", acc / rc);
+    println!(
+        "  host RSS per sandbox (shim + virtiofsd, guest RAM excluded): median {:.0} KiB",
+        quantile(rss, 0.5)
+    );
+    let threads: Vec<_> = (0..concurrent)
+        .map(|i| std::thread::spawn(move || start_pod(&format!("conc-{i}"), "accordion", 100_000)))
+        .collect();
+    let mut conc = Vec::new();
+    let mut pods = Vec::new();
+    let mut failed = Vec::new();
+    for t in threads {
+        match t.join().map_err(|_| "a pod thread panicked".to_string())? {
+            Ok((p, d)) => {
+                record(&mut out, "pod-start-concurrent", ms(d))?;
+                conc.push(ms(d));
+                pods.push(p);
+            }
+            Err(e) => failed.push(e),
+        }
+    }
+    let rss_all = host_rss_kb();
+    for p in &pods {
+        remove_pod(p)?;
+    }
     let (p50, p99) = (quantile(conc.clone(), 0.5), quantile(conc, 0.99));
     println!(
-        "  {concurrent} accordion pods at once: p50 {p50:.0} ms ({:.2}x single), p99 {p99:.0} ms ({:.2}x single)",
+        "  {concurrent} accordion pods at once: {} started; p50 {p50:.0} ms ({:.2}x single), p99 {p99:.0} ms ({:.2}x single); host RSS {:.0} KiB per pod",
+        pods.len(),
         p50 / acc,
-        p99 / acc
+        p99 / acc,
+        rss_all as f64 / pods.len().max(1) as f64
     );
-    println!(
-        "  host RSS per sandbox (shim + virtiofsd, guest RAM excluded): median {:.0} KiB; {concurrent} pods: {:.0} KiB each",
-        quantile(rss, 0.5),
-        rss_all as f64 / concurrent.max(1) as f64
-    );
+    for e in &failed {
+        println!("  failed: {e}");
+    }
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {concurrent} concurrent pods failed",
+            failed.len()
+        ));
+    }
     Ok(())
 }
 

@@ -108,6 +108,25 @@ fn test_ctr_task_exec_and_kill() {
     let out = ctr(&["task", "ps", "t2"]);
     assert_code(&out, 0);
 
+    // Pause/Resume: the guest's cgroup freezer; containerd sees the state.
+    let state = || {
+        let out = ctr(&["task", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("t2 "))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_code(&ctr(&["task", "pause", "t2"]), 0);
+    assert_eq!(state(), "PAUSED");
+    assert_code(&ctr(&["task", "resume", "t2"]), 0);
+    assert_eq!(state(), "RUNNING");
+
+    // Stats: containerd decodes the shim's cgroup v2 metrics.
+    let out = ctr(&["task", "metrics", "t2"]);
+    assert_code(&out, 0);
+    assert!(!text(&out.stdout).trim().is_empty());
+
     let out = ctr(&["task", "kill", "-s", "SIGTERM", "t2"]);
     assert_code(&out, 0);
     let out = run.wait_with_output().expect("ctr run");

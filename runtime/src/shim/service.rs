@@ -68,6 +68,13 @@ fn agent_error(context: &str, e: &AgentClientError) -> ttrpc::Error {
     status(code, format!("{context}: {}", error_chain(e)))
 }
 
+/// The pod's agent client for container calls: they mount, fork and exec in the guest.
+fn container_agent(pod: &Pod, config: &Config) -> AgentClient {
+    pod.sandbox
+        .agent()
+        .with_rpc_timeout(Duration::from_secs(config.timeouts.container_call_secs))
+}
+
 /// A failed resize as containerd should see it (it then keeps the old resources).
 fn resize_error(id: &str, target: u32, e: &ResizeError) -> ttrpc::Error {
     let code = match e {
@@ -308,8 +315,10 @@ impl Service {
         })
     }
 
+    /// The pod's agent, with the deadline of container calls.
     async fn agent(&self) -> TtrpcResult<AgentClient> {
-        Ok(self.running_pod().await?.0.sandbox.agent().clone())
+        let (pod, config) = self.running_pod().await?;
+        Ok(container_agent(&pod, &config))
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn Event>) {
@@ -468,7 +477,7 @@ impl Service {
             status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e))
         })?;
 
-        let agent = pod.sandbox.agent().clone();
+        let agent = container_agent(&pod, &config);
         let created = agent
             .create_container(ContainerCreate {
                 id: id.clone(),
@@ -543,7 +552,7 @@ impl Service {
         } else {
             None
         };
-        let agent = agent.with_rpc_timeout(Duration::from_secs(60));
+        let agent = agent.clone();
         let id = init.container_id.clone();
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -608,11 +617,7 @@ impl Service {
                 format!("exec {exec_id} was already started"),
             )
         })?;
-        let (pod, _) = self.running_pod().await?;
-        let agent = pod
-            .sandbox
-            .agent()
-            .with_rpc_timeout(Duration::from_secs(60));
+        let agent = self.agent().await?;
         let io_err = |what: &str, e: std::io::Error| {
             status(
                 ttrpc::Code::INVALID_ARGUMENT,
