@@ -1366,7 +1366,10 @@ impl Task for Service {
             }),
             ..Default::default()
         };
-        let any = Any::pack(&metrics).map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+        // The type URL is the bare message name, as Go's typeurl writes it: ctr and the CRI
+        // plugin resolve that (a type.googleapis.com/ prefix decodes to a type they reject).
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
         Ok(api::StatsResponse {
             stats: MessageField::some(any),
             ..Default::default()
