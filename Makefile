@@ -48,9 +48,11 @@ unit-test: setup
 	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
 
 # Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM,
-# with containerd running (the shim's tests drive it with ctr and accordion-cri).
+# with containerd running (the shim's tests drive it with ctr and accordion-cri). 6G: the node's
+# root is its initramfs, held in RAM, and the debug test binaries plus containerd's tree and images
+# no longer unpack in 3G ("Initramfs unpacking failed: write error").
 node-test: kernels
-	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test --containerd --timeout 2400
+	@$(STEP) 'integration tests in the emulated ARM64 node' cargo xtask node-test --containerd --memory 6G --timeout 2400
 
 # The harness's own end-to-end checks (xtask/tests): exit status, stdout/stderr, timeouts.
 harness-test: kernels
