@@ -161,7 +161,9 @@ impl Virtiofsd {
         let mut me = Self { child, pid_file };
         let limit = Duration::from_secs(20);
         let deadline = Instant::now() + limit;
-        while !socket.exists() {
+        // The socket file appears at bind(), before listen(): wait until it listens, or the VMM's
+        // connect can be refused (seen with ten pods starting at once).
+        while !listening(&socket) {
             let exited = matches!(me.child.try_wait(), Ok(Some(_)));
             if exited || Instant::now() > deadline {
                 return Err(PodError::VirtiofsdSocket {
@@ -174,6 +176,26 @@ impl Virtiofsd {
         }
         Ok(me)
     }
+}
+
+/// Whether the Unix socket at `path` is listening (/proc/net/unix: flag __SO_ACCEPTCON); when
+/// /proc/net/unix cannot be read, whether the file exists.
+fn listening(path: &Path) -> bool {
+    match std::fs::read_to_string("/proc/net/unix") {
+        Ok(table) => unix_socket_listens(&table, path),
+        Err(_) => path.exists(),
+    }
+}
+
+/// /proc/net/unix columns: Num RefCount Protocol Flags Type St Inode Path.
+fn unix_socket_listens(table: &str, path: &Path) -> bool {
+    const ACCEPTCON: u32 = 0x0001_0000;
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 8
+            && Path::new(f[7]) == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & ACCEPTCON != 0)
+    })
 }
 
 impl Drop for Virtiofsd {
@@ -488,6 +510,25 @@ mod tests {
         );
         assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
         assert_eq!(unescape_mountinfo(r"/end\04"), PathBuf::from(r"/end\04"));
+    }
+
+    #[test]
+    fn test_listening_unix_socket_from_proc_net_unix() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 1234 /run/accordion/p/virtiofsd.sock\n\
+            0000000000000000: 00000002 00000000 00000000 0001 01 1235 /run/accordion/q/virtiofsd.sock\n";
+        assert!(unix_socket_listens(
+            table,
+            Path::new("/run/accordion/p/virtiofsd.sock")
+        ));
+        assert!(!unix_socket_listens(
+            table,
+            Path::new("/run/accordion/q/virtiofsd.sock")
+        ));
+        assert!(!unix_socket_listens(
+            table,
+            Path::new("/run/accordion/r/virtiofsd.sock")
+        ));
     }
 
     #[test]
