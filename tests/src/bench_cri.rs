@@ -97,37 +97,13 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 
 /// Host memory of the pod's processes: the shim's RSS outside guest RAM (memfd) plus virtiofsd's.
 fn host_rss_kb() -> u64 {
-    let rss = |pid: u32| -> (u64, u64) {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-            return (0, 0);
-        };
-        let (mut other, mut guest, mut memfd) = (0, 0, false);
-        for line in text.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
-            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-                memfd = line.contains("/memfd:");
-            } else if let Some(v) = line.strip_prefix("Rss:") {
-                let kb: u64 = v
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-                if memfd {
-                    guest += kb;
-                } else {
-                    other += kb;
-                }
-            }
-        }
-        (other, guest)
-    };
     let shim: u64 = process_pids("containerd-shim-accordion-v2")
         .into_iter()
-        .map(|p| rss(p).0)
+        .map(|p| crate::smaps_kb(p).0)
         .sum();
     let fsd: u64 = process_pids("virtiofsd")
         .into_iter()
-        .map(|p| rss(p).0)
+        .map(|p| crate::smaps_kb(p).0)
         .sum();
     shim + fsd
 }

@@ -151,3 +151,31 @@ pub fn sandbox_status(name: &str) -> HashMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// (resident KiB outside memfd mappings, resident KiB of memfd mappings) from /proc/PID/smaps.
+/// Accordion's guest RAM is a memfd; binaries on the node's initramfs are shmem too, so the status
+/// file's RssShmem cannot tell them apart, smaps can.
+pub fn smaps_kb(pid: u32) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return (0, 0);
+    };
+    let (mut other, mut guest, mut in_memfd) = (0, 0, false);
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_memfd = line.contains("/memfd:");
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kb: u64 = v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if in_memfd {
+                guest += kb;
+            } else {
+                other += kb;
+            }
+        }
+    }
+    (other, guest)
+}

@@ -4,7 +4,7 @@
 //! state directory, no mount.
 
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use accordion_tests::containerd::{
     containerd_ready, ctr, leftovers, process_pids, restart_containerd, wait_for, RUNTIME,
@@ -20,6 +20,32 @@ fn ctr_run(id: &str, extra: &[&str], cmd: &[&str]) -> Output {
     args.push(id);
     args.extend_from_slice(cmd);
     ctr(&args)
+}
+
+/// `ctr task ls` as (task, status) pairs.
+fn task_states() -> Vec<(String, String)> {
+    let out = ctr(&["task", "ls"]);
+    text(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.to_string(), f.last()?.to_string()))
+        })
+        .collect()
+}
+
+/// Waits up to 120 s for task `id` to be RUNNING.
+fn wait_running(id: &str) {
+    wait_for(Duration::from_secs(120), || {
+        let states = task_states();
+        states
+            .iter()
+            .any(|(t, s)| t == id && s == "RUNNING")
+            .then_some(())
+            .ok_or(states)
+    })
+    .unwrap_or_else(|states| panic!("{id} not running: {states:?}"));
 }
 
 fn assert_clean() {
@@ -82,15 +108,7 @@ fn test_ctr_task_exec_and_kill() {
         "-c",
         "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 1; done",
     ]);
-    wait_for(Duration::from_secs(120), || {
-        let out = ctr(&["task", "ls"]);
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("t2 ") && l.contains("RUNNING"))
-            .then_some(())
-            .ok_or(text(&out.stdout))
-    })
-    .expect("t2 running");
+    wait_running("t2");
 
     let out = ctr(&[
         "task",
@@ -110,11 +128,10 @@ fn test_ctr_task_exec_and_kill() {
 
     // Pause/Resume: the guest's cgroup freezer; containerd sees the state.
     let state = || {
-        let out = ctr(&["task", "ls"]);
-        text(&out.stdout)
-            .lines()
-            .find(|l| l.starts_with("t2 "))
-            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+        task_states()
+            .into_iter()
+            .find(|(t, _)| t == "t2")
+            .map(|(_, s)| s)
             .unwrap_or_default()
     };
     assert_code(&ctr(&["task", "pause", "t2"]), 0);
@@ -149,15 +166,7 @@ fn test_ctr_task_exec_and_kill() {
         "sleep",
         "3600",
     ]);
-    wait_for(Duration::from_secs(120), || {
-        let out = ctr(&["task", "ls"]);
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("t3 ") && l.contains("RUNNING"))
-            .then_some(())
-            .ok_or(text(&out.stdout))
-    })
-    .expect("t3 running");
+    wait_running("t3");
     let out = ctr(&["task", "kill", "-s", "SIGKILL", "t3"]);
     assert_code(&out, 0);
     let out = run.wait_with_output().expect("ctr run");
@@ -283,5 +292,4 @@ fn test_containerd_restart_and_shim_kill() {
         run_dir_entries()
     );
     assert_clean();
-    let _ = Instant::now();
 }
