@@ -5,6 +5,7 @@ pub mod agent_client;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod install;
 pub mod resize;
 pub mod sandbox;
 pub mod shim;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod acpi_dump;
 mod check;
 mod exec;
+mod install;
 mod ps;
 mod resize;
 mod run;
@@ -41,6 +42,11 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Stop a sandbox (graceful, forced after a timeout) and remove everything it left.
     Stop(stop::StopArgs),
+    /// Install Accordion on this node: binaries and guest assets in /opt/accordion, its config,
+    /// the runtime in containerd's config, containerd restarted, the node labelled.
+    Install(crate::install::InstallArgs),
+    /// Undo `accordion install`: every file it added removed, containerd's config restored.
+    Uninstall(crate::install::UninstallArgs),
     /// Write the ACPI tables of a VM shape to a directory (for iasl/acpiexec); needs no KVM.
     AcpiDump(acpi_dump::AcpiDumpArgs),
 }
@@ -57,6 +63,8 @@ pub fn main() -> i32 {
         Command::Status(args) => block_on("status", status::run(args)),
         Command::Stop(args) => block_on("stop", stop::run(args)),
         Command::AcpiDump(args) => acpi_dump::run(&args),
+        Command::Install(args) => install::run(args),
+        Command::Uninstall(args) => install::uninstall(args),
     }
 }
 
