@@ -58,6 +58,12 @@ node-test: kernels
 harness-test: kernels
 	@$(STEP) 'node harness tests' cargo test -p xtask -- --test-threads=1
 
+# The Helm chart (charts/accordion): rendered with Helm's own engine, every object validated against
+# the Kubernetes 1.33/1.34/1.35 schemas (strict), content asserted. Needs no Rust build and no node.
+.PHONY: chart-test
+chart-test:
+	@$(STEP) 'Helm chart tests' scripts/chart-test.sh
+
 test: fmt-check clippy unit-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
