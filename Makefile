@@ -60,11 +60,19 @@ harness-test: kernels
 
 # The Helm chart (charts/accordion): rendered with Helm's own engine, every object validated against
 # the Kubernetes 1.33/1.34/1.35 schemas (strict), content asserted. Needs no Rust build and no node.
-.PHONY: chart-test
+.PHONY: chart-test installer-test image
 chart-test:
 	@$(STEP) 'Helm chart tests' scripts/chart-test.sh
 
-test: fmt-check clippy unit-test kernel-smoke node-test harness-test
+# accordion install/uninstall on temporary roots, loaded by Debian's containerd 1.7 and 2.x.
+installer-test: setup
+	@$(STEP) 'installer against containerd 1.7 and 2.x configs' cargo xtask installer-test
+
+# The installer image the chart's DaemonSet runs (OCI archive under target/image/).
+image: kernels
+	@$(STEP) 'installer image' cargo xtask image
+
+test: fmt-check clippy unit-test chart-test installer-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
 demo: kernels

@@ -8,6 +8,8 @@ mod bench;
 mod containerd;
 mod cpio;
 mod cross;
+mod image;
+mod installer_test;
 mod node;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +69,17 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         release: bool,
+    },
+    /// `accordion install`/`uninstall` against temporary roots with real containerd configs,
+    /// loaded by Debian's containerd 1.7 and 2.x (`containerd config dump`).
+    InstallerTest,
+    /// Build the installer image the Helm chart's DaemonSet runs, as an OCI image-layout archive
+    /// (FROM scratch: static release binaries and the guest assets). docs/install.md shows how to
+    /// push it.
+    Image {
+        /// The archive to write (default target/image/accordion-installer-<version>.oci.tar).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -242,7 +255,38 @@ fn run(cmd: Cmd) -> XResult<i32> {
         Cmd::Bench { what } => bench::run(what),
         Cmd::Demo => demo(),
         Cmd::Dist { dir, release } => dist(&dir, release),
+        Cmd::Image { out } => installer_image(out),
+        Cmd::InstallerTest => installer_test::run(),
     }
+}
+
+/// `cargo xtask image`: the installer image archive, and how to get it to a cluster.
+fn installer_image(out: Option<PathBuf>) -> XResult<i32> {
+    let bins = step("aarch64 release build", || {
+        cross::build(cross::Kind::Binaries, true)
+    })?;
+    let kernels = step("kernels", assets::kernels)?;
+    let busybox = assets::busybox()?;
+    let out = out.unwrap_or_else(image::default_out);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    step("installer image", || {
+        image::build(&out, &bins, &kernels, &busybox)
+    })?;
+    let size = std::fs::metadata(&out)?.len();
+    println!(
+        "{} ({:.1} MiB): {}\n\
+         push it with skopeo (no container engine needed):\n  \
+         skopeo copy oci-archive:{} docker://<registry>/accordion-installer:{}\n\
+         then: helm install accordion charts/accordion --set image.repository=<registry>/accordion-installer",
+        out.display(),
+        size as f64 / (1024.0 * 1024.0),
+        image::reference(),
+        out.display(),
+        env!("CARGO_PKG_VERSION")
+    );
+    Ok(0)
 }
 
 /// `cargo xtask dist DIR`: prints every file it wrote.

@@ -24,6 +24,8 @@ use crate::{root, XResult};
 
 /// Where guest assets live in the node (and where Accordion looks by default).
 pub const SHARE_DIR: &str = "/opt/accordion/share";
+/// Where a node with containerd has the installer image archive (tests/tests/node_install.rs).
+pub const INSTALLER_DIR: &str = "opt/accordion-installer";
 
 /// What to run in the node and how.
 #[derive(Debug, Clone)]
@@ -202,6 +204,19 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     assets::write_guest_initrd(k, busybox, &guest_initrd)?;
     w.file_from(&format!("{guest}/initrd.cpio"), 0o644, &guest_initrd)?;
     std::fs::remove_file(&guest_initrd)?;
+    if spec.containerd {
+        // The installer image (make image), for the install tests: the same archive, from the
+        // node's (debug) binaries.
+        let archive = dest.with_file_name("accordion-installer.oci.tar");
+        crate::image::build(&archive, &spec.bins, k, busybox)?;
+        mkdirs(&mut w, INSTALLER_DIR)?;
+        w.file_from(
+            &format!("{INSTALLER_DIR}/accordion-installer.oci.tar"),
+            0o644,
+            &archive,
+        )?;
+        std::fs::remove_file(&archive)?;
+    }
     if let Some(agent) = spec.bins.iter().find(|a| a.name == "accordion-agent") {
         let agent_initrd = dest.with_file_name("agent-initrd.cpio");
         assets::write_agent_initrd(k, busybox, &agent.path, &agent_initrd)?;

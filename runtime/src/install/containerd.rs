@@ -57,6 +57,11 @@ pub enum ContainerdError {
     )]
     Unknown(PathBuf, String),
     #[error(
+        "containerd 1.x has no {0}, and the installer needs its built-in defaults to keep them \
+         ({1}). Create it with `containerd config default > {0}` and run the install again"
+    )]
+    NoDefaults(PathBuf, String),
+    #[error(
         "{0} sets the CRI plugin's section and is loaded after accordion's drop-in, so containerd \
          1.x would ignore the drop-in's runtime. Import {1} after it, or add the runtime by hand \
          (docs/install.md)"
@@ -96,9 +101,12 @@ impl Schema {
 pub struct MainConfig {
     /// Host path.
     pub path: PathBuf,
-    /// None when the file does not exist (containerd runs on its defaults).
+    /// The file's text; for a file that does not exist, None (2.x) or `containerd config
+    /// default` (1.x).
     pub text: Option<String>,
     pub schema: Schema,
+    /// Whether the installer creates the file (it did not exist).
+    pub created: bool,
 }
 
 fn parse(path: &Path, text: &str) -> Result<DocumentMut, ContainerdError> {
@@ -115,14 +123,23 @@ fn version_of(path: &Path, doc: &DocumentMut) -> Result<Schema, ContainerdError>
     }
 }
 
+/// What the installer asks the host's containerd binary when there is no config file to go by.
+pub trait HostContainerd {
+    /// Its major version (`containerd --version`).
+    fn major(&self) -> Result<u8, String>;
+    /// Its built-in configuration (`containerd config default`).
+    fn default_config(&self) -> Result<String, String>;
+}
+
 /// Reads containerd's main config under `root` and decides its schema. `major` is the operator's
-/// `--containerd-version` (None = auto); `detect` tells the host's containerd major version when
-/// there is no config file to go by.
+/// `--containerd-version` (None = auto). Without a config file, a 1.x host gets one made from
+/// `containerd config default`: its CRI section is what the drop-in must carry (1.x replaces
+/// whole plugin sections on import, built-in defaults included).
 pub fn load_main(
     root: &Path,
     host_path: &Path,
     major: Option<u8>,
-    detect: impl FnOnce() -> Result<u8, String>,
+    host: &dyn HostContainerd,
 ) -> Result<MainConfig, ContainerdError> {
     let real = under(root, host_path);
     let text = match fs::read_to_string(&real) {
@@ -148,14 +165,27 @@ pub fn load_main(
         None => match major {
             Some(m) => Schema::for_major(m),
             None => Schema::for_major(
-                detect().map_err(|why| ContainerdError::Unknown(host_path.to_path_buf(), why))?,
+                host.major()
+                    .map_err(|why| ContainerdError::Unknown(host_path.to_path_buf(), why))?,
             ),
         },
+    };
+    let (text, created) = match text {
+        Some(t) => (Some(t), false),
+        None if schema == Schema::V2 => {
+            let t = host
+                .default_config()
+                .map_err(|why| ContainerdError::NoDefaults(host_path.to_path_buf(), why))?;
+            version_of(host_path, &parse(host_path, &t)?)?;
+            (Some(t), true)
+        }
+        None => (None, true),
     };
     Ok(MainConfig {
         path: host_path.to_path_buf(),
         text,
         schema,
+        created,
     })
 }
 
@@ -243,6 +273,16 @@ fn imports_cover(parent: &Path, imports: &[String], dropin: &Path) -> bool {
 /// A missing config becomes one holding only the schema version and the import.
 pub fn with_import(main: &MainConfig, dropin: &Path) -> Result<Option<String>, ContainerdError> {
     let dropin_str = dropin.to_string_lossy().into_owned();
+    if let (true, Some(text)) = (main.created, &main.text) {
+        let mut doc = parse(&main.path, text)?;
+        let mut arr = Array::new();
+        arr.push(dropin_str);
+        doc.insert("imports", value(arr));
+        return Ok(Some(format!(
+            "# Written by `accordion install` from `containerd config default` (containerd had no \
+             config file); `accordion uninstall` removes it.\n{doc}"
+        )));
+    }
     let Some(text) = &main.text else {
         return Ok(Some(format!(
             "# Written by `accordion install` (containerd had no config file); `accordion uninstall` removes it.\n\
@@ -431,14 +471,26 @@ mod tests {
         d
     }
 
+    /// A host containerd of `major` whose defaults are `defaults` (Err: no binary).
+    struct FakeHost(Result<u8, String>, &'static str);
+
+    impl HostContainerd for FakeHost {
+        fn major(&self) -> Result<u8, String> {
+            self.0.clone()
+        }
+        fn default_config(&self) -> Result<String, String> {
+            self.0.clone().map(|_| self.1.to_string())
+        }
+    }
+
+    const NO_BINARY: FakeHost = FakeHost(Err(String::new()), "");
+
     fn main_of(root: &Path, text: Option<&str>) -> MainConfig {
         if let Some(t) = text {
             fs::write(root.join("etc/containerd/config.toml"), t).unwrap();
         }
-        load_main(root, Path::new("/etc/containerd/config.toml"), None, || {
-            Err("no containerd binary".into())
-        })
-        .unwrap()
+        let none = FakeHost(Err("no containerd binary".into()), "");
+        load_main(root, Path::new("/etc/containerd/config.toml"), None, &none).unwrap()
     }
 
     const V2: &str = r#"# the operator's comment
@@ -462,7 +514,7 @@ version = 2
             &root,
             Path::new("/etc/containerd/config.toml"),
             None,
-            || Ok(1),
+            &FakeHost(Ok(1), ""),
         )
         .unwrap_err()
         .to_string();
@@ -478,19 +530,32 @@ version = 2
         let root = scratch("noconfig");
         let p = Path::new("/etc/containerd/config.toml");
         assert_eq!(
-            load_main(&root, p, None, || Ok(2)).unwrap().schema,
+            load_main(&root, p, None, &FakeHost(Ok(2), ""))
+                .unwrap()
+                .schema,
             Schema::V3
         );
-        assert_eq!(
-            load_main(&root, p, Some(1), || Ok(2)).unwrap().schema,
-            Schema::V2
+        let v1 = FakeHost(
+            Ok(1),
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  x = 1\n",
         );
-        let err = load_main(&root, p, None, || {
-            Err("containerd is not on the host's PATH".into())
-        })
-        .unwrap_err()
-        .to_string();
+        let main = load_main(&root, p, None, &v1).unwrap();
+        assert_eq!(main.schema, Schema::V2);
+        assert!(main.created && main.text.as_deref().is_some_and(|t| t.contains("x = 1")));
+        let edited = with_import(&main, Path::new(DROPIN)).unwrap().unwrap();
+        assert!(
+            edited.contains("x = 1") && edited.contains(DROPIN),
+            "{edited}"
+        );
+        let err = load_main(&root, p, None, &NO_BINARY)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--containerd-version"), "{err}");
+        // 1.x named by the flag, but its defaults cannot be had: refused with the way out.
+        let err = load_main(&root, p, Some(1), &NO_BINARY)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("containerd config default >"), "{err}");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -502,7 +567,7 @@ version = 2
             &root,
             Path::new("/etc/containerd/config.toml"),
             Some(1),
-            || Ok(1),
+            &FakeHost(Ok(1), ""),
         )
         .unwrap_err()
         .to_string();
@@ -570,7 +635,7 @@ version = 2
             &root,
             Path::new("/etc/containerd/config.toml"),
             Some(2),
-            || Ok(2),
+            &NO_BINARY,
         )
         .unwrap();
         let text = with_import(&main, Path::new(DROPIN)).unwrap().unwrap();

@@ -178,38 +178,56 @@ fn major_flag(s: &str) -> Result<Option<u8>, InstallError> {
     }
 }
 
-/// The host's containerd major version, from `containerd --version` run inside the host root.
-fn detect_containerd(root: &Path) -> Result<u8, String> {
-    let bin = ["usr/bin", "usr/local/bin", "usr/sbin", "bin"]
-        .iter()
-        .map(|d| Path::new("/").join(d).join("containerd"))
-        .find(|p| under(root, p).is_file())
-        .ok_or_else(|| {
-            "no containerd binary in /usr/bin, /usr/local/bin, /usr/sbin or /bin".to_string()
-        })?;
-    let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("--version");
-    if root != Path::new("/") {
-        let root = root.to_path_buf();
-        // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir) run.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                nix::unistd::chroot(&root).map_err(std::io::Error::from)?;
-                nix::unistd::chdir("/").map_err(std::io::Error::from)
-            });
+/// The host's containerd binary, run inside the host root (chroot) so its own libraries are used.
+struct HostBinary<'a> {
+    root: &'a Path,
+}
+
+impl HostBinary<'_> {
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let bin = ["usr/bin", "usr/local/bin", "usr/sbin", "bin"]
+            .iter()
+            .map(|d| Path::new("/").join(d).join("containerd"))
+            .find(|p| under(self.root, p).is_file())
+            .ok_or_else(|| {
+                "no containerd binary in /usr/bin, /usr/local/bin, /usr/sbin or /bin".to_string()
+            })?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(args).stdin(std::process::Stdio::null());
+        if self.root != Path::new("/") {
+            let root = self.root.to_path_buf();
+            // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir) run.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    nix::unistd::chroot(&root).map_err(std::io::Error::from)?;
+                    nix::unistd::chdir("/").map_err(std::io::Error::from)
+                });
+            }
         }
+        let what = format!("{} {}", bin.display(), args.join(" "));
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {what}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {} --version: {e}", bin.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    containerd::parse_version_output(&text).ok_or_else(|| {
-        format!(
-            "cannot read a version in {}'s output {:?}",
-            bin.display(),
-            text.trim()
-        )
-    })
+}
+
+impl containerd::HostContainerd for HostBinary<'_> {
+    fn major(&self) -> Result<u8, String> {
+        let text = self.run(&["--version"])?;
+        containerd::parse_version_output(&text)
+            .ok_or_else(|| format!("no version in `containerd --version`: {:?}", text.trim()))
+    }
+
+    fn default_config(&self) -> Result<String, String> {
+        self.run(&["config", "default"])
+    }
 }
 
 /// The default /etc/accordion/config.toml of a fresh install (docs/configuration.md has every key).
@@ -287,7 +305,7 @@ fn plan(args: &InstallArgs) -> Result<Plan, InstallError> {
         root,
         &args.containerd_config,
         major_flag(&args.containerd_version)?,
-        || detect_containerd(root),
+        &HostBinary { root },
     )?;
     let dropin = args
         .containerd_config

@@ -261,17 +261,32 @@ fn test_containerd_2_default_and_custom_configs_round_trip() {
 
 #[test]
 fn test_no_containerd_config_is_created_then_removed() {
-    for (flag, version) in [("1", 2), ("2", 3)] {
-        let host = Host::new(&format!("none{flag}"), &[]);
-        let mut args = host.args();
-        args.containerd_version = flag.into();
-        install(&args).unwrap();
-        let main: toml::Table = host.read("etc/containerd/config.toml").parse().unwrap();
-        assert_eq!(main["version"].as_integer(), Some(version));
-        host.uninstall();
-        assert!(!host.root().join("etc/containerd").exists());
-        round_trip(&host, &args);
-    }
+    let host = Host::new("none2", &[]);
+    let mut args = host.args();
+    args.containerd_version = "2".into();
+    install(&args).unwrap();
+    let main: toml::Table = host.read("etc/containerd/config.toml").parse().unwrap();
+    assert_eq!(main["version"].as_integer(), Some(3));
+    host.uninstall();
+    assert!(!host.root().join("etc/containerd").exists());
+    round_trip(&host, &args);
+}
+
+#[test]
+fn test_no_containerd_1_config_and_no_binary_for_its_defaults_is_refused() {
+    // containerd 1.x replaces the built-in CRI section with the drop-in's: without `containerd
+    // config default` to copy from, installing would lose runc. (xtask installer-test runs this
+    // with a real containerd in the root.)
+    let host = Host::new("none1", &[]);
+    let mut args = host.args();
+    args.containerd_version = "1".into();
+    let before = snapshot(&host.root());
+    let err = install(&args).unwrap_err().to_string();
+    assert!(
+        err.contains("containerd config default > /etc/containerd/config.toml"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&host.root()), before);
 }
 
 #[test]
