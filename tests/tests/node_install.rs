@@ -33,9 +33,11 @@ impl NodeState {
     fn strip() -> Self {
         std::fs::create_dir_all(SAVED).expect("mkdir");
         let containerd_config = std::fs::read(CONTAINERD_CONFIG).expect("read containerd config");
-        std::fs::rename(SHIM_LINK, format!("{SAVED}/shim")).expect("move the shim away");
-        std::fs::rename(ACCORDION_CONFIG, format!("{SAVED}/config.toml")).expect("move config");
-        let pristine: String = String::from_utf8_lossy(&containerd_config)
+        // From here on, a panic puts the node back (drop).
+        let state = Self { containerd_config };
+        move_file(SHIM_LINK, &format!("{SAVED}/shim")).expect("move the shim away");
+        move_file(ACCORDION_CONFIG, &format!("{SAVED}/config.toml")).expect("move config");
+        let pristine: String = String::from_utf8_lossy(&state.containerd_config)
             .lines()
             .filter(|l| !l.contains("runtimes.accordion]") && !l.contains(RUNTIME))
             .map(|l| format!("{l}\n"))
@@ -43,8 +45,17 @@ impl NodeState {
         assert!(!pristine.contains("accordion"), "{pristine}");
         std::fs::write(CONTAINERD_CONFIG, pristine).expect("write containerd config");
         restart_containerd();
-        Self { containerd_config }
+        state
     }
+}
+
+/// rename(2), or copy and remove across filesystems (/run is a tmpfs).
+fn move_file(from: &str, to: &str) -> std::io::Result<()> {
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)?;
+    std::fs::remove_file(from)
 }
 
 impl Drop for NodeState {
@@ -53,9 +64,9 @@ impl Drop for NodeState {
         let _ = Command::new("accordion")
             .args(["uninstall", "--restart", "none"])
             .output();
-        let _ = std::fs::rename(format!("{SAVED}/shim"), SHIM_LINK);
+        let _ = move_file(&format!("{SAVED}/shim"), SHIM_LINK);
         let _ = std::fs::create_dir_all("/etc/accordion");
-        let _ = std::fs::rename(format!("{SAVED}/config.toml"), ACCORDION_CONFIG);
+        let _ = move_file(&format!("{SAVED}/config.toml"), ACCORDION_CONFIG);
         let _ = std::fs::write(CONTAINERD_CONFIG, &self.containerd_config);
         let _ = std::fs::remove_dir_all(SAVED);
         restart_containerd();
@@ -190,6 +201,19 @@ fn test_install_from_the_image_runs_pods_and_uninstall_restores_every_byte() {
     );
     restart_containerd();
     let once = files_under(&WATCHED);
+    for added in [
+        "/opt/accordion/bin/containerd-shim-accordion-v2",
+        "/opt/accordion/install-manifest.json",
+        "/etc/containerd/conf.d/accordion.toml",
+        "/etc/accordion/config.toml",
+        SHIM_LINK,
+    ] {
+        assert!(
+            once.iter().any(|(p, _)| p == Path::new(added))
+                && !before.iter().any(|(p, _)| p == Path::new(added)),
+            "the install did not add {added}"
+        );
+    }
     let out = Command::new("accordion")
         .args(["install", "--check"])
         .output()

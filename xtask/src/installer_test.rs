@@ -353,6 +353,50 @@ fn run_case(
     Ok(())
 }
 
+fn refused_without_kvm(installer: &Path, scratch: &Path) -> Result<(), String> {
+    let host = scratch.join("root");
+    let src = scratch.join("src");
+    let _ = std::fs::remove_dir_all(scratch);
+    for f in [
+        "root/usr/libexec/virtiofsd",
+        "root/etc/containerd/config.toml",
+        "src/bin/accordion",
+        "src/bin/containerd-shim-accordion-v2",
+        "src/share/guest/Image",
+        "src/share/guest/agent-initrd.cpio",
+    ] {
+        let p = scratch.join(f);
+        std::fs::create_dir_all(p.parent().unwrap_or(scratch)).map_err(|e| e.to_string())?;
+        let body: &[u8] = if f.ends_with("config.toml") {
+            b"version = 3\n"
+        } else {
+            b"x"
+        };
+        std::fs::write(&p, body).map_err(|e| e.to_string())?;
+    }
+    let before = snapshot(&host);
+    let out = installer_command(installer)
+        .arg("install")
+        .arg("--root")
+        .arg(&host)
+        .arg("--source")
+        .arg(&src)
+        .args(["--restart", "none"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let said = text(&out);
+    if out.status.success() || !said.contains("This host cannot run Accordion") {
+        return Err(format!(
+            "expected a refusal, got {:?}: {said}",
+            out.status.code()
+        ));
+    }
+    if snapshot(&host) != before {
+        return Err("the refused install changed the root".into());
+    }
+    Ok(())
+}
+
 /// Copies a dynamically linked binary into `root` as usr/bin/<name>, with the libraries `ldd`
 /// lists at their paths, so it runs chrooted there as on a host.
 fn put_in_root(bin: &Path, root: &Path) -> Result<(), String> {
@@ -417,10 +461,27 @@ pub fn run() -> XResult<i32> {
             }
         }
     }
+    let mut cases = CASES.len();
+    // Without --skip-kvm-check, a machine whose KVM cannot run Accordion is refused, unchanged.
+    // (On an ARM64 host that qualifies, `accordion check` passes and there is nothing to refuse.)
+    let qualifies = installer_command(&installer)
+        .arg("check")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qualifies {
+        cases += 1;
+        match refused_without_kvm(&installer, &scratch) {
+            Ok(()) => println!("installer-test: ok   a host without ARM64 KVM is refused"),
+            Err(e) => {
+                failed += 1;
+                println!("installer-test: FAIL a host without ARM64 KVM is refused: {e}");
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     println!(
         "installer-test: {} passed, {failed} failed in {:.1} s",
-        CASES.len() - failed,
+        cases - failed,
         t0.elapsed().as_secs_f64()
     );
     Ok(i32::from(failed > 0))
