@@ -353,6 +353,91 @@ fn run_case(
     Ok(())
 }
 
+/// config.toml of the chart's ConfigMap, rendered by Helm's engine (scripts/chart-test.sh).
+fn render_chart_config(values: Option<&str>) -> Result<String, String> {
+    let mut cmd = Command::new(root().join("scripts/chart-test.sh"));
+    cmd.arg("template").current_dir(root());
+    if let Some(v) = values {
+        cmd.args(["-f", v]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("scripts/chart-test.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("helm template failed: {}", text(&out)));
+    }
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    // A block scalar: the lines after `config.toml: |` indented deeper than the key.
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "config.toml: |");
+    let key = lines.next().ok_or("no config.toml in the rendered chart")?;
+    let indent = key.len() - key.trim_start().len() + 2;
+    let body: Vec<&str> = lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect();
+    Ok(body.join("\n").trim_end().to_string() + "\n")
+}
+
+fn chart_config(installer: &Path, scratch: &Path, values: Option<&str>) -> Result<(), String> {
+    let config = render_chart_config(values)?;
+    let _ = std::fs::remove_dir_all(scratch);
+    let host = scratch.join("root");
+    let src = scratch.join("src");
+    for f in [
+        "root/usr/libexec/virtiofsd",
+        "src/bin/accordion",
+        "src/bin/containerd-shim-accordion-v2",
+        "src/share/guest/Image",
+        "src/share/guest/agent-initrd.cpio",
+    ] {
+        let p = scratch.join(f);
+        std::fs::create_dir_all(p.parent().unwrap_or(scratch)).map_err(|e| e.to_string())?;
+        std::fs::write(&p, b"x").map_err(|e| e.to_string())?;
+    }
+    let defaults = root().join(TESTDATA).join("containerd-2.1-default.toml");
+    std::fs::create_dir_all(host.join("etc/containerd")).map_err(|e| e.to_string())?;
+    std::fs::copy(&defaults, host.join("etc/containerd/config.toml")).map_err(|e| e.to_string())?;
+    let file = scratch.join("chart-config.toml");
+    std::fs::write(&file, &config).map_err(|e| e.to_string())?;
+    let before = snapshot(&host);
+    let out = installer_command(installer)
+        .arg("install")
+        .arg("--root")
+        .arg(&host)
+        .arg("--source")
+        .arg(&src)
+        .arg("--config")
+        .arg(&file)
+        .args(["--restart", "none", "--skip-kvm-check"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "install with the chart's config failed: {}\n{config}",
+            text(&out)
+        ));
+    }
+    let installed = std::fs::read_to_string(host.join("etc/accordion/config.toml"))
+        .map_err(|e| e.to_string())?;
+    if installed != config {
+        return Err(format!("installed config differs:\n{installed}"));
+    }
+    let out = installer_command(installer)
+        .arg("uninstall")
+        .arg("--root")
+        .arg(&host)
+        .args(["--restart", "none"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() || snapshot(&host) != before {
+        return Err(format!(
+            "uninstall did not restore the root: {}",
+            text(&out)
+        ));
+    }
+    Ok(())
+}
+
 fn refused_without_kvm(installer: &Path, scratch: &Path) -> Result<(), String> {
     let host = scratch.join("root");
     let src = scratch.join("src");
@@ -462,6 +547,22 @@ pub fn run() -> XResult<i32> {
         }
     }
     let mut cases = CASES.len();
+    // The chart's rendered config.toml (default and custom values) is what the DaemonSet passes
+    // to --config: the installer must accept it as is.
+    for values in [None, Some("tests/chart/custom.yaml")] {
+        cases += 1;
+        let name = format!(
+            "the chart's config.toml ({})",
+            values.unwrap_or("default values")
+        );
+        match chart_config(&installer, &scratch, values) {
+            Ok(()) => println!("installer-test: ok   {name}"),
+            Err(e) => {
+                failed += 1;
+                println!("installer-test: FAIL {name}: {e}");
+            }
+        }
+    }
     // Without --skip-kvm-check, a machine whose KVM cannot run Accordion is refused, unchanged.
     // (On an ARM64 host that qualifies, `accordion check` passes and there is nothing to refuse.)
     let qualifies = installer_command(&installer)
