@@ -40,10 +40,26 @@ pub struct FsConfig {
     pub socket_path: PathBuf,
 }
 
+/// A virtio-net device whose host side is a tap the caller opened (devices::virtio::net::tap::Tap,
+/// with a virtio-net header), e.g. in the pod's network namespace.
+#[derive(Debug)]
+pub struct NetConfig {
+    /// The tap's file descriptor; the device owns it from `Vm::start` on.
+    pub tap: std::os::fd::OwnedFd,
+    /// The guest interface's MAC (unicast).
+    pub mac: [u8; 6],
+    /// The guest interface's MTU (68 or more).
+    pub mtu: u16,
+}
+
 /// virtio-mmio slot of the first virtio-fs device; the next ones follow.
 pub const FIRST_FS_SLOT: u32 = 1;
-/// At most this many virtio-fs devices (the virtio-mmio slots after vsock).
-pub const MAX_FS_DEVICES: usize = (layout::VIRTIO_MMIO_SLOTS - FIRST_FS_SLOT) as usize;
+/// virtio-mmio slot of the first virtio-net device; the next ones follow.
+pub const FIRST_NET_SLOT: u32 = 16;
+/// At most this many virtio-fs devices (the virtio-mmio slots between vsock and the NICs).
+pub const MAX_FS_DEVICES: usize = (FIRST_NET_SLOT - FIRST_FS_SLOT) as usize;
+/// At most this many virtio-net devices (the last virtio-mmio slots).
+pub const MAX_NET_DEVICES: usize = (layout::VIRTIO_MMIO_SLOTS - FIRST_NET_SLOT) as usize;
 
 /// A microVM to start.
 pub struct VmConfig {
@@ -65,6 +81,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices, in virtio-mmio slots `FIRST_FS_SLOT..` in this order.
     pub fs: Vec<FsConfig>,
+    /// virtio-net devices, in virtio-mmio slots `FIRST_NET_SLOT..` in this order.
+    pub net: Vec<NetConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -78,6 +96,7 @@ impl std::fmt::Debug for VmConfig {
             .field("max_vcpus", &self.max_vcpus)
             .field("vsock", &self.vsock)
             .field("fs", &self.fs)
+            .field("net", &self.net)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +114,7 @@ impl VmConfig {
             console: Box::new(std::io::sink()),
             vsock: None,
             fs: Vec::new(),
+            net: Vec::new(),
         }
     }
 
@@ -141,7 +161,28 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(vsock.cid));
             }
         }
-        self.validate_fs()
+        self.validate_fs()?;
+        self.validate_net()
+    }
+
+    fn validate_net(&self) -> Result<(), ConfigError> {
+        if self.net.len() > MAX_NET_DEVICES {
+            return Err(ConfigError::TooManyNet {
+                count: self.net.len(),
+                max: MAX_NET_DEVICES,
+            });
+        }
+        for net in &self.net {
+            if net.mtu < crate::devices::virtio::net::MIN_MTU {
+                return Err(ConfigError::NetMtu(net.mtu));
+            }
+            if net.mac[0] & 1 != 0 {
+                return Err(ConfigError::NetMac(
+                    crate::devices::virtio::net::format_mac(&net.mac),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_fs(&self) -> Result<(), ConfigError> {
@@ -245,6 +286,20 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+    /// More virtio-net devices than virtio-mmio slots.
+    #[error("{count} network interfaces exceed the limit of {max}")]
+    TooManyNet {
+        /// Requested devices.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An MTU the guest interface cannot have.
+    #[error("Network interface MTU {0} is below 68")]
+    NetMtu(u16),
+    /// A multicast MAC for a guest interface.
+    #[error("Network interface MAC {0} is multicast")]
+    NetMac(String),
 }
 
 #[cfg(test)]
@@ -304,12 +359,42 @@ mod tests {
     #[test]
     fn test_more_fs_devices_than_slots_is_rejected() {
         let c = VmConfig {
-            fs: (0..32).map(|i| fs(&format!("t{i}"))).collect(),
+            fs: (0..16).map(|i| fs(&format!("t{i}"))).collect(),
             ..config()
         };
         assert_eq!(
             c.validate(),
-            Err(ConfigError::TooManyFs { count: 32, max: 31 })
+            Err(ConfigError::TooManyFs { count: 16, max: 15 })
+        );
+    }
+
+    #[test]
+    fn test_bad_nics_are_rejected() {
+        let nic = |mac: [u8; 6], mtu: u16| NetConfig {
+            tap: std::os::fd::OwnedFd::from(std::os::unix::net::UnixDatagram::pair().unwrap().0),
+            mac,
+            mtu,
+        };
+        let c = VmConfig {
+            net: vec![nic([2, 0, 0, 0, 0, 1], 67)],
+            ..config()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::NetMtu(67)));
+        let c = VmConfig {
+            net: vec![nic([3, 0, 0, 0, 0, 1], 1500)],
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::NetMac("03:00:00:00:00:01".into()))
+        );
+        let c = VmConfig {
+            net: (0..17).map(|i| nic([2, 0, 0, 0, 0, i], 1500)).collect(),
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooManyNet { count: 17, max: 16 })
         );
     }
 

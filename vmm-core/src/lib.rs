@@ -23,7 +23,7 @@ pub mod platform;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConfigError, FsConfig, VmConfig, VsockConfig};
+pub use config::{ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig};
 pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 pub use exit::ExitReason;
 pub use vcpu::{VcpuEvent, VcpuState};

@@ -12,7 +12,7 @@ use crate::arch::aarch64::boot_block::BootBlockError;
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
 use crate::arch::aarch64::layout;
 use crate::bus::BusError;
-use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT};
+use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT, FIRST_NET_SLOT};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 use crate::devices::irq::IrqError;
@@ -46,6 +46,9 @@ pub enum VmError {
         #[source]
         source: crate::devices::virtio::fs::FsError,
     },
+    /// A virtio-net device could not be created.
+    #[error("Cannot create a network interface")]
+    Net(#[source] crate::devices::virtio::net::NetError),
     /// This host architecture has no backend.
     #[error("Accordion VMs run only on aarch64 hosts")]
     UnsupportedArch,
@@ -115,13 +118,14 @@ pub fn check_kvm_vcpu_limit(max_vcpus: u32, kvm_limit: usize) -> Result<(), Conf
 /// virtio-mmio slot of the vsock device.
 pub const VSOCK_SLOT: u32 = 0;
 
-/// The virtio-mmio slots a configuration uses: vsock's, then one per virtio-fs device.
+/// The virtio-mmio slots a configuration uses: vsock's, one per virtio-fs device, one per NIC.
 // Only Vm::start (aarch64) uses it outside tests.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 fn virtio_slots(config: &VmConfig) -> Vec<u32> {
     let vsock = config.vsock.iter().map(|_| VSOCK_SLOT);
     vsock
         .chain((FIRST_FS_SLOT..).take(config.fs.len()))
+        .chain((FIRST_NET_SLOT..).take(config.net.len()))
         .collect()
 }
 /// Register window of a virtio-mmio transport (registers + config space) as ACPI describes it.
@@ -229,7 +233,7 @@ pub struct Vm {
 #[cfg(target_arch = "aarch64")]
 impl Vm {
     /// Builds and starts a VM: the boot vCPU runs the kernel when this returns.
-    pub fn start(config: VmConfig) -> Result<Vm, VmError> {
+    pub fn start(mut config: VmConfig) -> Result<Vm, VmError> {
         use crate::arch::aarch64::boot_block::{BootBlock, BootBlockSpec};
         use crate::arch::aarch64::{gic, psci};
         use crate::bus::Bus;
@@ -240,6 +244,7 @@ impl Vm {
         use crate::devices::serial::SerialDevice as Uart;
         use crate::devices::virtio::fs::Fs;
         use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::net::Net;
         use crate::devices::virtio::vsock::Vsock;
         use crate::devices::virtio::VirtioInterrupt;
         use crate::machine::Machine;
@@ -410,6 +415,37 @@ impl Vm {
             );
             bus.insert(
                 "virtio-fs",
+                base,
+                layout::DEVICE_SIZE,
+                Arc::new(Mutex::new(transport)),
+            )?;
+        }
+
+        // virtio-net: the back end thread reads the tap and is woken by the transport on kicks.
+        for (net, slot) in std::mem::take(&mut config.net)
+            .into_iter()
+            .zip(FIRST_NET_SLOT..)
+        {
+            let (Some(base), Some(spi)) = (
+                layout::virtio_mmio_base(slot),
+                layout::virtio_mmio_spi(slot),
+            ) else {
+                return Err(VmError::Config(ConfigError::TooManyNet {
+                    count: slot as usize,
+                    max: crate::config::MAX_NET_DEVICES,
+                }));
+            };
+            let irq = IrqLine::new(spi)?;
+            vm.register_irqfd(irq.eventfd(), irq.spi())
+                .map_err(|e| VmError::Kvm("wire a virtio-net interrupt", e))?;
+            let device = Net::new(net.tap, net.mac, net.mtu).map_err(VmError::Net)?;
+            let transport = MmioTransport::new(
+                Box::new(device),
+                ram.memory().clone(),
+                Arc::new(VirtioInterrupt::new(irq)),
+            );
+            bus.insert(
+                "virtio-net",
                 base,
                 layout::DEVICE_SIZE,
                 Arc::new(Mutex::new(transport)),
@@ -613,6 +649,24 @@ mod tests {
         let slots = virtio_slots(&config);
         let described = acpi_config(&[kvm_default_mpidr(0)], 1, &slots);
         assert_eq!(slots, [0, 1, 2]);
+        let tap =
+            || std::os::fd::OwnedFd::from(std::os::unix::net::UnixDatagram::pair().unwrap().0);
+        let with_nics = VmConfig {
+            net: vec![
+                crate::config::NetConfig {
+                    tap: tap(),
+                    mac: [2, 0, 0, 0, 0, 1],
+                    mtu: 1500,
+                },
+                crate::config::NetConfig {
+                    tap: tap(),
+                    mac: [2, 0, 0, 0, 0, 2],
+                    mtu: 1500,
+                },
+            ],
+            ..config
+        };
+        assert_eq!(virtio_slots(&with_nics), [0, 1, 2, 16, 17]);
         assert_eq!(
             described.virtio.last(),
             Some(&VirtioMmioDevice {
