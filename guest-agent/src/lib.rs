@@ -10,6 +10,7 @@ pub mod exec;
 pub mod init;
 pub mod log;
 pub mod modules;
+pub mod network;
 pub mod pty;
 pub mod reaper;
 pub mod server;

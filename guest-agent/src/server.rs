@@ -341,7 +341,7 @@ where
     ReceiverStream::new(rx)
 }
 
-/// Serves `service`, `cpu` and `containers` on the connections of `incoming` until `shutdown` is notified. Each
+/// Serves `service`, `cpu`, `containers` and the Network service on the connections of `incoming` until `shutdown` is notified. Each
 /// connection is its own HTTP/2 session: a peer sending garbage or oversized messages loses its
 /// connection or its call, never the server.
 pub async fn serve<IO>(
@@ -361,6 +361,7 @@ where
         .add_service(service.into_server())
         .add_service(cpu.into_server())
         .add_service(containers.into_server())
+        .add_service(crate::network::NetworkService::default().into_server())
         .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
         .await?;
     Ok(())
