@@ -20,6 +20,7 @@ use accordion_proto::agent::v1 as pb;
 use accordion_proto::agent::v1::agent_client::AgentClient as RawClient;
 use accordion_proto::agent::v1::containers_client::ContainersClient as RawContainersClient;
 use accordion_proto::agent::v1::cpu_client::CpuClient as RawCpuClient;
+use accordion_proto::agent::v1::network_client::NetworkClient as RawNetworkClient;
 use accordion_proto::{AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -362,6 +363,8 @@ pub struct AgentClient {
     cpu: RawCpuClient<Channel>,
     /// The Containers service on the same connection.
     containers: RawContainersClient<Channel>,
+    /// The Network service on the same connection.
+    network: RawNetworkClient<Channel>,
 }
 
 impl AgentClient {
@@ -417,6 +420,9 @@ impl AgentClient {
         let containers = RawContainersClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let network = RawNetworkClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let raw = RawClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -425,6 +431,7 @@ impl AgentClient {
             config,
             cpu,
             containers,
+            network,
         })
     }
 
@@ -1201,6 +1208,23 @@ impl AgentClient {
             .unary("Containers.State", self.containers.clone().state(request))
             .await?
             .into())
+    }
+
+    /// Configures the guest's interfaces like the pod's (`Network.Configure`).
+    pub async fn configure_network(&self, interfaces: Vec<pb::Interface>) -> Result<()> {
+        let request = self.request(pb::ConfigureNetworkRequest { interfaces });
+        self.unary("Network.Configure", self.network.clone().configure(request))
+            .await
+            .map(drop)
+    }
+
+    /// The guest's interfaces as its kernel reports them (`Network.List`).
+    pub async fn list_interfaces(&self) -> Result<Vec<pb::Interface>> {
+        let request = self.request(pb::ListInterfacesRequest {});
+        Ok(self
+            .unary("Network.List", self.network.clone().list(request))
+            .await?
+            .interfaces)
     }
 
     /// Applies OCI LinuxResources (JSON) to the container's cgroup.

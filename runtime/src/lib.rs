@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod install;
+pub mod network;
 pub mod resize;
 pub mod sandbox;
 pub mod shim;

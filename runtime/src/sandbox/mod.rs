@@ -7,7 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use accordion_vmm::{ExitReason, FsConfig, VcpuState, Vm, VmConfig, VsockConfig};
+use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
+
+/// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces.
+#[derive(Debug, Default)]
+pub struct Devices {
+    pub fs: Vec<FsConfig>,
+    pub net: Vec<NetConfig>,
+}
 
 use crate::agent_client::{AgentClient, AgentClientError};
 
@@ -130,15 +137,15 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boots the VM and waits until its agent answers.
     pub async fn boot(spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
-        Self::boot_with(spec, |_| Ok(Vec::new())).await
+        Self::boot_with(spec, |_| Ok(Devices::default())).await
     }
 
-    /// Like [`Sandbox::boot`], with virtio-fs devices: `prepare` runs once the (empty) state
-    /// directory exists and before the VM starts, e.g. to start virtiofsd in it, and returns the
-    /// shares to attach. The shim boots pods this way.
+    /// Like [`Sandbox::boot`], with devices: `prepare` runs once the (empty) state directory
+    /// exists and before the VM starts, e.g. to start virtiofsd in it or open the pod's taps, and
+    /// returns the devices to attach. The shim boots pods this way.
     pub async fn boot_with<P>(spec: &SandboxSpec, prepare: P) -> Result<Sandbox, SandboxError>
     where
-        P: FnOnce(&Path) -> Result<Vec<FsConfig>, Box<dyn std::error::Error + Send + Sync>>,
+        P: FnOnce(&Path) -> Result<Devices, Box<dyn std::error::Error + Send + Sync>>,
     {
         validate_name(&spec.name)?;
         let t0 = Instant::now();
@@ -185,7 +192,9 @@ impl Sandbox {
             cid: GUEST_CID,
             uds_path: vsock_path.clone(),
         });
-        config.fs = prepare(&dir).map_err(SandboxError::Prepare)?;
+        let devices = prepare(&dir).map_err(SandboxError::Prepare)?;
+        config.fs = devices.fs;
+        config.net = devices.net;
         let vm = Vm::start(config)?;
         let vm_started = t0.elapsed();
 

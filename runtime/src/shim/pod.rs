@@ -14,14 +14,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use accordion_vmm::FsConfig;
+use accordion_vmm::{FsConfig, NetConfig};
 use containerd_shim::protos::types::mount::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use super::spec::{HostBind, SandboxResources};
+use super::spec::{HostBind, PodNetworkMode, SandboxResources};
 use crate::config::Config;
+use crate::network::{self, NetworkError, PodNetwork};
 use crate::resize::policy::{CpuShape, PodCpu};
-use crate::sandbox::{self, Sandbox, SandboxError, SandboxSpec};
+use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 
 /// The virtio-fs tag of the pod's share; the guest agent mounts it (`accordion.share=`).
 pub const SHARE_TAG: &str = "accordion";
@@ -50,6 +51,10 @@ pub enum PodError {
     },
     #[error("Cannot boot the pod's VM")]
     Boot(#[from] SandboxError),
+    #[error("Cannot carry the pod's network into the VM")]
+    Network(#[from] NetworkError),
+    #[error("The guest could not configure the pod's network")]
+    GuestNetwork(#[source] crate::agent_client::AgentClientError),
     #[error("The pod's CPU resources")]
     Sizing(#[from] crate::resize::policy::PolicyError),
     #[error("Cannot create {0}")]
@@ -213,11 +218,19 @@ pub struct Pod {
     virtiofsd: Mutex<Option<Virtiofsd>>,
     /// The operator control socket (`accordion status/exec/resize <pod>`).
     control: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The pod's interfaces, their taps and redirects (None: no CNI namespace).
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl Pod {
-    /// Starts virtiofsd and boots the VM named `id`.
-    pub async fn boot(id: &str, size: PodSize, config: &Config) -> Result<Pod, PodError> {
+    /// Starts virtiofsd, carries the pod's network namespace (if CNI made one) into taps, boots
+    /// the VM named `id` and has the guest configure its interfaces like the pod's.
+    pub async fn boot(
+        id: &str,
+        size: PodSize,
+        config: &Config,
+        net_mode: &PodNetworkMode,
+    ) -> Result<Pod, PodError> {
         let spec = SandboxSpec {
             name: id.to_string(),
             kernel: config.guest.kernel.clone(),
@@ -229,18 +242,61 @@ impl Pod {
             agent_timeout: Duration::from_secs(config.timeouts.agent_ready_secs),
         };
         let mut virtiofsd = None;
-        let sandbox = Sandbox::boot_with(&spec, |dir| {
+        let mut pod_net: Option<PodNetwork> = None;
+        let booted = Sandbox::boot_with(&spec, |dir| {
             let share = dir.join(SHARE_DIR);
             make_dir(&share, 0o711)?;
             let v = Virtiofsd::spawn(config, dir, &share)?;
             let socket_path = dir.join(VIRTIOFSD_SOCKET);
             virtiofsd = Some(v);
-            Ok(vec![FsConfig {
-                tag: SHARE_TAG.into(),
-                socket_path,
-            }])
+            let mut net = Vec::new();
+            if let PodNetworkMode::Netns(path) = net_mode {
+                let (attached, taps) =
+                    network::attach(path, accordion_vmm::config::MAX_NET_DEVICES)
+                        .map_err(PodError::from)?;
+                for (iface, tap) in attached.interfaces.iter().zip(taps) {
+                    net.push(NetConfig {
+                        tap: tap.into_fd(),
+                        mac: iface.mac,
+                        mtu: u16::try_from(iface.mtu).unwrap_or(u16::MAX),
+                    });
+                }
+                pod_net = Some(attached);
+            }
+            Ok(Devices {
+                fs: vec![FsConfig {
+                    tag: SHARE_TAG.into(),
+                    socket_path,
+                }],
+                net,
+            })
         })
-        .await?;
+        .await;
+        let sandbox = match booted {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(net) = &pod_net {
+                    detach_logged(id, net);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(net) = &pod_net {
+            let t = Instant::now();
+            if let Err(e) = sandbox.agent().configure_network(net.to_proto()).await {
+                sandbox
+                    .stop(Duration::from_secs(config.timeouts.stop_grace_secs))
+                    .await;
+                detach_logged(id, net);
+                return Err(PodError::GuestNetwork(e));
+            }
+            log::info!(
+                "pod {id}: network: {} interface(s) from {} in {:.1} ms",
+                net.interfaces.len(),
+                net.netns.display(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
         let share = sandbox.dir().join(SHARE_DIR);
         let sandbox = Arc::new(sandbox);
         let control = match crate::control::server::serve_pod(Arc::clone(&sandbox)) {
@@ -255,6 +311,7 @@ impl Pod {
             share,
             virtiofsd: Mutex::new(virtiofsd),
             control: Mutex::new(control),
+            network: Mutex::new(pod_net),
         })
     }
 
@@ -285,7 +342,23 @@ impl Pod {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
+        // The VM is gone, and its taps with it; the redirects on the pod's interfaces go now.
+        let net = self
+            .network
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(net) = net {
+            detach_logged(self.sandbox.name(), &net);
+        }
         log::info!("pod {}: VM stopped ({reason:?})", self.sandbox.name());
+    }
+}
+
+/// Removes the pod's redirects and taps; a failure is logged (the pod is going away anyway).
+fn detach_logged(id: &str, net: &PodNetwork) {
+    if let Err(e) = network::detach(net) {
+        log::warn!("pod {id}: network teardown: {}", crate::error_chain(&e));
     }
 }
 

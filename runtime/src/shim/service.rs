@@ -390,7 +390,19 @@ impl Service {
             config.vcpus.max,
             size.memory_mib
         );
-        let pod = Pod::boot(&self.id, size, &config)
+        let net_mode = spec::network_mode(spec);
+        if net_mode == spec::PodNetworkMode::Host {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!(
+                    "pod {}: it asks for the host's network (hostNetwork: true, or no network \
+                     namespace in its spec); a microVM cannot share the host's network namespace: \
+                     run this pod with another RuntimeClass",
+                    self.id
+                ),
+            ));
+        }
+        let pod = Pod::boot(&self.id, size, &config, &net_mode)
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, error_chain(&e)))?;
         // Containers live on the share: without it nothing can run.

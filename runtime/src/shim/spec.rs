@@ -23,6 +23,37 @@ pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-shares";
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
+/// The pod's network, as the sandbox's spec names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetworkMode {
+    /// A namespace CNI prepared (`path`): its interfaces go into the VM.
+    Netns(PathBuf),
+    /// A new, empty namespace (`ctr run` without a network): the VM has only `lo`.
+    Isolated,
+    /// No network namespace: the host's (hostNetwork pods, `ctr run --net-host`).
+    Host,
+}
+
+/// How the pod's sandbox (its first container) is networked.
+pub fn network_mode(spec: &Spec) -> PodNetworkMode {
+    let ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|nss| {
+            nss.iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .cloned()
+        });
+    match ns {
+        None => PodNetworkMode::Host,
+        Some(n) => match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => PodNetworkMode::Netns(p.clone()),
+            _ => PodNetworkMode::Isolated,
+        },
+    }
+}
+
 /// Errors in a container's spec.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -267,6 +298,28 @@ mod tests {
             Some("/srv/data") => Some(true),
             _ => None,
         }
+    }
+
+    #[test]
+    fn test_network_mode_of_cri_ctr_and_host_network_specs() {
+        let spec = |ns: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "rootfs"}},
+                    "linux": {{"namespaces": [{{"type": "pid"}}{ns}]}}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            network_mode(&spec(
+                r#", {"type": "network", "path": "/var/run/netns/cni-1"}"#
+            )),
+            PodNetworkMode::Netns("/var/run/netns/cni-1".into())
+        );
+        assert_eq!(
+            network_mode(&spec(r#", {"type": "network"}"#)),
+            PodNetworkMode::Isolated
+        );
+        assert_eq!(network_mode(&spec("")), PodNetworkMode::Host);
     }
 
     #[test]
