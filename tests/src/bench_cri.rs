@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::containerd::{process_pids, TEST_IMAGE};
 
-fn cri(args: &[&str]) -> Result<String, String> {
+pub(crate) fn cri(args: &[&str]) -> Result<String, String> {
     let out = Command::new("accordion-cri")
         .args(args)
         .stdin(Stdio::null())
@@ -23,7 +23,7 @@ fn cri(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn write(path: &str, json: &serde_json::Value) -> Result<(), String> {
+pub(crate) fn write(path: &str, json: &serde_json::Value) -> Result<(), String> {
     std::fs::write(path, json.to_string()).map_err(|e| format!("{path}: {e}"))
 }
 
@@ -86,7 +86,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+pub(crate) fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -108,7 +108,7 @@ fn host_rss_kb() -> u64 {
     shim + fsd
 }
 
-fn record(out: &mut impl Write, label: &str, value: f64) -> Result<(), String> {
+pub(crate) fn record(out: &mut impl Write, label: &str, value: f64) -> Result<(), String> {
     writeln!(out, "LAT {label} {value:.2}").map_err(|e| e.to_string())
 }
 

@@ -13,6 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
 pub mod bench_cri;
+pub mod bench_net;
 pub mod containerd;
 
 /// Where guest assets are installed.

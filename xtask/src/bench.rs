@@ -50,6 +50,12 @@ pub enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// Pod-to-pod networking on the CNI bridge: round trip (ping) and TCP throughput (nc), two
+    /// accordion pods against two runc pods in the same node (medians over --runs).
+    Net {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// The emulated node itself: boot to the command, and whole-run wall time, over N runs.
     Node {
         #[arg(long, default_value_t = 5)]
@@ -181,6 +187,10 @@ pub fn run(b: Bench) -> XResult<i32> {
         Bench::Resize { runs } => cri_bench(
             format!("accordion-bench resize --runs {runs} --out /root/bench.txt"),
             "resize",
+        ),
+        Bench::Net { runs } => cri_bench(
+            format!("accordion-bench net --runs {runs} --out /root/bench.txt"),
+            "net",
         ),
         Bench::Hotplug { runs, kernel } => {
             let opts = NodeOpts {

@@ -328,6 +328,24 @@ fn cri_bench(args: &[String], pod: bool) -> Result<(), String> {
     }
 }
 
+/// `net --runs N --out FILE`.
+fn net_bench(args: &[String]) -> Result<(), String> {
+    let (mut runs, mut out) = (5usize, String::from("/root/bench.txt"));
+    let mut i = 0;
+    while i < args.len() {
+        let value = args
+            .get(i + 1)
+            .ok_or(format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--runs" => runs = value.parse().map_err(|_| "bad --runs")?,
+            "--out" => out = value.clone(),
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    accordion_tests::bench_net::net(runs, &out)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -335,13 +353,15 @@ fn main() -> ExitCode {
         Some("latency") => latency(&args[1..]),
         Some("pod") => cri_bench(&args[1..], true),
         Some("resize") => cri_bench(&args[1..], false),
+        Some("net") => net_bench(&args[1..]),
         Some("report") => args
             .get(1)
             .ok_or("usage: accordion-bench report FILE".to_string())
             .and_then(|p| report(p)),
-        _ => {
-            Err("usage: accordion-bench run … | latency … | pod … | resize … | report FILE".into())
-        }
+        _ => Err(
+            "usage: accordion-bench run … | latency … | pod … | resize … | net … | report FILE"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

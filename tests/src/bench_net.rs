@@ -1,0 +1,140 @@
+//! Pod-to-pod networking (`cargo xtask bench net`), run in the node by `accordion-bench net`: two
+//! accordion pods on the CNI bridge against two runc pods on the same bridge, alternately. Round
+//! trip: `ping` (busybox) average over 20 echoes. Throughput: 16 MiB through `nc` (busybox) into a
+//! server that discards it, timed inside the client (its /proc/uptime), so exec overheads are
+//! out of the figure.
+
+use std::time::Duration;
+
+use crate::bench_cri::{cri, quantile, record, write};
+use crate::containerd::TEST_IMAGE;
+
+const PORT: u16 = 7100;
+/// 16 MiB per throughput sample.
+const BLOCKS: u32 = 256;
+const BLOCK: u32 = 64 * 1024;
+
+struct Pod {
+    id: String,
+    container: String,
+}
+
+fn start(name: &str, runtime: &str, script: &str) -> Result<Pod, String> {
+    let dir = format!("/tmp/bench-net/{name}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{dir}: {e}"))?;
+    let (pod_cfg, ctr_cfg) = (format!("{dir}/pod.json"), format!("{dir}/container.json"));
+    write(
+        &pod_cfg,
+        &serde_json::json!({
+            "metadata": {"name": name, "namespace": "bench", "uid": format!("uid-{name}"), "attempt": 1},
+            "log_directory": dir,
+        }),
+    )?;
+    write(
+        &ctr_cfg,
+        &serde_json::json!({
+            "metadata": {"name": "main"},
+            "image": {"image": TEST_IMAGE},
+            "command": ["sh", "-c", script],
+            "log_path": "main.log",
+            "linux": {"resources": {"cpu_quota": 100000, "cpu_period": 100000}},
+        }),
+    )?;
+    let id = cri(&["runp", "--runtime", runtime, &pod_cfg])?;
+    let container = cri(&["create", &id, &ctr_cfg, &pod_cfg])?;
+    cri(&["start", &container])?;
+    Ok(Pod { id, container })
+}
+
+fn ip(pod: &Pod) -> Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&cri(&["inspectp", &pod.id])?).map_err(|e| e.to_string())?;
+    v["status"]["network"]["ip"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| format!("pod {}: no IP", pod.id))
+}
+
+fn exec(pod: &Pod, script: &str) -> Result<String, String> {
+    cri(&["exec", &pod.container, "--", "sh", "-c", script])
+}
+
+fn remove(pod: &Pod) -> Result<(), String> {
+    cri(&["stopp", &pod.id])?;
+    cri(&["rmp", &pod.id])?;
+    Ok(())
+}
+
+/// One sample of each: (average RTT in ms, MiB/s).
+fn sample(client: &Pod, server_ip: &str) -> Result<(f64, f64), String> {
+    let ping = exec(client, &format!("ping -q -c 20 -i 0.2 {server_ip}"))?;
+    // "round-trip min/avg/max = 0.123/0.456/0.789 ms"
+    let rtt = ping
+        .lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("no round-trip line in {ping:?}"))?;
+    let timed = exec(
+        client,
+        &format!(
+            "t0=$(cut -d' ' -f1 /proc/uptime); \
+             dd if=/dev/zero bs={BLOCK} count={BLOCKS} 2>/dev/null | nc -w 10 {server_ip} {PORT}; \
+             t1=$(cut -d' ' -f1 /proc/uptime); echo \"$t0 $t1\""
+        ),
+    )?;
+    let mut t = timed
+        .split_whitespace()
+        .filter_map(|v| v.parse::<f64>().ok());
+    let (t0, t1) = (t.next(), t.next());
+    let secs = match (t0, t1) {
+        (Some(a), Some(b)) if b > a => b - a,
+        _ => return Err(format!("no timing in {timed:?}")),
+    };
+    let mib = f64::from(BLOCKS) * f64::from(BLOCK) / (1024.0 * 1024.0);
+    Ok((rtt, mib / secs))
+}
+
+/// `accordion-bench net --runs N --out FILE`.
+pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out_path)
+        .map_err(|e| format!("{out_path}: {e}"))?;
+    let server = format!("while true; do nc -l -p {PORT} > /dev/null; done");
+    let mut results = Vec::new();
+    for runtime in ["accordion", "runc"] {
+        let s = start(&format!("{runtime}-server"), runtime, &server)?;
+        let c = start(&format!("{runtime}-client"), runtime, "exec sleep 3600")?;
+        let server_ip = ip(&s)?;
+        // Warm-up: ARP, the server's listener.
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = sample(&c, &server_ip)?;
+        let (mut rtts, mut rates) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (rtt, rate) = sample(&c, &server_ip)?;
+            record(&mut out, &format!("net-rtt-{runtime}"), rtt)?;
+            record(&mut out, &format!("net-mibs-{runtime}"), rate)?;
+            rtts.push(rtt);
+            rates.push(rate);
+        }
+        remove(&c)?;
+        remove(&s)?;
+        results.push((runtime, quantile(rtts, 0.5), quantile(rates, 0.5)));
+    }
+    println!("bench net: pod to pod on the CNI bridge (busybox ping and nc), medians over {runs}");
+    for (runtime, rtt, rate) in &results {
+        println!("  {runtime:<9} round trip {rtt:.3} ms, TCP {rate:.1} MiB/s");
+    }
+    if let [(_, acc_rtt, acc_rate), (_, runc_rtt, runc_rate)] = results[..] {
+        println!(
+            "  accordion / runc: round trip {:.2}x, throughput {:.2}x",
+            acc_rtt / runc_rtt,
+            acc_rate / runc_rate
+        );
+    }
+    Ok(())
+}
