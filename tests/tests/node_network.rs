@@ -205,6 +205,29 @@ fn test_two_pods_on_the_cni_bridge_have_their_ips_and_talk_tcp() {
     assert_eq!(lines[0], mac, "{guest}");
     assert_eq!(lines[1], mtu, "{guest}");
     assert!(guest.contains(&format!("inet {ip_a}/16")), "{guest}");
+    // Dual stack: the guest has CNI's IPv6 address too, and reaches B over IPv6.
+    let v6 = |p: &Pod| {
+        p.inspect()["status"]["network"]["additionalIps"]
+            .as_array()
+            .and_then(|ips| {
+                ips.iter().find_map(|ip| {
+                    ip["ip"]
+                        .as_str()
+                        .filter(|s| s.contains(':'))
+                        .map(str::to_string)
+                })
+            })
+            .expect("an IPv6 address from CNI")
+    };
+    let (v6_a, v6_b) = (v6(&a), v6(&b));
+    let (_, guest6) = a.exec("ip -o -6 addr show dev eth0");
+    assert!(guest6.contains(&format!("inet6 {v6_a}/64")), "{guest6}");
+    // IPv6 duplicate address detection takes a moment after the guest adds the address.
+    let reached6 = wait_for(Duration::from_secs(20), || {
+        let (code, out) = a.exec(&format!("ping -6 -c 1 -W 3 {v6_b}"));
+        (code == 0).then_some(()).ok_or(out)
+    });
+    assert!(reached6.is_ok(), "ping -6 {v6_b}: {reached6:?}");
     // Not the node's kernel: a VM.
     let (_, boot_id) = a.exec("cat /proc/sys/kernel/random/boot_id");
     let node_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");

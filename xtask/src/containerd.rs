@@ -87,7 +87,8 @@ default_mib = 512
     )
 }
 
-/// /etc/cni/net.d/10-accordion.conflist: a bridge with host-local IPAM. No ipMasq and no portmap:
+/// /etc/cni/net.d/10-accordion.conflist: a bridge with host-local IPAM, dual stack (10.88.0.0/16 and
+/// fd88::/64, so pods get an IPv6 address too). No ipMasq and no portmap:
 /// both need iptables, which the node does not have. containerd adds the loopback plugin itself.
 pub const CNI_CONFLIST: &str = r#"{
   "cniVersion": "1.0.0",
@@ -100,8 +101,8 @@ pub const CNI_CONFLIST: &str = r#"{
       "ipMasq": false,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{ "subnet": "10.88.0.0/16" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
+        "ranges": [[{ "subnet": "10.88.0.0/16" }], [{ "subnet": "fd88::/64" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }]
       }
     }
   ]
