@@ -59,6 +59,47 @@ fn assert_clean() {
 }
 
 #[test]
+fn test_a_container_ends_with_its_init_even_when_children_hold_its_stdout() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // `sleep` outlives `sh` and holds the container's stdout: the container still ends (exit 3,
+    // not after `sleep`'s 1000 s), as it does under runc with a PID namespace of its own.
+    let started = std::time::Instant::now();
+    let mut child = accordion_tests::containerd::spawn_ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        TEST_IMAGE,
+        "orphan",
+        "sh",
+        "-c",
+        "sleep 1000 & echo parent; exit 3",
+    ]);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for ctr") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = child.wait_with_output().expect("ctr output");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(3),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "parent");
+}
+
+#[test]
 fn test_ctr_run_prints_output_and_propagates_the_exit_code() {
     if !can_run() || !containerd_ready() {
         return;

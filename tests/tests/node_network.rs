@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use accordion_tests::containerd::{
-    containerd_ready, ctr, leftovers, wait_for, RUNTIME, TEST_IMAGE,
+    containerd_ready, ctr, leftovers, process_pids, wait_for, RUNTIME, TEST_IMAGE,
 };
 use accordion_tests::{assert_code, can_run, one_vm, text};
 
@@ -169,6 +169,39 @@ impl Drop for KeptNetns {
     }
 }
 
+/// What a shim holds open that network setup could leak: (taps, network namespaces, netlink
+/// sockets).
+fn shim_network_fds(pid: u32) -> (usize, usize, usize) {
+    let netlink: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/net/netlink"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    let (mut taps, mut netns, mut nl) = (0, 0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the shim's fds")
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path())
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if target == "/dev/net/tun" {
+            taps += 1;
+        } else if target.starts_with("net:[") || target.starts_with("/var/run/netns/") {
+            netns += 1;
+        } else if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            if netlink.iter().any(|n| n == inode) {
+                nl += 1;
+            }
+        }
+    }
+    (taps, netns, nl)
+}
+
 fn no_leftovers() {
     let left = wait_for(Duration::from_secs(60), || {
         let l = leftovers();
@@ -253,6 +286,13 @@ fn test_two_pods_on_the_cni_bridge_have_their_ips_and_talk_tcp() {
     let qdiscs = text(&in_netns(&netns_a, &["tc", "qdisc", "show", "dev", "eth0"]).stdout);
     assert!(qdiscs.contains("ingress"), "{qdiscs}");
 
+    // Each shim holds exactly its pod's tap: no namespace file, no netlink socket left open.
+    let shims = process_pids("containerd-shim-accordion-v2");
+    assert_eq!(shims.len(), 2, "{shims:?}");
+    for pid in shims {
+        assert_eq!(shim_network_fds(pid), (1, 0, 0), "shim {pid}");
+    }
+
     a.remove();
     b.remove();
     // The namespace (kept alive by our bind mount) has no tap and no ingress qdisc left.
@@ -313,6 +353,48 @@ fn test_host_network_is_refused_and_a_missing_netns_is_named() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("/var/run/netns/accordion-nope"), "{err}");
+    no_leftovers();
+}
+
+#[test]
+fn test_a_namespace_with_only_lo_boots_a_vm_without_a_nic() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // An empty network namespace, kept by a bind mount (what `ip netns add` does).
+    let ns = "/run/accordion-test-netns-empty";
+    std::fs::write(ns, b"").expect("create the mount point");
+    let out = Command::new("unshare")
+        .args([
+            "-n",
+            "sh",
+            "-c",
+            &format!("mount --bind /proc/self/ns/net {ns}"),
+        ])
+        .output()
+        .expect("unshare");
+    assert_code(&out, 0);
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--with-ns",
+        &format!("network:{ns}"),
+        "--runtime",
+        RUNTIME,
+        TEST_IMAGE,
+        "lo-only",
+        "sh",
+        "-c",
+        "ls /sys/class/net",
+    ]);
+    let _ = Command::new("umount").arg(ns).output();
+    let _ = std::fs::remove_file(ns);
+    assert_code(&out, 0);
+    assert_eq!(
+        text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["lo"]
+    );
     no_leftovers();
 }
 

@@ -720,9 +720,19 @@ impl Containers for ContainersService {
             blocking(move || Self::create_blocking(&reaper, &paths, request)).await?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let log_id = id.clone();
+        let cgroup_dir = self.cgroup_dir(&id);
         tokio::spawn(async move {
             if let Ok(status) = exit.await {
                 crate::info!("container {log_id}: exited: {status:?}");
+                // The container ends with its init, as in a PID namespace of its own: what it
+                // left running (an orphaned `nc` still holding the container's stdout) is
+                // killed, or the output would never end and the exit never reach the host.
+                let dir = cgroup_dir.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || cgroup::kill_all(&dir)).await
+                {
+                    crate::warn!("container {log_id}: cannot kill what its init left: {e}");
+                }
                 let _ = exit_tx.send(Some(status));
             }
         });
