@@ -1,6 +1,6 @@
 //! Pod-to-pod networking (`cargo xtask bench net`), run in the node by `accordion-bench net`: two
-//! accordion pods on the CNI bridge against two runc pods on the same bridge, alternately. Round
-//! trip: `ping` (busybox) average over 20 echoes. Throughput: 16 MiB through `nc` (busybox) into a
+//! accordion pods on the CNI bridge, then two runc pods on the same bridge, in one node run. Round
+//! trip: `ping` (busybox) average over 20 echoes. Throughput: 4 MiB through `nc` (busybox) into a
 //! server that discards it, timed inside the client (its /proc/uptime), so exec overheads are
 //! out of the figure.
 
@@ -10,8 +10,8 @@ use crate::bench_cri::{cri, quantile, record, write};
 use crate::containerd::TEST_IMAGE;
 
 const PORT: u16 = 7100;
-/// 16 MiB per throughput sample.
-const BLOCKS: u32 = 256;
+/// 4 MiB per throughput sample (/proc/uptime ticks are 10 ms: runc's samples are coarse).
+const BLOCKS: u32 = 64;
 const BLOCK: u32 = 64 * 1024;
 
 struct Pod {
@@ -77,17 +77,23 @@ fn sample(client: &Pod, server_ip: &str) -> Result<(f64, f64), String> {
         .and_then(|v| v.split('/').nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .ok_or_else(|| format!("no round-trip line in {ping:?}"))?;
+    // The server reads exactly the payload, answers `done` and closes: the time is until every
+    // byte arrived, and a refused or cut connection shows as a missing `done`.
     let timed = exec(
         client,
         &format!(
             "t0=$(cut -d' ' -f1 /proc/uptime); \
-             dd if=/dev/zero bs={BLOCK} count={BLOCKS} 2>/dev/null | nc -w 10 {server_ip} {PORT}; \
-             t1=$(cut -d' ' -f1 /proc/uptime); echo \"$t0 $t1\""
+             r=$(dd if=/dev/zero bs={BLOCK} count={BLOCKS} 2>/dev/null | nc -w 30 {server_ip} {PORT}); \
+             t1=$(cut -d' ' -f1 /proc/uptime); echo \"$t0 $t1 $r\""
         ),
     )?;
-    let mut t = timed
-        .split_whitespace()
-        .filter_map(|v| v.parse::<f64>().ok());
+    let words: Vec<&str> = timed.split_whitespace().collect();
+    if words.get(2) != Some(&"done") {
+        return Err(format!(
+            "the server did not receive the whole payload: {timed:?}"
+        ));
+    }
+    let mut t = words.iter().filter_map(|v| v.parse::<f64>().ok());
     let (t0, t1) = (t.next(), t.next());
     let secs = match (t0, t1) {
         (Some(a), Some(b)) if b > a => b - a,
@@ -104,15 +110,27 @@ pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
         .append(true)
         .open(out_path)
         .map_err(|e| format!("{out_path}: {e}"))?;
-    let server = format!("while true; do nc -l -p {PORT} > /dev/null; done");
+    // One `/recv` per connection (nc -ll -e): it takes the payload, then says `done`.
+    let server = format!(
+        "printf '#!/bin/sh\\nhead -c {} > /dev/null\\necho done\\n' > /recv && chmod +x /recv && \
+         exec nc -ll -p {PORT} -e /recv",
+        u64::from(BLOCKS) * u64::from(BLOCK)
+    );
     let mut results = Vec::new();
     for runtime in ["accordion", "runc"] {
         let s = start(&format!("{runtime}-server"), runtime, &server)?;
         let c = start(&format!("{runtime}-client"), runtime, "exec sleep 3600")?;
         let server_ip = ip(&s)?;
-        // Warm-up: ARP, the server's listener.
-        std::thread::sleep(Duration::from_secs(1));
-        let _ = sample(&c, &server_ip)?;
+        // Warm-up (ARP, the server's listener coming up), until a sample succeeds.
+        let mut warm = Err(String::new());
+        for _ in 0..10 {
+            warm = sample(&c, &server_ip);
+            if warm.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        warm?;
         let (mut rtts, mut rates) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let (rtt, rate) = sample(&c, &server_ip)?;
