@@ -7,7 +7,7 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::irq::IrqLine;
@@ -83,9 +83,30 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Tells the driver `queue` has new used entries, unless it asked not to be told. A failed
+    /// check (the ring outside guest memory) notifies anyway: a spurious interrupt is harmless, a
+    /// lost one stalls the driver.
+    pub fn notify_used(&self, queue: &mut Queue, memory: &GuestMemoryMmap) {
+        if !matches!(queue.needs_notification(memory), Ok(false)) {
+            self.raise(INTERRUPT_USED_RING);
+        }
+    }
+
     /// The driver acknowledged `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Reads `data.len()` bytes of a device's configuration space `config` from `offset`; bytes past
+/// its end read as zero (the driver may read any width anywhere).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
     }
 }
 

@@ -27,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 /// virtio device ID of a file system device.
 pub const DEVICE_ID: u32 = 26;
@@ -318,13 +318,7 @@ impl VirtioDevice for Fs {
         let mut config = [0u8; TAG_LEN + 4];
         config[..TAG_LEN].copy_from_slice(&self.tag);
         config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&config, offset, data);
     }
 
     fn activate(

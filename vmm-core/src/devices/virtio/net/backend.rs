@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::VNET_HDR_LEN;
-use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_RING};
+use crate::devices::virtio::VirtioInterrupt;
 
 /// Queue indices.
 pub const RX: usize = 0;
@@ -256,10 +256,8 @@ impl Backend {
     }
 
     fn notify(&mut self, queue: usize) {
-        match self.queues[queue].needs_notification(&self.memory) {
-            Ok(false) => {}
-            _ => self.interrupt.raise(INTERRUPT_USED_RING),
-        }
+        self.interrupt
+            .notify_used(&mut self.queues[queue], &self.memory);
     }
 }
 
@@ -267,6 +265,7 @@ impl Backend {
 mod tests {
     use super::*;
     use crate::devices::irq::IrqLine;
+    use crate::devices::virtio::INTERRUPT_USED_RING;
     use std::os::unix::net::UnixDatagram;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;

@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{self, op, Header, HEADER_SIZE, HOST_CID, TYPE_STREAM};
-use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_RING};
+use crate::devices::virtio::VirtioInterrupt;
 
 /// Receive buffer the VMM advertises per connection (bytes the guest may send unacknowledged).
 const BUF_ALLOC: u32 = 256 * 1024;
@@ -655,10 +655,8 @@ impl Backend {
     }
 
     fn notify(&mut self, queue: usize) {
-        match self.queues[queue].needs_notification(&self.memory) {
-            Ok(false) => {}
-            _ => self.interrupt.raise(INTERRUPT_USED_RING),
-        }
+        self.interrupt
+            .notify_used(&mut self.queues[queue], &self.memory);
     }
 }
 
