@@ -229,32 +229,40 @@ fn runtime_header(major: u8) -> &'static str {
     }
 }
 
-fn run_case(
-    case: &Case,
-    installer: &Path,
-    loaders: &[Containerd],
-    scratch: &Path,
-) -> Result<(), String> {
-    let host = scratch.join("root");
-    let src = scratch.join("src");
+/// Writes `bytes` at `p`, creating its directory.
+fn put(p: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::create_dir_all(p.parent().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())?;
+    std::fs::write(p, bytes).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// A fresh `scratch` with a host root holding a virtiofsd stand-in (`root/`) and an install
+/// source with stand-ins for the image's files (`src/`); returns (root, src).
+fn fresh_host(scratch: &Path) -> Result<(PathBuf, PathBuf), String> {
     let _ = std::fs::remove_dir_all(scratch);
-    let write = |p: PathBuf, bytes: &[u8]| -> Result<(), String> {
-        std::fs::create_dir_all(p.parent().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())?;
-        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
-    };
-    write(host.join("usr/libexec/virtiofsd"), b"virtiofsd stand-in")?;
-    for (path, fixture) in case.files {
-        let bytes = std::fs::read(root().join(TESTDATA).join(fixture))
-            .map_err(|e| format!("{fixture}: {e}"))?;
-        write(host.join(path), &bytes)?;
-    }
+    let (host, src) = (scratch.join("root"), scratch.join("src"));
+    put(&host.join("usr/libexec/virtiofsd"), b"virtiofsd stand-in")?;
     for f in [
         "bin/accordion",
         "bin/containerd-shim-accordion-v2",
         "share/guest/Image",
         "share/guest/agent-initrd.cpio",
     ] {
-        write(src.join(f), f.as_bytes())?;
+        put(&src.join(f), f.as_bytes())?;
+    }
+    Ok((host, src))
+}
+
+fn run_case(
+    case: &Case,
+    installer: &Path,
+    loaders: &[Containerd],
+    scratch: &Path,
+) -> Result<(), String> {
+    let (host, src) = fresh_host(scratch)?;
+    for (path, fixture) in case.files {
+        let bytes = std::fs::read(root().join(TESTDATA).join(fixture))
+            .map_err(|e| format!("{fixture}: {e}"))?;
+        put(&host.join(path), &bytes)?;
     }
     let install = || -> Result<String, String> {
         let mut cmd = installer_command(installer);
@@ -380,20 +388,7 @@ fn render_chart_config(values: Option<&str>) -> Result<String, String> {
 
 fn chart_config(installer: &Path, scratch: &Path, values: Option<&str>) -> Result<(), String> {
     let config = render_chart_config(values)?;
-    let _ = std::fs::remove_dir_all(scratch);
-    let host = scratch.join("root");
-    let src = scratch.join("src");
-    for f in [
-        "root/usr/libexec/virtiofsd",
-        "src/bin/accordion",
-        "src/bin/containerd-shim-accordion-v2",
-        "src/share/guest/Image",
-        "src/share/guest/agent-initrd.cpio",
-    ] {
-        let p = scratch.join(f);
-        std::fs::create_dir_all(p.parent().unwrap_or(scratch)).map_err(|e| e.to_string())?;
-        std::fs::write(&p, b"x").map_err(|e| e.to_string())?;
-    }
+    let (host, src) = fresh_host(scratch)?;
     let defaults = root().join(TESTDATA).join("containerd-2.1-default.toml");
     std::fs::create_dir_all(host.join("etc/containerd")).map_err(|e| e.to_string())?;
     std::fs::copy(&defaults, host.join("etc/containerd/config.toml")).map_err(|e| e.to_string())?;
@@ -439,26 +434,8 @@ fn chart_config(installer: &Path, scratch: &Path, values: Option<&str>) -> Resul
 }
 
 fn refused_without_kvm(installer: &Path, scratch: &Path) -> Result<(), String> {
-    let host = scratch.join("root");
-    let src = scratch.join("src");
-    let _ = std::fs::remove_dir_all(scratch);
-    for f in [
-        "root/usr/libexec/virtiofsd",
-        "root/etc/containerd/config.toml",
-        "src/bin/accordion",
-        "src/bin/containerd-shim-accordion-v2",
-        "src/share/guest/Image",
-        "src/share/guest/agent-initrd.cpio",
-    ] {
-        let p = scratch.join(f);
-        std::fs::create_dir_all(p.parent().unwrap_or(scratch)).map_err(|e| e.to_string())?;
-        let body: &[u8] = if f.ends_with("config.toml") {
-            b"version = 3\n"
-        } else {
-            b"x"
-        };
-        std::fs::write(&p, body).map_err(|e| e.to_string())?;
-    }
+    let (host, src) = fresh_host(scratch)?;
+    put(&host.join("etc/containerd/config.toml"), b"version = 3\n")?;
     let before = snapshot(&host);
     let out = installer_command(installer)
         .arg("install")
