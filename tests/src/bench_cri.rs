@@ -33,12 +33,16 @@ pub struct Pod {
     pub container: String,
 }
 
-/// RunPodSandbox + CreateContainer + StartContainer until the container's first output (its log
-/// file gets the line `first`): returns the pod and the time that took.
-pub fn start_pod(name: &str, runtime: &str, quota: i64) -> Result<(Pod, Duration), String> {
-    let dir = format!("/tmp/bench-pods/{name}");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{dir}: {e}"))?;
+/// The CRI configs of pod `name` whose one container runs `sh -c script` with a CPU quota, written
+/// in `dir` (where its logs go too): (pod config, container config).
+pub(crate) fn write_pod(
+    dir: &str,
+    name: &str,
+    script: &str,
+    quota: i64,
+) -> Result<(String, String), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
     let pod_cfg = format!("{dir}/pod.json");
     let ctr_cfg = format!("{dir}/container.json");
     write(
@@ -53,16 +57,30 @@ pub fn start_pod(name: &str, runtime: &str, quota: i64) -> Result<(Pod, Duration
         &serde_json::json!({
             "metadata": {"name": "main"},
             "image": {"image": TEST_IMAGE},
-            "command": ["sh", "-c", "echo first; exec sleep 3600"],
+            "command": ["sh", "-c", script],
             "log_path": "main.log",
             "linux": {"resources": {"cpu_quota": quota, "cpu_period": 100000}},
         }),
     )?;
-    let log = format!("{dir}/main.log");
-    let t0 = Instant::now();
-    let id = cri(&["runp", "--runtime", runtime, &pod_cfg])?;
-    let container = cri(&["create", &id, &ctr_cfg, &pod_cfg])?;
+    Ok((pod_cfg, ctr_cfg))
+}
+
+/// RunPodSandbox + CreateContainer + StartContainer of a pod written by [`write_pod`].
+pub(crate) fn run_pod(runtime: &str, (pod_cfg, ctr_cfg): &(String, String)) -> Result<Pod, String> {
+    let id = cri(&["runp", "--runtime", runtime, pod_cfg])?;
+    let container = cri(&["create", &id, ctr_cfg, pod_cfg])?;
     cri(&["start", &container])?;
+    Ok(Pod { id, container })
+}
+
+/// RunPodSandbox + CreateContainer + StartContainer until the container's first output (its log
+/// file gets the line `first`): returns the pod and the time that took.
+pub fn start_pod(name: &str, runtime: &str, quota: i64) -> Result<(Pod, Duration), String> {
+    let dir = format!("/tmp/bench-pods/{name}");
+    let log = format!("{dir}/main.log");
+    let configs = write_pod(&dir, name, "echo first; exec sleep 3600", quota)?;
+    let t0 = Instant::now();
+    let pod = run_pod(runtime, &configs)?;
     let deadline = t0 + Duration::from_secs(300);
     loop {
         if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("first")) {
@@ -73,7 +91,7 @@ pub fn start_pod(name: &str, runtime: &str, quota: i64) -> Result<(Pod, Duration
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    Ok((Pod { id, container }, t0.elapsed()))
+    Ok((pod, t0.elapsed()))
 }
 
 pub fn remove_pod(pod: &Pod) -> Result<(), String> {

@@ -6,45 +6,16 @@
 
 use std::time::Duration;
 
-use crate::bench_cri::{cri, quantile, record, write};
-use crate::containerd::TEST_IMAGE;
+use crate::bench_cri::{cri, quantile, record, remove_pod, run_pod, write_pod, Pod};
 
 const PORT: u16 = 7100;
 /// 4 MiB per throughput sample (/proc/uptime ticks are 10 ms: runc's samples are coarse).
 const BLOCKS: u32 = 64;
 const BLOCK: u32 = 64 * 1024;
 
-struct Pod {
-    id: String,
-    container: String,
-}
-
 fn start(name: &str, runtime: &str, script: &str) -> Result<Pod, String> {
-    let dir = format!("/tmp/bench-net/{name}");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{dir}: {e}"))?;
-    let (pod_cfg, ctr_cfg) = (format!("{dir}/pod.json"), format!("{dir}/container.json"));
-    write(
-        &pod_cfg,
-        &serde_json::json!({
-            "metadata": {"name": name, "namespace": "bench", "uid": format!("uid-{name}"), "attempt": 1},
-            "log_directory": dir,
-        }),
-    )?;
-    write(
-        &ctr_cfg,
-        &serde_json::json!({
-            "metadata": {"name": "main"},
-            "image": {"image": TEST_IMAGE},
-            "command": ["sh", "-c", script],
-            "log_path": "main.log",
-            "linux": {"resources": {"cpu_quota": 100000, "cpu_period": 100000}},
-        }),
-    )?;
-    let id = cri(&["runp", "--runtime", runtime, &pod_cfg])?;
-    let container = cri(&["create", &id, &ctr_cfg, &pod_cfg])?;
-    cri(&["start", &container])?;
-    Ok(Pod { id, container })
+    let configs = write_pod(&format!("/tmp/bench-net/{name}"), name, script, 100_000)?;
+    run_pod(runtime, &configs)
 }
 
 fn ip(pod: &Pod) -> Result<String, String> {
@@ -59,12 +30,6 @@ fn ip(pod: &Pod) -> Result<String, String> {
 
 fn exec(pod: &Pod, script: &str) -> Result<String, String> {
     cri(&["exec", &pod.container, "--", "sh", "-c", script])
-}
-
-fn remove(pod: &Pod) -> Result<(), String> {
-    cri(&["stopp", &pod.id])?;
-    cri(&["rmp", &pod.id])?;
-    Ok(())
 }
 
 /// One sample of each: (average RTT in ms, MiB/s).
@@ -139,8 +104,8 @@ pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
             rtts.push(rtt);
             rates.push(rate);
         }
-        remove(&c)?;
-        remove(&s)?;
+        remove_pod(&c)?;
+        remove_pod(&s)?;
         results.push((runtime, quantile(rtts, 0.5), quantile(rates, 0.5)));
     }
     println!("bench net: pod to pod on the CNI bridge (busybox ping and nc), medians over {runs}");
