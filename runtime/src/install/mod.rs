@@ -363,6 +363,14 @@ fn restart(root: &Path, how: Restart) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// The permission bits of the file at `path`, or 0644 for a file that does not exist yet: an
+/// edited containerd config keeps its mode.
+fn mode_or_default(path: &Path) -> u32 {
+    fs::metadata(path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+        .unwrap_or(0o644)
+}
+
 /// Runs the install; returns the process exit status.
 pub fn install(args: &InstallArgs) -> Result<(), InstallError> {
     let t0 = Instant::now();
@@ -389,9 +397,7 @@ pub fn install(args: &InstallArgs) -> Result<(), InstallError> {
     rec.write(&plan.dropin, plan.dropin_text.as_bytes(), 0o644, false)?;
     let main_path = plan.main.path.clone();
     if let Some(text) = &plan.main_text {
-        let mode = fs::metadata(rec.host(&main_path))
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-            .unwrap_or(0o644);
+        let mode = mode_or_default(&rec.host(&main_path));
         rec.write(&main_path, text.as_bytes(), mode, true)?;
     }
     rec.manifest.containerd_config = Some(main_path.clone());
@@ -481,9 +487,7 @@ pub fn uninstall(args: &UninstallArgs) -> Result<(), InstallError> {
                     &String::from_utf8_lossy(&now),
                     dropin,
                 )?;
-                let mode = fs::metadata(rec.host(&entry.path))
-                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-                    .unwrap_or(0o644);
+                let mode = mode_or_default(&rec.host(&entry.path));
                 manifest::write_atomic(&rec.host(&entry.path), text.as_bytes(), mode)?;
                 say(&format!(
                     "{} changed after the install: removed only accordion's import from it",
