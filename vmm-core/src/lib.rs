@@ -20,6 +20,7 @@ pub mod exit;
 mod machine;
 pub mod memory;
 pub mod platform;
+pub mod ratelimit;
 pub mod vcpu;
 pub mod vm;
 
