@@ -1,7 +1,7 @@
 //! Why a VM stopped, and the latch that records it once for every thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Why the VM stopped.
@@ -92,6 +92,29 @@ impl ExitLatch {
     }
 }
 
+/// A read-only handle on a VM's exit: waits for it without holding the VM (a death watch on its
+/// own thread), and cannot stop the VM itself.
+#[derive(Debug, Clone)]
+pub struct ExitWatch(Arc<ExitLatch>);
+
+impl ExitWatch {
+    // Only the aarch64 backend builds VMs.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) fn new(latch: Arc<ExitLatch>) -> Self {
+        Self(latch)
+    }
+
+    /// Blocks until the VM stops; says why.
+    pub fn wait(&self) -> ExitReason {
+        self.0.wait()
+    }
+
+    /// Waits up to `timeout` for the VM to stop.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        self.0.wait_timeout(timeout)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +152,14 @@ mod tests {
             ExitReason::from_system_event(3, 9),
             ExitReason::VcpuFailed { vcpu: 3, .. }
         ));
+    }
+
+    #[test]
+    fn test_exit_watch_sees_the_reason_recorded_after_it_was_taken() {
+        let latch = Arc::new(ExitLatch::default());
+        let watch = ExitWatch::new(Arc::clone(&latch));
+        let waiter = std::thread::spawn(move || watch.wait());
+        latch.trip(ExitReason::Reset);
+        assert_eq!(waiter.join().unwrap(), ExitReason::Reset);
     }
 }

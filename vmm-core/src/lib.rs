@@ -26,6 +26,6 @@ pub mod vm;
 
 pub use config::{ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig};
 pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
-pub use exit::ExitReason;
+pub use exit::{ExitReason, ExitWatch};
 pub use vcpu::{VcpuEvent, VcpuState};
 pub use vm::{Vm, VmError};

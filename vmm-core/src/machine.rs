@@ -15,7 +15,8 @@ pub(crate) struct Machine {
     /// Shared with the CPU hotplug controller on the bus.
     pub(crate) vcpus: Arc<Vcpus>,
     pub(crate) bus: Bus,
-    pub(crate) exit: ExitLatch,
+    /// Shared with [`crate::exit::ExitWatch`]es, which outlive nothing else of the machine.
+    pub(crate) exit: Arc<ExitLatch>,
     pub(crate) _gic: kvm_ioctls::DeviceFd,
     pub(crate) _vm: kvm_ioctls::VmFd,
     pub(crate) _ram: GuestRam,

@@ -496,6 +496,11 @@ impl Vm {
         self.wait()
     }
 
+    /// A handle that waits for the VM to stop without holding it (for a death watch).
+    pub fn exit_watch(&self) -> crate::exit::ExitWatch {
+        crate::exit::ExitWatch::new(Arc::clone(&self.machine.exit))
+    }
+
     /// State of every possible vCPU, by index.
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
         self.machine.vcpus.states()
@@ -549,6 +554,11 @@ impl Vm {
 
     /// Stops the VM.
     pub fn shutdown(&self) -> ExitReason {
+        match self.never {}
+    }
+
+    /// A handle that waits for the VM to stop.
+    pub fn exit_watch(&self) -> crate::exit::ExitWatch {
         match self.never {}
     }
 
