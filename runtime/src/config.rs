@@ -14,6 +14,13 @@ pub const DEFAULT_PATH: &str = "/etc/accordion/config.toml";
 pub const VCPU_LIMIT: u32 = 512;
 /// Less guest memory than this cannot boot the agent.
 pub const MIN_MEMORY_MIB: u64 = 128;
+/// Bounds of `host.memory_overhead_mib`: below 32 MiB the VMM itself is OOM-killed.
+const MIN_HOST_OVERHEAD_MIB: u64 = 32;
+const MAX_HOST_OVERHEAD_MIB: u64 = 65_536;
+/// Threads a sandbox has on the host beside its vCPUs (tokio's workers and blocking pool, device
+/// back ends, virtiofsd), for the lower bound of `host.pids_max`.
+const HOST_THREADS_BESIDE_VCPUS: u64 = 128;
+const MAX_PIDS: u64 = 1 << 22;
 
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +203,26 @@ impl LogLevel {
     }
 }
 
+/// What a sandbox may use on the host beyond its guest (its host cgroup; docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// memory.max of a sandbox's host cgroup is its guest RAM plus this, MiB: the VMM's own
+    /// memory, virtiofsd, page tables and vCPU stacks.
+    pub memory_overhead_mib: u64,
+    /// pids.max of a sandbox's host cgroup: every thread of the VMM and virtiofsd counts.
+    pub pids_max: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            memory_overhead_mib: 96,
+            pids_max: 1024,
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +232,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub timeouts: TimeoutConfig,
     pub virtiofsd: VirtiofsdConfig,
+    pub host: HostConfig,
     pub log_level: LogLevel,
 }
 
@@ -216,6 +244,7 @@ impl Default for Config {
             memory: MemoryConfig::default(),
             timeouts: TimeoutConfig::default(),
             virtiofsd: VirtiofsdConfig::default(),
+            host: HostConfig::default(),
             log_level: LogLevel::Info,
         }
     }
@@ -281,6 +310,25 @@ impl Config {
                 "memory.default_mib",
                 self.memory.default_mib.to_string(),
                 format!("must be at least {MIN_MEMORY_MIB}"),
+            ));
+        }
+        let h = &self.host;
+        if !(MIN_HOST_OVERHEAD_MIB..=MAX_HOST_OVERHEAD_MIB).contains(&h.memory_overhead_mib) {
+            return Err(bad(
+                "host.memory_overhead_mib",
+                h.memory_overhead_mib.to_string(),
+                format!("must be {MIN_HOST_OVERHEAD_MIB} to {MAX_HOST_OVERHEAD_MIB}"),
+            ));
+        }
+        // Every possible vCPU may have a thread, beside the VMM's and virtiofsd's own.
+        let min_pids = u64::from(v.max) + HOST_THREADS_BESIDE_VCPUS;
+        if h.pids_max < min_pids || h.pids_max > MAX_PIDS {
+            return Err(bad(
+                "host.pids_max",
+                h.pids_max.to_string(),
+                format!(
+                    "must be vcpus.max + {HOST_THREADS_BESIDE_VCPUS} ({min_pids}) to {MAX_PIDS}"
+                ),
             ));
         }
         let t = &self.timeouts;
@@ -350,6 +398,9 @@ agent_ready_secs = 30
 agent_call_secs = 5
 resize_secs = 20
 stop_grace_secs = 3
+[host]
+memory_overhead_mib = 128
+pids_max = 2048
 "#,
         )
         .expect("full file");
@@ -358,6 +409,13 @@ stop_grace_secs = 3
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.resize_timeout(), Duration::from_secs(20));
         assert_eq!(c.guest.kernel, PathBuf::from("/k/Image"));
+        assert_eq!(
+            c.host,
+            HostConfig {
+                memory_overhead_mib: 128,
+                pids_max: 2048
+            }
+        );
     }
 
     #[test]
@@ -378,6 +436,15 @@ stop_grace_secs = 3
             ("[memory]\ndefault_mib = 64\n", "memory.default_mib"),
             ("[timeouts]\nresize_secs = 0\n", "timeouts.resize_secs"),
             ("[guest]\nkernel = \"Image\"\n", "guest.kernel"),
+            (
+                "[host]\nmemory_overhead_mib = 8\n",
+                "host.memory_overhead_mib",
+            ),
+            ("[host]\npids_max = 100\n", "host.pids_max"),
+            (
+                "[vcpus]\nmax = 512\n[host]\npids_max = 600\n",
+                "host.pids_max",
+            ),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.to_string().contains(key), "{text}: {err}");

@@ -48,6 +48,9 @@ async fn boot(name: &str, extra_cmdline: &str) -> Sandbox {
         max_vcpus: 2,
         memory_mib: 512,
         agent_timeout: Duration::from_secs(120),
+        cgroups_path: None,
+        cpu_limit_millis: None,
+        host: Default::default(),
     };
     Sandbox::boot(&spec).await.expect("boot")
 }

@@ -93,7 +93,8 @@ pub fn process_pids(name: &str) -> Vec<u32> {
     pids
 }
 
-/// What Accordion left behind: shims, virtiofsd, state directories, mounts under /run/accordion.
+/// What Accordion left behind: shims, virtiofsd, state directories, mounts under /run/accordion,
+/// host cgroups of sandboxes without a cgroup parent (`/sys/fs/cgroup/accordion/<name>`).
 pub fn leftovers() -> Vec<String> {
     let mut left = Vec::new();
     for name in ["containerd-shim-accordion-v2", "virtiofsd"] {
@@ -103,6 +104,11 @@ pub fn leftovers() -> Vec<String> {
     }
     for entry in crate::run_dir_entries() {
         left.push(format!("/run/accordion/{entry}"));
+    }
+    if let Ok(cgroups) = std::fs::read_dir("/sys/fs/cgroup/accordion") {
+        for entry in cgroups.flatten().filter(|e| e.path().is_dir()) {
+            left.push(format!("cgroup {}", entry.path().display()));
+        }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for line in mounts.lines() {

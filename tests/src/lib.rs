@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 pub mod bench_cri;
 pub mod bench_net;
 pub mod containerd;
+pub mod cri_cli;
 
 /// Where guest assets are installed.
 pub fn share() -> PathBuf {

@@ -3,35 +3,9 @@
 //! containerd (`cargo xtask node-test --containerd`): one VM per pod, and in-place resize
 //! (UpdateContainerResources) becoming acknowledged vCPU hotplug.
 
-use std::process::{Command, Output, Stdio};
-
-use accordion_tests::containerd::{
-    containerd_ready, leftovers, process_pids, wait_for, TEST_IMAGE,
-};
+use accordion_tests::containerd::{containerd_ready, process_pids, TEST_IMAGE};
+use accordion_tests::cri_cli::{assert_no_leftovers, cri, cri_ok, write_json};
 use accordion_tests::{accordion, assert_code, can_run, one_vm, text};
-use std::time::Duration;
-
-/// Runs `accordion-cri args…`.
-fn cri(args: &[&str]) -> Output {
-    Command::new("accordion-cri")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run accordion-cri (is it on PATH?)")
-}
-
-/// Runs `accordion-cri args…` and returns its stdout, trimmed; panics when it fails.
-fn cri_ok(args: &[&str]) -> String {
-    let out = cri(args);
-    assert_code(&out, 0);
-    text(&out.stdout).trim().to_string()
-}
-
-fn write_json(name: &str, json: &serde_json::Value) -> String {
-    let path = format!("/tmp/accordion-cri-{name}.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(json).expect("json")).expect("write");
-    path
-}
 
 /// A pod config (no pod-level resources unless given).
 fn pod_config(name: &str, resources: Option<serde_json::Value>) -> String {
@@ -101,13 +75,7 @@ fn online(id: &str) -> String {
 fn remove_pod(pod: &str) {
     cri_ok(&["stopp", pod]);
     cri_ok(&["rmp", pod]);
-    let left = wait_for(Duration::from_secs(60), || {
-        let l = leftovers();
-        l.is_empty().then_some(()).ok_or(l)
-    });
-    if let Err(left) = left {
-        panic!("left behind after removing pod {pod}: {left:?}");
-    }
+    assert_no_leftovers(&format!("removing pod {pod}"));
 }
 
 #[test]
@@ -277,4 +245,116 @@ fn test_pod_size_follows_limits_then_requests() {
     );
     assert_eq!(online(&half), "0-2");
     remove_pod(&pod);
+}
+
+/// The cgroup a process (or thread) is in: the `0::` line of its /proc cgroup file.
+fn cgroup_of(proc_path: &str) -> String {
+    std::fs::read_to_string(format!("{proc_path}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn read_trimmed(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let parent = "/kubepods/burstable/poduid-hostcgroup";
+    let pod_cfg = write_json(
+        "pod-hostcgroup",
+        &serde_json::json!({
+            "metadata": {"name": "hostcgroup", "namespace": "default", "uid": "uid-hostcgroup", "attempt": 1},
+            "log_directory": "/tmp/pods/hostcgroup",
+            "linux": {"cgroup_parent": parent},
+        }),
+    );
+    let pod = cri_ok(&["runp", "--runtime", "accordion", &pod_cfg]);
+    let ctr_cfg = write_json(
+        "ctr-hostcgroup",
+        &serde_json::json!({
+            "metadata": {"name": "main"},
+            "image": {"image": TEST_IMAGE},
+            "command": ["sh", "-c", "exec sleep 3600"],
+            "log_path": "main.log",
+            "linux": {"resources": {
+                "cpu_quota": 50_000, "cpu_period": 100_000, "cpu_shares": 512, "oom_score_adj": 500
+            }},
+        }),
+    );
+    let c = run_container(&pod, &pod_cfg, &ctr_cfg);
+    let cgroup = format!("{parent}/{pod}");
+    let dir = std::path::PathBuf::from(format!("/sys/fs/cgroup{cgroup}"));
+
+    // Every thread of the shim (its vCPU and device threads) and virtiofsd are charged there.
+    let shims = process_pids("containerd-shim-accordion-v2");
+    let virtiofsd = process_pids("virtiofsd");
+    assert_eq!((shims.len(), virtiofsd.len()), (1, 1));
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", shims[0]))
+        .expect("shim threads")
+        .flatten()
+        .map(|t| t.path().display().to_string())
+        .collect();
+    assert!(threads.len() > 3, "{threads:?}");
+    for thread in &threads {
+        assert_eq!(cgroup_of(thread), cgroup, "{thread}");
+    }
+    assert_eq!(cgroup_of(&format!("/proc/{}", virtiofsd[0])), cgroup);
+
+    // Limits: guest RAM (the node's 512 MiB default) + the host overhead; pids; the pod's CPU
+    // limit (0.5 CPU); and the container's OOM score on both host processes.
+    assert_eq!(
+        read_trimmed(&dir.join("memory.max")),
+        ((512 + 96) << 20).to_string()
+    );
+    assert_eq!(read_trimmed(&dir.join("pids.max")), "1024");
+    assert_eq!(read_trimmed(&dir.join("cpu.max")), "50000 100000");
+    let current: u64 = read_trimmed(&dir.join("memory.current"))
+        .parse()
+        .expect("memory.current");
+    assert!(
+        current > 16 << 20,
+        "memory.current {current}: guest RAM is charged here"
+    );
+    for pid in [shims[0], virtiofsd[0]] {
+        assert_eq!(
+            read_trimmed(std::path::Path::new(&format!("/proc/{pid}/oom_score_adj"))),
+            "500"
+        );
+    }
+
+    // cpu.max follows in-place resizes: 1.5 CPUs (2 vCPUs), then back to 0.5.
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "150000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    assert_eq!(online(&c), "0-1");
+    assert_eq!(read_trimmed(&dir.join("cpu.max")), "150000 100000");
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    assert_eq!(online(&c), "0");
+    assert_eq!(read_trimmed(&dir.join("cpu.max")), "50000 100000");
+
+    remove_pod(&pod);
+    assert!(!dir.exists(), "{} left", dir.display());
 }

@@ -4,33 +4,14 @@
 //! tap and tc redirects, and the guest has the IP and MAC CNI assigned.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use accordion_tests::containerd::{
-    containerd_ready, ctr, leftovers, process_pids, wait_for, RUNTIME, TEST_IMAGE,
+    containerd_ready, ctr, process_pids, wait_for, RUNTIME, TEST_IMAGE,
 };
+use accordion_tests::cri_cli::{assert_no_leftovers, cri, cri_ok, write_json};
 use accordion_tests::{assert_code, can_run, one_vm, text};
-
-fn cri(args: &[&str]) -> Output {
-    Command::new("accordion-cri")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run accordion-cri")
-}
-
-fn cri_ok(args: &[&str]) -> String {
-    let out = cri(args);
-    assert_code(&out, 0);
-    text(&out.stdout).trim().to_string()
-}
-
-fn write_json(name: &str, json: &serde_json::Value) -> String {
-    let path = format!("/tmp/accordion-net-{name}.json");
-    std::fs::write(&path, json.to_string()).expect("write");
-    path
-}
 
 /// A pod (runtime `accordion`, or runc) with a DNS config, and one container running `script`.
 struct Pod {
@@ -202,14 +183,6 @@ fn shim_network_fds(pid: u32) -> (usize, usize, usize) {
     (taps, netns, nl)
 }
 
-fn no_leftovers() {
-    let left = wait_for(Duration::from_secs(60), || {
-        let l = leftovers();
-        l.is_empty().then_some(()).ok_or(l)
-    });
-    assert!(left.is_ok(), "left behind: {left:?}");
-}
-
 #[test]
 fn test_two_pods_on_the_cni_bridge_have_their_ips_and_talk_tcp() {
     if !can_run() || !containerd_ready() {
@@ -301,7 +274,7 @@ fn test_two_pods_on_the_cni_bridge_have_their_ips_and_talk_tcp() {
     let qdiscs = text(&in_netns(&kept.0, &["tc", "qdisc", "show"]).stdout);
     assert!(!qdiscs.contains("ingress"), "{qdiscs}");
     drop(kept);
-    no_leftovers();
+    assert_no_leftovers("removing the pods");
 }
 
 #[test]
@@ -316,7 +289,7 @@ fn test_accordion_pod_reaches_a_runc_pod() {
     assert_eq!((code, out.trim()), (0, "via-bridge"), "{out}");
     a.remove();
     r.remove();
-    no_leftovers();
+    assert_no_leftovers("removing the pods");
 }
 
 #[test]
@@ -353,7 +326,7 @@ fn test_host_network_is_refused_and_a_missing_netns_is_named() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("/var/run/netns/accordion-nope"), "{err}");
-    no_leftovers();
+    assert_no_leftovers("removing the pods");
 }
 
 #[test]
@@ -395,7 +368,7 @@ fn test_a_namespace_with_only_lo_boots_a_vm_without_a_nic() {
         text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
         ["lo"]
     );
-    no_leftovers();
+    assert_no_leftovers("removing the pods");
 }
 
 #[test]
@@ -413,5 +386,5 @@ fn test_an_interface_that_vanishes_leaves_the_vm_running_and_teardown_clean() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("alive") && out.contains("done"), "{out}");
     a.remove();
-    no_leftovers();
+    assert_no_leftovers("removing the pods");
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::control::client::ControlClient;
-use crate::sandbox;
+use crate::sandbox::{self, owner};
 
 /// Per-sandbox limit, so one hung sandbox does not hang the listing.
 const PER_SANDBOX: Duration = Duration::from_secs(5);
@@ -44,12 +44,12 @@ pub async fn run() -> i32 {
             ),
             _ => {
                 let dir = sandbox::state_dir(&name);
-                let state = match sandbox::recorded_pid(&dir) {
-                    Some(pid) if sandbox::pid_is_ours(pid) => "unreachable",
-                    Some(_) => "stale",
-                    None => "starting",
+                let state = match owner::owner(&dir) {
+                    owner::Owner::Alive => "unreachable",
+                    owner::Owner::Gone => "stale",
+                    owner::Owner::Starting => "starting",
                 };
-                let pid = sandbox::recorded_pid(&dir).map_or("-".into(), |p| p.to_string());
+                let pid = owner::recorded_pid(&dir).map_or("-".into(), |p| p.to_string());
                 println!(
                     "{name:<24} {state:<13} {:>6} {:>9} {:>10} {pid:>8}",
                     "-", "-", "-"

@@ -110,6 +110,9 @@ fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
             args.agent_timeout
                 .unwrap_or(config.timeouts.agent_ready_secs),
         ),
+        cgroups_path: None,
+        cpu_limit_millis: None,
+        host: config.host.clone(),
     }
 }
 

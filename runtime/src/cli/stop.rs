@@ -4,12 +4,11 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use crate::control::client::ControlClient;
 use crate::control::ControlError;
-use crate::sandbox;
+use crate::sandbox::{self, owner};
 
 #[derive(Args, Debug)]
 pub struct StopArgs {
@@ -25,7 +24,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: StopArgs) -> i32 {
     let dir = sandbox::state_dir(&args.name);
-    let recorded = sandbox::recorded_pid(&dir);
+    // Taken before the stop: once the lock is free, a pid could name any process.
+    let serving = owner::owner_pidfd(&dir);
     match ControlClient::connect_to(&args.name).await {
         Err(ControlError::NoSandbox(_)) => {
             eprintln!(
@@ -44,29 +44,31 @@ pub async fn run(args: StopArgs) -> i32 {
             super::error_chain(&e)
         ),
     }
-    if let Some(pid) = recorded.filter(|&p| p != std::process::id()) {
-        wait_gone(pid).await;
+    if let Some(pidfd) = serving {
+        wait_gone(&dir, &pidfd).await;
     }
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("accordion stop: cannot remove {}: {e}", dir.display());
-            return 1;
-        }
+    if dir.exists() && !sandbox::remove_if_stale(&dir) && dir.exists() {
+        eprintln!(
+            "accordion stop: cannot remove {}: its owner still runs",
+            dir.display()
+        );
+        return 1;
     }
     println!("{}", args.name);
     0
 }
 
-/// Waits for the sandbox's process to exit; kills it when it does not.
-async fn wait_gone(pid: u32) {
-    let Ok(raw) = i32::try_from(pid) else {
-        return;
-    };
+/// Waits for the sandbox's owner to exit; kills it (through its pidfd, never a bare pid) when it
+/// does not.
+async fn wait_gone(dir: &std::path::Path, pidfd: &crate::pidfd::PidFd) {
     let deadline = Instant::now() + EXIT_WAIT;
-    while sandbox::pid_is_ours(pid) {
+    while !pidfd.exited().unwrap_or(true) {
         if Instant::now() >= deadline {
-            eprintln!("accordion stop: process {pid} did not exit; killing it");
-            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            eprintln!(
+                "accordion stop: the owner of {} did not exit; killing it",
+                dir.display()
+            );
+            let _ = pidfd.send_signal(Signal::SIGKILL);
             tokio::time::sleep(Duration::from_millis(200)).await;
             return;
         }

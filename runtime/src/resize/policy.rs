@@ -126,6 +126,21 @@ impl PodCpu {
         }
         Ok(needed.max(min))
     }
+
+    /// The pod's CPU limit in millicores (what its host cgroup's cpu.max follows): its own when
+    /// set, else the sum of its containers' when every one has a limit; None when a container
+    /// is unlimited or there is none yet.
+    pub fn limit_millis(&self) -> Option<u64> {
+        if let Some(limit) = self.pod.and_then(|p| p.limit_millis) {
+            return Some(limit);
+        }
+        if self.containers.is_empty() {
+            return None;
+        }
+        self.containers
+            .values()
+            .try_fold(0u64, |sum, c| c.limit_millis.map(|l| sum.saturating_add(l)))
+    }
 }
 
 #[cfg(test)]
@@ -265,5 +280,19 @@ mod tests {
         assert_eq!(pod(&[shares]).target(Limits, 1, 8), Ok(1));
         // The minimum still applies above 1.
         assert_eq!(pod(&[empty]).target(Limits, 2, 8), Ok(2));
+    }
+
+    #[test]
+    fn test_limit_millis_is_the_pod_limit_or_the_sum_when_every_container_has_one() {
+        let limited = pod(&[container(None, Some(500)), container(Some(100), Some(250))]);
+        let one_unlimited = pod(&[container(None, Some(500)), container(Some(100), None)]);
+        let with_pod_limit = PodCpu {
+            pod: Some(container(None, Some(2000))),
+            ..one_unlimited.clone()
+        };
+        assert_eq!(limited.limit_millis(), Some(750));
+        assert_eq!(one_unlimited.limit_millis(), None);
+        assert_eq!(with_pod_limit.limit_millis(), Some(2000));
+        assert_eq!(PodCpu::default().limit_millis(), None);
     }
 }

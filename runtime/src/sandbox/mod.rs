@@ -1,5 +1,9 @@
 //! A sandbox: one microVM (the embedded VMM) whose PID 1 is Accordion's agent, reachable over the
-//! VM's hybrid-vsock socket. Its state lives in `/run/accordion/<name>/` (0700, root only).
+//! VM's hybrid-vsock socket. Its state lives in `/run/accordion/<name>/` (0700, root only), owned
+//! by the process holding its lock ([`owner`]); the VM is charged to a host cgroup of its own
+//! ([`crate::host_cgroup`]).
+
+pub mod owner;
 
 use std::fs::{DirBuilder, File};
 use std::os::unix::fs::DirBuilderExt;
@@ -7,13 +11,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use std::os::unix::ffi::OsStringExt;
+
 use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
 
-/// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces.
-#[derive(Debug, Default)]
+use self::owner::OwnerLock;
+use crate::host_cgroup::{self, HostCgroup};
+
+/// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces, and the
+/// host processes serving them (virtiofsd), which the sandbox keeps until its VM is down.
+#[derive(Default)]
 pub struct Devices {
     pub fs: Vec<FsConfig>,
     pub net: Vec<NetConfig>,
+    /// Dropped once the VM has stopped (so the guest can still sync), before the host cgroup
+    /// and the state directory go.
+    pub companions: Vec<Box<dyn Send>>,
 }
 
 use crate::agent_client::{AgentClient, AgentClientError};
@@ -44,7 +57,8 @@ pub fn control_socket(name: &str) -> PathBuf {
 
 /// File names inside a sandbox's state directory.
 pub(crate) const CONTROL_SOCKET: &str = "control.sock";
-const PID_FILE: &str = "pid";
+/// The host cgroup's directory, for the cleanup of a sandbox whose owner died.
+pub(crate) const CGROUP_FILE: &str = "cgroup";
 
 /// The guest CID of every sandbox: each VM has its own vsock device, so CIDs need not differ.
 const GUEST_CID: u64 = 3;
@@ -58,6 +72,8 @@ pub enum SandboxError {
     Exists(String),
     #[error("Cannot create the state directory {0}")]
     StateDir(PathBuf, #[source] std::io::Error),
+    #[error("Cannot place the VM in its host cgroup")]
+    HostCgroup(#[from] crate::host_cgroup::HostCgroupError),
     #[error("Cannot prepare the sandbox's devices")]
     Prepare(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Cannot start the VM")]
@@ -105,6 +121,29 @@ pub struct SandboxSpec {
     pub memory_mib: u64,
     /// How long the agent may take to answer after the VM starts.
     pub agent_timeout: Duration,
+    /// The host cgroup the VM is charged to: a pod's `linux.cgroupsPath`, or None for
+    /// `accordion/<name>`.
+    pub cgroups_path: Option<String>,
+    /// The pod's CPU limit (millicores); cpu.max is the smaller of it and the vCPUs.
+    pub cpu_limit_millis: Option<u64>,
+    /// Host memory and tasks the sandbox may use beyond its guest RAM.
+    pub host: crate::config::HostConfig,
+}
+
+/// What cpu.max of a sandbox's cgroup follows: the pod's CPU limit, and its vCPUs (a VM of n
+/// vCPUs never needs more than n CPUs of host time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CpuBudget {
+    pod_limit_millis: Option<u64>,
+    vcpus: u32,
+}
+
+impl CpuBudget {
+    fn millis(self) -> u64 {
+        let vcpus = u64::from(self.vcpus) * 1000;
+        self.pod_limit_millis
+            .map_or(vcpus, |limit| limit.min(vcpus))
+    }
 }
 
 /// Timings of a sandbox's start, for `accordion status` and benchmarks.
@@ -132,6 +171,13 @@ pub struct Sandbox {
     max_vcpus: u32,
     memory_mib: u64,
     resizer: crate::resize::Resizer,
+    /// Host processes serving the VM's devices; dropped right after the VM stops.
+    companions: Mutex<Vec<Box<dyn Send>>>,
+    /// The host cgroup the VM is charged to (None once removed).
+    cgroup: Mutex<Option<HostCgroup>>,
+    cpu: Mutex<CpuBudget>,
+    /// Held for the sandbox's life: it is what tells others the state directory is in use.
+    _owner: OwnerLock,
 }
 
 impl Sandbox {
@@ -171,9 +217,15 @@ impl Sandbox {
         }
         // From here on the directory is ours: remove it on every failure.
         let mut cleanup = RemoveDirOnDrop(Some(dir.clone()));
-        let pid_path = dir.join(PID_FILE);
-        std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-            .map_err(|e| SandboxError::StateDir(pid_path, e))?;
+        let owner = OwnerLock::acquire(&dir).map_err(|e| SandboxError::StateDir(dir.clone(), e))?;
+        // Into the host cgroup before anything runs: guest RAM, vCPU threads and the device
+        // helpers prepare() spawns are all charged there from their first page.
+        let cpu = CpuBudget {
+            pod_limit_millis: spec.cpu_limit_millis,
+            vcpus: spec.vcpus,
+        };
+        let cgroup = host_cgroup_for(spec, &dir, cpu)?;
+        let mut cgroup_cleanup = RemoveCgroupOnDrop(Some(cgroup));
         let console_path = dir.join("console.log");
         let console = File::create(&console_path)
             .map_err(|e| SandboxError::StateDir(console_path.clone(), e))?;
@@ -195,6 +247,8 @@ impl Sandbox {
         let devices = prepare(&dir).map_err(SandboxError::Prepare)?;
         config.fs = devices.fs;
         config.net = devices.net;
+        // Whatever fails from here drops the companions first (virtiofsd), then the cgroup.
+        let companions = CompanionsOnDrop(devices.companions);
         let vm = Vm::start(config)?;
         let vm_started = t0.elapsed();
 
@@ -236,6 +290,10 @@ impl Sandbox {
             max_vcpus: spec.max_vcpus,
             memory_mib: spec.memory_mib,
             resizer: crate::resize::Resizer::default(),
+            companions: Mutex::new(companions.take()),
+            cgroup: Mutex::new(cgroup_cleanup.0.take()),
+            cpu: Mutex::new(cpu),
+            _owner: owner,
         })
     }
 
@@ -304,7 +362,44 @@ impl Sandbox {
         target: u32,
         timeout: Duration,
     ) -> Result<crate::resize::ResizeOutcome, crate::resize::ResizeError> {
-        self.resizer.resize(self, target, timeout).await
+        let outcome = self.resizer.resize(self, target, timeout).await?;
+        self.update_cpu_budget(|b| b.vcpus = target);
+        Ok(outcome)
+    }
+
+    /// Records the pod's CPU limit (millicores; None: none) and rewrites cpu.max.
+    pub fn set_cpu_limit(&self, millis: Option<u64>) {
+        self.update_cpu_budget(|b| b.pod_limit_millis = millis);
+    }
+
+    fn update_cpu_budget(&self, change: impl FnOnce(&mut CpuBudget)) {
+        let mut budget = self.cpu.lock().unwrap_or_else(PoisonError::into_inner);
+        change(&mut budget);
+        let millis = budget.millis();
+        if let Some(cgroup) = self
+            .cgroup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            if let Err(e) = cgroup.set_cpu(Some(millis)) {
+                log::warn!("sandbox {}: cpu.max: {}", self.name, crate::error_chain(&e));
+            }
+        }
+    }
+
+    /// The host cgroup's directory, while the sandbox has one.
+    pub fn host_cgroup_dir(&self) -> Option<PathBuf> {
+        self.cgroup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|c| c.dir().to_owned())
+    }
+
+    /// A handle that waits for the VM to stop (for a death watch); None once stopped.
+    pub fn exit_watch(&self) -> Option<accordion_vmm::ExitWatch> {
+        self.vm().as_ref().map(Vm::exit_watch)
     }
 
     /// The last finished resizes, oldest first.
@@ -318,26 +413,70 @@ impl Sandbox {
     }
 
     /// Stops the sandbox: asks the agent to power the guest off, waits up to `grace` for it, then
-    /// forces the VM down. The state directory is removed either way. Returns why the VM stopped;
-    /// later calls return the same reason.
+    /// forces the VM down; then its device helpers, host cgroup and state directory go (also when
+    /// the VM had already stopped or was killed). Returns why the VM stopped; later calls return
+    /// the same reason.
     pub async fn stop(&self, grace: Duration) -> ExitReason {
+        let vm = self.vm().take();
+        let reason = match vm {
+            Some(vm) => {
+                if vm.wait_timeout(Duration::ZERO).is_none() {
+                    // A dead agent is fine here: the VM is forced down below.
+                    let _ = self.agent.shutdown().await;
+                }
+                tokio::task::spawn_blocking(move || {
+                    let reason = vm.wait_timeout(grace).unwrap_or_else(|| vm.shutdown());
+                    drop(vm);
+                    reason
+                })
+                .await
+                .unwrap_or(ExitReason::Shutdown)
+            }
+            None => self.exit_reason().unwrap_or(ExitReason::Shutdown),
+        };
+        self.record_stop(&reason);
+        let companions = std::mem::take(
+            &mut *self
+                .companions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let cgroup = self
+            .cgroup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(companions);
+            remove_host_cgroup(cgroup);
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        reason
+    }
+
+    /// Forces the VM down at once, without asking the guest (its disks or share are gone); the
+    /// rest is left to `stop`.
+    pub async fn kill(&self) -> ExitReason {
         let Some(vm) = self.vm().take() else {
             return self.exit_reason().unwrap_or(ExitReason::Shutdown);
         };
-        if vm.wait_timeout(Duration::ZERO).is_none() {
-            // A dead agent is fine here: the VM is forced down below.
-            let _ = self.agent.shutdown().await;
-        }
         let reason = tokio::task::spawn_blocking(move || {
-            let reason = vm.wait_timeout(grace).unwrap_or_else(|| vm.shutdown());
+            let reason = vm.shutdown();
             drop(vm);
             reason
         })
         .await
         .unwrap_or(ExitReason::Shutdown);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
+        self.record_stop(&reason);
         reason
+    }
+
+    fn record_stop(&self, reason: &ExitReason) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        if stopped.is_none() {
+            *stopped = Some(reason.clone());
+        }
     }
 }
 
@@ -346,35 +485,118 @@ impl Drop for Sandbox {
         if let Some(vm) = self.vm().take() {
             vm.shutdown();
         }
+        self.companions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        remove_host_cgroup(
+            self.cgroup
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// The pid recorded in a sandbox's state directory.
-pub fn recorded_pid(dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(dir.join(PID_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// Creates the sandbox's host cgroup with its limits, records where it is (for cleanup after a
+/// crash) and moves this process into it.
+fn host_cgroup_for(
+    spec: &SandboxSpec,
+    dir: &Path,
+    cpu: CpuBudget,
+) -> Result<HostCgroup, SandboxError> {
+    let relative = host_cgroup::relative_path(spec.cgroups_path.as_deref(), &spec.name)?;
+    let memory_mib = spec
+        .memory_mib
+        .saturating_add(spec.host.memory_overhead_mib);
+    let limits = host_cgroup::Limits {
+        memory_max: memory_mib.saturating_mul(1 << 20),
+        cpu_millis: Some(cpu.millis()),
+        pids_max: spec.host.pids_max,
+    };
+    let mut cgroup = HostCgroup::create(Path::new(host_cgroup::CGROUP_ROOT), &relative, &limits)?;
+    let record = dir.join(CGROUP_FILE);
+    let recorded = std::fs::write(&record, cgroup.dir().as_os_str().as_encoded_bytes())
+        .map_err(|e| SandboxError::StateDir(record, e));
+    if let Err(e) = recorded.and_then(|()| cgroup.join().map_err(SandboxError::from)) {
+        remove_host_cgroup(Some(cgroup));
+        return Err(e);
+    }
+    Ok(cgroup)
 }
 
-/// Whether `pid` is a live process running the same executable as this one (a recycled pid of
-/// some other program does not count).
-pub fn pid_is_ours(pid: u32) -> bool {
-    let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
-    match (exe(&pid.to_string()), exe("self")) {
-        (Some(theirs), Some(ours)) => theirs == ours,
-        _ => false,
+/// Leaves and removes a host cgroup; a failure is logged (the sandbox is going away).
+fn remove_host_cgroup(cgroup: Option<HostCgroup>) {
+    if let Some(cgroup) = cgroup {
+        let dir = cgroup.dir().to_owned();
+        if let Err(e) = cgroup.remove() {
+            log::warn!(
+                "cannot remove the host cgroup {}: {}",
+                dir.display(),
+                crate::error_chain(&e)
+            );
+        }
     }
 }
 
-/// Removes a state directory whose recorded process is gone (it crashed or was killed); returns
-/// whether it did. A directory without a pid file is left alone: its owner may be starting.
+struct RemoveCgroupOnDrop(Option<HostCgroup>);
+
+impl Drop for RemoveCgroupOnDrop {
+    fn drop(&mut self) {
+        remove_host_cgroup(self.0.take());
+    }
+}
+
+struct CompanionsOnDrop(Vec<Box<dyn Send>>);
+
+impl CompanionsOnDrop {
+    fn take(mut self) -> Vec<Box<dyn Send>> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for CompanionsOnDrop {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Removes a state directory whose owner is gone (it crashed or was killed), after killing what
+/// it left in its host cgroup; returns whether it did. A directory without a lock is left alone:
+/// its owner may be starting.
 pub fn remove_if_stale(dir: &Path) -> bool {
-    match recorded_pid(dir) {
-        Some(pid) if !pid_is_ours(pid) => std::fs::remove_dir_all(dir).is_ok(),
-        _ => false,
+    if owner::owner(dir) != owner::Owner::Gone {
+        return false;
+    }
+    remove_orphaned_cgroup(dir);
+    std::fs::remove_dir_all(dir).is_ok()
+}
+
+/// Kills whatever a dead owner left in the host cgroup it recorded in `dir`, and removes it.
+pub fn remove_orphaned_cgroup(dir: &Path) {
+    let Ok(recorded) = std::fs::read(dir.join(CGROUP_FILE)) else {
+        return;
+    };
+    let cgroup = PathBuf::from(std::ffi::OsString::from_vec(recorded));
+    // Our own file in a root-only directory, but a path is checked before it is acted on.
+    let inside = cgroup
+        .strip_prefix(host_cgroup::CGROUP_ROOT)
+        .is_ok_and(|rest| {
+            rest.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+                && rest.components().next().is_some()
+        });
+    if !inside {
+        log::warn!("{}: ignoring cgroup {}", dir.display(), cgroup.display());
+        return;
+    }
+    if let Err(e) = host_cgroup::kill_and_remove(&cgroup) {
+        log::warn!(
+            "cannot remove the host cgroup {}: {}",
+            cgroup.display(),
+            crate::error_chain(&e)
+        );
     }
 }
 

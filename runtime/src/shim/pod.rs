@@ -3,7 +3,7 @@
 //!
 //! Layout, in the sandbox's state directory `/run/accordion/<pod>/`:
 //! `share/` (exported by virtiofsd; one `<container>/` each holding `rootfs/` and `mounts/N`),
-//! `virtiofsd.sock`, `virtiofsd.log`, `virtiofsd.pid`.
+//! `virtiofsd.sock`, `virtiofsd.log`.
 
 use std::fs::{DirBuilder, File};
 use std::os::unix::ffi::OsStringExt;
@@ -21,6 +21,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use super::spec::{HostBind, PodNetworkMode, SandboxResources};
 use crate::config::Config;
 use crate::network::{self, NetworkError, PodNetwork};
+use crate::pidfd::PidFd;
 use crate::resize::policy::{CpuShape, PodCpu};
 use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 
@@ -28,7 +29,6 @@ use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 pub const SHARE_TAG: &str = "accordion";
 const SHARE_DIR: &str = "share";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
-const VIRTIOFSD_PID: &str = "virtiofsd.pid";
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
 /// usable by the containers.
 const GUEST_OVERHEAD_MIB: u64 = 128;
@@ -72,6 +72,10 @@ pub enum PodError {
         target: PathBuf,
         message: String,
     },
+    #[error("Cannot watch virtiofsd")]
+    VirtiofsdWatch(#[source] std::io::Error),
+    #[error("Cannot set the pod's OOM score")]
+    OomScore(#[from] crate::host_cgroup::HostCgroupError),
     #[error("Cannot bind {source_path} on {target}")]
     Bind {
         source_path: PathBuf,
@@ -120,10 +124,10 @@ impl PodSize {
     }
 }
 
-/// virtiofsd serving a pod's share. Dropping it kills it.
+/// virtiofsd serving a pod's share. Dropping it kills it (through its unreaped child handle:
+/// its pid cannot be recycled before we wait for it).
 struct Virtiofsd {
     child: Child,
-    pid_file: PathBuf,
 }
 
 impl Virtiofsd {
@@ -161,9 +165,7 @@ impl Virtiofsd {
             path: path.clone(),
             source,
         })?;
-        let pid_file = dir.join(VIRTIOFSD_PID);
-        let _ = std::fs::write(&pid_file, format!("{}\n", child.id()));
-        let mut me = Self { child, pid_file };
+        let mut me = Self { child };
         let limit = Duration::from_secs(20);
         let deadline = Instant::now() + limit;
         // The socket file appears at bind(), before listen(): wait until it listens, or the VMM's
@@ -207,15 +209,33 @@ impl Drop for Virtiofsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.pid_file);
     }
+}
+
+/// Where a pod's VM stands on the host: the cgroup it is charged to, its CPU limit and the OOM
+/// ranking its QoS asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The sandbox's `linux.cgroupsPath` (None: `accordion/<pod>`).
+    pub cgroups_path: Option<String>,
+    /// The pod's CPU limit, millicores.
+    pub cpu_limit_millis: Option<u64>,
+    /// The sandbox's `process.oomScoreAdj`.
+    pub oom_score_adj: Option<i64>,
 }
 
 /// A running pod.
 pub struct Pod {
     pub sandbox: Arc<Sandbox>,
     share: PathBuf,
-    virtiofsd: Mutex<Option<Virtiofsd>>,
+    /// virtiofsd's pid (our unreaped child until the sandbox drops it) and a pidfd on it for the
+    /// death watch.
+    virtiofsd_pid: u32,
+    virtiofsd_exit: Mutex<Option<PidFd>>,
+    /// The highest OOM score adjustment asked for so far (the VM runs every container).
+    oom_score_adj: Mutex<Option<i64>>,
+    /// Why the pod died (its VM or virtiofsd ended while it ran), once it has.
+    dead: Mutex<Option<String>>,
     /// The operator control socket (`accordion status/exec/resize <pod>`).
     control: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The pod's interfaces, their taps and redirects (None: no CNI namespace).
@@ -230,7 +250,12 @@ impl Pod {
         size: PodSize,
         config: &Config,
         net_mode: &PodNetworkMode,
+        placement: &Placement,
     ) -> Result<Pod, PodError> {
+        // Before virtiofsd is spawned: it inherits the score.
+        if let Some(score) = placement.oom_score_adj {
+            crate::host_cgroup::set_oom_score_adj(None, score)?;
+        }
         let spec = SandboxSpec {
             name: id.to_string(),
             kernel: config.guest.kernel.clone(),
@@ -240,15 +265,21 @@ impl Pod {
             max_vcpus: config.vcpus.max,
             memory_mib: size.memory_mib,
             agent_timeout: Duration::from_secs(config.timeouts.agent_ready_secs),
+            cgroups_path: placement.cgroups_path.clone(),
+            cpu_limit_millis: placement.cpu_limit_millis,
+            host: config.host.clone(),
         };
-        let mut virtiofsd = None;
+        let mut virtiofsd_pid = 0;
+        let mut virtiofsd_exit = None;
         let mut pod_net: Option<PodNetwork> = None;
         let booted = Sandbox::boot_with(&spec, |dir| {
             let share = dir.join(SHARE_DIR);
             make_dir(&share, 0o711)?;
             let v = Virtiofsd::spawn(config, dir, &share)?;
+            virtiofsd_pid = v.child.id();
+            virtiofsd_exit = Some(PidFd::open(virtiofsd_pid).map_err(PodError::VirtiofsdWatch)?);
             let socket_path = dir.join(VIRTIOFSD_SOCKET);
-            virtiofsd = Some(v);
+            let companions: Vec<Box<dyn Send>> = vec![Box::new(v)];
             let mut net = Vec::new();
             if let PodNetworkMode::Netns(path) = net_mode {
                 let (attached, taps) =
@@ -269,6 +300,7 @@ impl Pod {
                     socket_path,
                 }],
                 net,
+                companions,
             })
         })
         .await;
@@ -309,7 +341,10 @@ impl Pod {
         Ok(Pod {
             sandbox,
             share,
-            virtiofsd: Mutex::new(virtiofsd),
+            virtiofsd_pid,
+            virtiofsd_exit: Mutex::new(virtiofsd_exit),
+            oom_score_adj: Mutex::new(placement.oom_score_adj),
+            dead: Mutex::new(None),
             control: Mutex::new(control),
             network: Mutex::new(pod_net),
         })
@@ -318,6 +353,45 @@ impl Pod {
     /// The host directory of container `id` in the share.
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.share.join(id)
+    }
+
+    /// Records that the pod died and why (the death watch).
+    pub fn mark_dead(&self, why: &str) {
+        *self.dead.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_string());
+    }
+
+    /// Why the pod died, if it did.
+    pub fn dead(&self) -> Option<String> {
+        self.dead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The pidfd the death watch waits on for virtiofsd's exit (once).
+    pub fn take_virtiofsd_exit(&self) -> Option<PidFd> {
+        self.virtiofsd_exit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Raises the OOM score adjustment of the pod's host processes (this one and virtiofsd) to
+    /// `score` when it is higher than what they have: the VM holds every container, so it is as
+    /// expendable as the most expendable of them (runc gives each container its own).
+    pub fn raise_oom_score_adj(&self, score: i64) -> Result<(), PodError> {
+        let mut current = self
+            .oom_score_adj
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.is_some_and(|c| c >= score) {
+            return Ok(());
+        }
+        crate::host_cgroup::set_oom_score_adj(None, score)?;
+        // virtiofsd is our child, not yet waited for, while the pod runs: its pid is its own.
+        crate::host_cgroup::set_oom_score_adj(Some(self.virtiofsd_pid), score)?;
+        *current = Some(score);
+        Ok(())
     }
 
     /// Unmounts whatever is left in the share, stops the VM and virtiofsd, and removes the state
@@ -335,13 +409,8 @@ impl Pod {
         // power off): the sandbox removes its state directory when it stops, and removing through
         // a live rootfs mount would delete files in containerd's snapshot.
         unmount_all_under(&self.share);
+        // The VM powers off first, then virtiofsd goes (the guest can sync its share until then).
         let reason = self.sandbox.stop(grace).await;
-        drop(
-            self.virtiofsd
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
         // The VM is gone, and its taps with it; the redirects on the pod's interfaces go now.
         let net = self
             .network
@@ -536,32 +605,15 @@ fn still_mounted_under(dir: &Path) -> bool {
         .unwrap_or(true)
 }
 
-/// Cleanup after a shim that died (containerd's `shim delete`): kills its virtiofsd, unmounts the
-/// share and removes the state directory of pod `id`, unless the pod's shim is still alive.
+/// Cleanup after a shim that died (containerd's `shim delete`): unless the pod's owner still
+/// holds its lock, kills what it left in its host cgroup (virtiofsd), unmounts the share and
+/// removes the state directory of pod `id`.
 pub fn cleanup_dead_pod(id: &str) -> bool {
     let dir = sandbox::state_dir(id);
-    if !dir.exists() {
+    if !dir.exists() || sandbox::owner::owner(&dir) == sandbox::owner::Owner::Alive {
         return false;
     }
-    if let Some(pid) = sandbox::recorded_pid(&dir) {
-        if sandbox::pid_is_ours(pid) {
-            return false;
-        }
-    }
-    if let Some(pid) = std::fs::read_to_string(dir.join(VIRTIOFSD_PID))
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    {
-        let is_virtiofsd = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|exe| exe.to_string_lossy().contains("virtiofsd"))
-            .unwrap_or(false);
-        if is_virtiofsd {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    sandbox::remove_orphaned_cgroup(&dir);
     let share = dir.join(SHARE_DIR);
     unmount_all_under(&share);
     if still_mounted_under(&share) {

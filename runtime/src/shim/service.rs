@@ -22,6 +22,8 @@ use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
 use containerd_shim::TtrpcResult;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -35,6 +37,9 @@ use crate::error_chain;
 use crate::resize::policy::{CpuShape, PodCpu};
 use crate::resize::ResizeError;
 
+/// The exit status of every process of a pod whose VM or virtiofsd died (as runc's shims report
+/// a process they lost).
+const DEAD_POD_STATUS: u32 = 255;
 /// A process runs this long at most as far as our Wait call to the agent is concerned.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// After a container's main process exits, how long its output may take to drain before the
@@ -177,18 +182,29 @@ impl Process {
         *self.exit.borrow()
     }
 
-    fn set_exited(&self, code: u32) -> Exit {
+    /// Records the exit; `None` if it was already recorded (the first report wins: the agent's
+    /// wait and the pod's death watch may both report one).
+    fn set_exited(&self, code: u32) -> Option<Exit> {
         let exit = Exit {
             code,
             at: SystemTime::now(),
         };
+        let first = self.exit.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(exit);
+            true
+        });
+        if !first {
+            return None;
+        }
         self.set_status(api::Status::STOPPED);
-        self.exit.send_replace(Some(exit));
         if let Some(mut stdin) = lock(&self.stdin).take() {
             stdin.close();
         }
         lock(&self.resize).take();
-        exit
+        Some(exit)
     }
 
     async fn wait(&self) -> Exit {
@@ -269,7 +285,8 @@ pub struct Service {
     exit: Arc<ExitSignal>,
     /// The pod, once its first container was created; the lock serializes the boot.
     pod: tokio::sync::Mutex<Option<(Arc<Pod>, Arc<Config>)>>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Shared with the pod's death watch, which ends every process when the VM dies.
+    containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
     /// Every container's CPU resources (from Create and each Update) and the pod's own: what
     /// the vCPU target is computed from.
     cpu: Mutex<PodCpu>,
@@ -277,6 +294,8 @@ pub struct Service {
     resizing: tokio::sync::Mutex<()>,
     /// Turns the agent's OOM notifications into TaskOOM events while the pod runs.
     oom_events: Mutex<Option<JoinHandle<()>>>,
+    /// Waits for the pod's VM or virtiofsd to end while the pod runs.
+    death_watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Service {
@@ -292,10 +311,11 @@ impl Service {
             publisher: Arc::new(publisher),
             exit,
             pod: tokio::sync::Mutex::new(None),
-            containers: Mutex::new(HashMap::new()),
+            containers: Arc::new(Mutex::new(HashMap::new())),
             cpu: Mutex::new(PodCpu::default()),
             resizing: tokio::sync::Mutex::new(()),
             oom_events: Mutex::new(None),
+            death_watch: Mutex::new(None),
         }
     }
 
@@ -307,12 +327,20 @@ impl Service {
     }
 
     async fn running_pod(&self) -> TtrpcResult<(Arc<Pod>, Arc<Config>)> {
-        self.pod.lock().await.clone().ok_or_else(|| {
+        let pod = self.pod.lock().await.clone().ok_or_else(|| {
             status(
                 ttrpc::Code::FAILED_PRECONDITION,
                 "the pod's VM is not running",
             )
-        })
+        })?;
+        // A dead pod answers at once instead of waiting out the agent's deadlines.
+        if let Some(why) = pod.0.dead() {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("the pod's VM is gone: {why}"),
+            ));
+        }
+        Ok(pod)
     }
 
     /// The pod's agent, with the deadline of container calls.
@@ -402,7 +430,20 @@ impl Service {
                 ),
             ));
         }
-        let pod = Pod::boot(&self.id, size, &config, &net_mode)
+        let placement = pod::Placement {
+            cgroups_path: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.to_string_lossy().into_owned()),
+            cpu_limit_millis: lock(&self.cpu).limit_millis(),
+            oom_score_adj: spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.oom_score_adj())
+                .map(i64::from),
+        };
+        let pod = Pod::boot(&self.id, size, &config, &net_mode, &placement)
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, error_chain(&e)))?;
         // Containers live on the share: without it nothing can run.
@@ -431,6 +472,7 @@ impl Service {
         let entry = (Arc::new(pod), Arc::new(config));
         *slot = Some(entry.clone());
         *lock(&self.oom_events) = Some(self.forward_ooms(entry.0.sandbox.agent().clone()));
+        *lock(&self.death_watch) = Some(self.watch_pod(Arc::clone(&entry.0)));
         Ok(entry)
     }
 
@@ -444,6 +486,13 @@ impl Service {
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
         let role = spec::role(oci.annotations().as_ref());
         let (pod, config) = self.pod_for(id, &role, &oci, req.options.as_ref()).await?;
+        if matches!(role, Role::PodMember { .. }) {
+            let score = oci.process().as_ref().and_then(|p| p.oom_score_adj());
+            if let Some(score) = score {
+                pod.raise_oom_score_adj(i64::from(score))
+                    .map_err(|e| status(ttrpc::Code::INTERNAL, error_chain(&e)))?;
+            }
+        }
         if role != Role::Sandbox {
             let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
             let shape = match &resources {
@@ -614,8 +663,9 @@ impl Service {
             if let Some(io) = io_done {
                 let _ = tokio::time::timeout(IO_DRAIN, io).await;
             }
-            let exit = process.set_exited(u32::try_from(code).unwrap_or(255));
-            publish_exit(&publisher, &namespace, &process, exit).await;
+            if let Some(exit) = process.set_exited(u32::try_from(code).unwrap_or(255)) {
+                publish_exit(&publisher, &namespace, &process, exit).await;
+            }
         });
         lock(&init.tasks).push(waiter);
         Ok(init.pid())
@@ -684,8 +734,9 @@ impl Service {
                         }
                         Err(_) => 255,
                     };
-                    let exit = p.set_exited(u32::try_from(code).unwrap_or(255));
-                    publish_exit(&publisher, &namespace, &p, exit).await;
+                    if let Some(exit) = p.set_exited(u32::try_from(code).unwrap_or(255)) {
+                        publish_exit(&publisher, &namespace, &p, exit).await;
+                    }
                 });
                 lock(&process.tasks).push(waiter);
                 Ok(pid)
@@ -759,6 +810,7 @@ impl Service {
                 ));
             }
         }
+        pod.sandbox.set_cpu_limit(next.limit_millis());
         *lock(&self.cpu) = next;
         log::info!(
             "{id}: pod at {target} vCPUs (guest online {}){}",
@@ -810,16 +862,96 @@ impl Service {
         })
     }
 
+    /// The pod's death watch: when its VM stops (a guest panic, a vCPU failure) or virtiofsd
+    /// exits while the pod runs, the pod is dead. Every process still running is reported exited
+    /// (status 255) at once, instead of when the agent's connection finally times out; a dead
+    /// virtiofsd also takes the VM down (its containers lost their root filesystems, and would
+    /// otherwise hang on them). containerd then stops and removes the pod as usual.
+    fn watch_pod(&self, pod: Arc<Pod>) -> JoinHandle<()> {
+        let containers = Arc::clone(&self.containers);
+        let publisher = Arc::clone(&self.publisher);
+        let namespace = self.namespace.clone();
+        let id = self.id.clone();
+        let vm_exit = pod.sandbox.exit_watch();
+        let virtiofsd_exit = pod.take_virtiofsd_exit();
+        tokio::spawn(async move {
+            let vm_stopped = async {
+                match vm_exit {
+                    Some(watch) => tokio::task::spawn_blocking(move || watch.wait())
+                        .await
+                        .map_or_else(
+                            |_| "its VM stopped".to_string(),
+                            |reason| format!("its VM stopped ({})", describe_exit(&reason)),
+                        ),
+                    None => std::future::pending().await,
+                }
+            };
+            let virtiofsd_died = async {
+                // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged
+                // until it is dropped.
+                let registered = virtiofsd_exit.map(|fd| unsafe {
+                    AsyncFd::register_with_interest(fd.into_owned(), Interest::READABLE)
+                });
+                match registered {
+                    Some(Ok(fd)) => {
+                        let _ = fd.readable().await;
+                        "virtiofsd, which serves its containers' files, exited".to_string()
+                    }
+                    Some(Err(e)) => {
+                        log::warn!("pod {id}: virtiofsd is not watched: {}", e.into_parts().1);
+                        std::future::pending().await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let (reason, vm_down) = tokio::select! {
+                why = vm_stopped => (why, true),
+                why = virtiofsd_died => (why, false),
+            };
+            log::error!(
+                "pod {id}: {reason}; every process of the pod is reported exited with status {DEAD_POD_STATUS}"
+            );
+            pod.mark_dead(&reason);
+            if !vm_down {
+                pod.sandbox.kill().await;
+            }
+            let mut processes: Vec<Arc<Process>> = Vec::new();
+            for c in lock(&containers).values() {
+                processes.push(Arc::clone(&c.init));
+                processes.extend(lock(&c.execs).values().cloned());
+            }
+            for process in processes {
+                if let Some(exit) = process.set_exited(DEAD_POD_STATUS) {
+                    publish_exit(&publisher, &namespace, &process, exit).await;
+                }
+            }
+        })
+    }
+
     /// Ends the pod: the VM, virtiofsd, the share. The shim then exits.
     async fn stop_pod(&self) {
-        if let Some(task) = lock(&self.oom_events).take() {
-            task.abort();
+        for task in [&self.oom_events, &self.death_watch] {
+            if let Some(task) = lock(task).take() {
+                task.abort();
+            }
         }
         let pod = self.pod.lock().await.take();
         if let Some((pod, config)) = pod {
             pod.stop(Duration::from_secs(config.timeouts.stop_grace_secs))
                 .await;
         }
+    }
+}
+
+/// How a VM stopped, for a person.
+fn describe_exit(reason: &accordion_vmm::ExitReason) -> String {
+    use accordion_vmm::ExitReason as R;
+    match reason {
+        R::PowerOff => "the guest powered off".into(),
+        R::Reset => "the guest reset; its kernel panics with panic=-1 this way".into(),
+        R::Crash => "the guest kernel reported a crash".into(),
+        R::Shutdown => "the host stopped it".into(),
+        R::VcpuFailed { vcpu, error } => format!("vCPU {vcpu} failed: {error}"),
     }
 }
 
@@ -1023,9 +1155,7 @@ impl Task for Service {
             code: 255,
             at: SystemTime::now(),
         });
-        if init.exited().is_none() {
-            init.set_exited(exit.code);
-        }
+        init.set_exited(exit.code);
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(ev::TaskDelete {

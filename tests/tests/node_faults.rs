@@ -1,0 +1,302 @@
+//! Fault drills through containerd's CRI (`cargo xtask node-test --containerd`): a pod's guest
+//! panics, its virtiofsd dies, its shim is killed in the middle of a resize, containerd restarts
+//! under it. Each ends with the pod reported as kubelet needs it and nothing left behind.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use accordion_tests::containerd::{
+    containerd_ready, process_pids, restart_containerd, wait_for, TEST_IMAGE,
+};
+use accordion_tests::cri_cli::{assert_no_leftovers, cri, cri_ok, write_json};
+use accordion_tests::{accordion, can_run, one_vm, text};
+
+/// How soon the shim must report every process of a dead pod exited.
+const EXIT_REPORTED_WITHIN: Duration = Duration::from_secs(2);
+
+/// A CRI pod with runtime `accordion`; removed (and checked clean) by `remove`, or at least
+/// removed when a failed test drops it.
+struct Pod {
+    id: String,
+    config: String,
+    removed: bool,
+}
+
+impl Pod {
+    fn run(name: &str) -> Pod {
+        let config = write_json(
+            &format!("fault-pod-{name}"),
+            &serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "uid": format!("uid-fault-{name}"), "attempt": 1},
+                "log_directory": format!("/tmp/pods/fault-{name}"),
+                "linux": {},
+            }),
+        );
+        let id = cri_ok(&["runp", "--runtime", "accordion", &config]);
+        Pod {
+            id,
+            config,
+            removed: false,
+        }
+    }
+
+    /// A container running `script`, limited to `cpus` CPUs; returns its id once started.
+    fn container(&self, name: &str, cpus: i64, script: &str) -> String {
+        let config = write_json(
+            &format!("fault-ctr-{name}"),
+            &serde_json::json!({
+                "metadata": {"name": name},
+                "image": {"image": TEST_IMAGE},
+                "command": ["sh", "-c", script],
+                "log_path": format!("{name}.log"),
+                "linux": {"resources": {"cpu_quota": cpus * 100_000, "cpu_period": 100_000}},
+            }),
+        );
+        let id = cri_ok(&["create", &self.id, &config, &self.config]);
+        cri_ok(&["start", &id]);
+        id
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        PathBuf::from("/run/accordion").join(&self.id)
+    }
+
+    fn remove(mut self) {
+        self.removed = true;
+        cri_ok(&["stopp", &self.id]);
+        cri_ok(&["rmp", &self.id]);
+        assert_no_leftovers(&format!("removing pod {}", self.id));
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if !self.removed {
+            let _ = cri(&["stopp", &self.id]);
+            let _ = cri(&["rmp", &self.id]);
+        }
+    }
+}
+
+/// A container's CRI state, exit time (ns since the epoch) and exit code.
+fn container_state(id: &str) -> (String, i64, i64) {
+    let v: serde_json::Value = serde_json::from_str(&cri_ok(&["inspect", id])).expect("json");
+    let status = &v["status"];
+    (
+        status["state"].as_str().unwrap_or_default().to_string(),
+        status["finishedAt"].as_i64().unwrap_or(0),
+        status["exitCode"].as_i64().unwrap_or(-1),
+    )
+}
+
+/// Waits for container `id` to be reported exited; returns when it exited and its code.
+fn wait_exited(id: &str) -> (SystemTime, i64) {
+    let (_, finished, code) = wait_for(Duration::from_secs(60), || {
+        let s = container_state(id);
+        (s.0 == "CONTAINER_EXITED").then_some(s.clone()).ok_or(s)
+    })
+    .unwrap_or_else(|s| panic!("container {id} was not reported exited: {s:?}"));
+    let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(finished).expect("finishedAt"));
+    (at, code)
+}
+
+fn seconds_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// The pod's console (current and rotated file), as text.
+fn console(pod: &Pod) -> String {
+    let mut all = String::new();
+    for name in ["console.log.1", "console.log"] {
+        if let Ok(bytes) = std::fs::read(pod.state_dir().join(name)) {
+            all.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    all
+}
+
+/// containerd's log, where the shim's log lines end up.
+fn containerd_log() -> String {
+    std::fs::read_to_string("/var/log/containerd.log").unwrap_or_default()
+}
+
+/// `accordion status`'s "vcpus: N online in the guest, M plugged, …" as (N, M).
+fn vcpu_counts(status: &str) -> Option<(u32, u32)> {
+    let line = status.lines().find_map(|l| l.strip_prefix("vcpus: "))?;
+    let mut numbers = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u32>().ok());
+    Some((numbers.next()??, numbers.next()??))
+}
+
+#[test]
+fn test_guest_kernel_panic_reports_every_process_exited_within_2s_and_the_pod_is_removable() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let pod = Pod::run("panic");
+    let c = pod.container("main", 1, "exec sleep 3600");
+
+    // Guest root makes its kernel panic: panic on OOM, then one allocation of all its memory.
+    let trigger = std::thread::spawn({
+        let id = pod.id.clone();
+        move || {
+            accordion(&[
+                "exec",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/vm/panic_on_oom; \
+                 dd if=/dev/zero of=/dev/null bs=$(awk '/MemTotal/{print $2}' /proc/meminfo)k count=1",
+            ])
+        }
+    });
+    let panicked_at = wait_for(Duration::from_secs(120), || {
+        console(&pod)
+            .contains("Kernel panic")
+            .then(SystemTime::now)
+            .ok_or(())
+    })
+    .expect("the guest kernel panicked");
+    let (exited_at, code) = wait_exited(&c);
+    let _ = trigger.join();
+
+    let delay = seconds_between(panicked_at, exited_at);
+    assert!(
+        delay < EXIT_REPORTED_WITHIN.as_secs_f64(),
+        "exit reported {delay:.2} s after the panic"
+    );
+    assert_eq!(code, 255);
+    let log = containerd_log();
+    assert!(
+        log.lines().any(|l| l.contains(&pod.id)
+            && l.contains("its VM stopped")
+            && l.contains("reported exited")),
+        "no reason in the shim's log"
+    );
+    println!("guest panic: exit reported {delay:.2} s after the panic line");
+    pod.remove();
+}
+
+#[test]
+fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let pod = Pod::run("virtiofsd");
+    let c = pod.container(
+        "main",
+        1,
+        "while :; do cat /etc/accordion-test >/dev/null; sleep 0.1; done",
+    );
+    let virtiofsd = process_pids("virtiofsd");
+    assert_eq!(virtiofsd.len(), 1, "one virtiofsd: {virtiofsd:?}");
+
+    let killed_at = SystemTime::now();
+    let out = std::process::Command::new("kill")
+        .args(["-9", &virtiofsd[0].to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (exited_at, code) = wait_exited(&c);
+
+    let delay = seconds_between(killed_at, exited_at);
+    assert!(
+        delay < EXIT_REPORTED_WITHIN.as_secs_f64(),
+        "exit reported {delay:.2} s after virtiofsd died"
+    );
+    assert_eq!(code, 255);
+    assert!(
+        containerd_log()
+            .lines()
+            .any(|l| l.contains(&pod.id) && l.contains("virtiofsd") && l.contains("exited")),
+        "no reason in the shim's log"
+    );
+    // The dead pod answers at once, with the reason.
+    let started = Instant::now();
+    let out = cri(&["exec", &c, "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    println!("virtiofsd killed: exit reported {delay:.2} s later");
+    pod.remove();
+}
+
+#[test]
+fn test_shim_killed_during_a_resize_then_pod_removal_leaves_nothing() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let pod = Pod::run("shimkill");
+    let c = pod.container("main", 1, "exec sleep 3600");
+    let shims = process_pids("containerd-shim-accordion-v2");
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    let cgroup = PathBuf::from("/sys/fs/cgroup/accordion").join(&pod.id);
+    assert!(cgroup.is_dir(), "the pod's host cgroup {cgroup:?}");
+
+    let resize = std::thread::spawn({
+        let c = c.clone();
+        move || {
+            cri(&[
+                "update",
+                "--cpu-quota",
+                "400000",
+                "--cpu-period",
+                "100000",
+                &c,
+            ])
+        }
+    });
+    // In flight: the VMM has plugged more vCPUs, the guest has not onlined all four yet.
+    wait_for(Duration::from_secs(60), || {
+        let status = text(&accordion(&["status", &pod.id]).stdout);
+        let (online, plugged) = vcpu_counts(&status).ok_or_else(|| status.clone())?;
+        (plugged >= 2 && online < 4).then_some(()).ok_or(status)
+    })
+    .expect("the resize started");
+    let out = std::process::Command::new("kill")
+        .args(["-9", &shims[0].to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let update = resize.join().expect("update thread");
+    assert_ne!(update.status.code(), Some(0), "the resize cannot succeed");
+
+    pod.remove();
+    assert!(!cgroup.exists(), "host cgroup {cgroup:?} left");
+}
+
+#[test]
+fn test_containerd_restart_keeps_the_pod_working_and_resizable() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let pod = Pod::run("restart");
+    let c = pod.container("main", 1, "exec sleep 3600");
+    let shims = process_pids("containerd-shim-accordion-v2");
+
+    restart_containerd();
+
+    assert_eq!(process_pids("containerd-shim-accordion-v2"), shims);
+    let out = cri(&["exec", &c, "--", "sh", "-c", "echo still-here"]);
+    assert_eq!(text(&out.stdout), "still-here\n", "{}", text(&out.stderr));
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "200000",
+        "--cpu-period",
+        "100000",
+        &c,
+    ]);
+    let out = cri(&["exec", &c, "--", "cat", "/sys/devices/system/cpu/online"]);
+    assert_eq!(text(&out.stdout).trim(), "0-1", "{}", text(&out.stderr));
+    pod.remove();
+}
