@@ -1,12 +1,13 @@
 //! Fault drills through containerd's CRI (`cargo xtask node-test --containerd`): a pod's guest
 //! panics, its virtiofsd dies, its shim is killed in the middle of a resize, containerd restarts
-//! under it. Each ends with the pod reported as kubelet needs it and nothing left behind.
+//! under it, its guest floods the console. Each ends with the pod reported as kubelet needs it and
+//! nothing left behind.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use accordion_tests::containerd::{
-    containerd_ready, process_pids, restart_containerd, wait_for, TEST_IMAGE,
+    containerd_ready, ctr, process_pids, restart_containerd, wait_for, RUNTIME, TEST_IMAGE,
 };
 use accordion_tests::cri_cli::{assert_no_leftovers, cri, cri_ok, write_json};
 use accordion_tests::{accordion, can_run, one_vm, text};
@@ -123,6 +124,17 @@ fn containerd_log() -> String {
     std::fs::read_to_string("/var/log/containerd.log").unwrap_or_default()
 }
 
+/// The host cgroup directory process `pid` runs in (for a shim: its pod's, containerd's
+/// `linux.cgroupsPath` of the sandbox, `/k8s.io/<pod>` without a cgroup parent).
+fn host_cgroup(pid: u32) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    PathBuf::from("/sys/fs/cgroup").join(relative.trim_start_matches('/'))
+}
+
 /// `accordion status`'s "vcpus: N online in the guest, M plugged, …" as (N, M).
 fn vcpu_counts(status: &str) -> Option<(u32, u32)> {
     let line = status.lines().find_map(|l| l.strip_prefix("vcpus: "))?;
@@ -141,6 +153,7 @@ fn test_guest_kernel_panic_reports_every_process_exited_within_2s_and_the_pod_is
     let _vm = one_vm();
     let pod = Pod::run("panic");
     let c = pod.container("main", 1, "exec sleep 3600");
+    let cgroup = host_cgroup(process_pids("containerd-shim-accordion-v2")[0]);
 
     // Guest root makes its kernel panic: panic on OOM, then one allocation of all its memory.
     let trigger = std::thread::spawn({
@@ -182,6 +195,7 @@ fn test_guest_kernel_panic_reports_every_process_exited_within_2s_and_the_pod_is
     );
     println!("guest panic: exit reported {delay:.2} s after the panic line");
     pod.remove();
+    assert!(!cgroup.exists(), "host cgroup {cgroup:?} left");
 }
 
 #[test]
@@ -198,6 +212,11 @@ fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() 
     );
     let virtiofsd = process_pids("virtiofsd");
     assert_eq!(virtiofsd.len(), 1, "one virtiofsd: {virtiofsd:?}");
+    let cgroup = host_cgroup(virtiofsd[0]);
+    assert!(
+        cgroup.ends_with(&pod.id),
+        "virtiofsd in the pod's cgroup: {cgroup:?}"
+    );
 
     let killed_at = SystemTime::now();
     let out = std::process::Command::new("kill")
@@ -226,6 +245,7 @@ fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() 
     assert!(started.elapsed() < Duration::from_secs(30));
     println!("virtiofsd killed: exit reported {delay:.2} s later");
     pod.remove();
+    assert!(!cgroup.exists(), "host cgroup {cgroup:?} left");
 }
 
 #[test]
@@ -238,8 +258,11 @@ fn test_shim_killed_during_a_resize_then_pod_removal_leaves_nothing() {
     let c = pod.container("main", 1, "exec sleep 3600");
     let shims = process_pids("containerd-shim-accordion-v2");
     assert_eq!(shims.len(), 1, "one shim: {shims:?}");
-    let cgroup = PathBuf::from("/sys/fs/cgroup/accordion").join(&pod.id);
-    assert!(cgroup.is_dir(), "the pod's host cgroup {cgroup:?}");
+    let cgroup = host_cgroup(shims[0]);
+    assert!(
+        cgroup.ends_with(&pod.id) && cgroup.is_dir(),
+        "the pod's host cgroup {cgroup:?}"
+    );
 
     let resize = std::thread::spawn({
         let c = c.clone();
@@ -299,4 +322,72 @@ fn test_containerd_restart_keeps_the_pod_working_and_resizable() {
     let out = cri(&["exec", &c, "--", "cat", "/sys/devices/system/cpu/online"]);
     assert_eq!(text(&out.stdout).trim(), "0-1", "{}", text(&out.stderr));
     pod.remove();
+}
+
+#[test]
+fn test_a_guest_flooding_its_console_stays_within_the_cap_and_the_pod_keeps_working() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // The node's configuration with the smallest console cap.
+    const CAP: u64 = 64 * 1024;
+    let config = std::fs::read_to_string("/etc/accordion/config.toml").expect("node config");
+    let flood_config = "/tmp/accordion-flood.toml";
+    std::fs::write(
+        flood_config,
+        format!("{config}\n[console]\nmax_kib = {}\n", CAP / 1024),
+    )
+    .expect("write config");
+    let id = "flood";
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        flood_config,
+        TEST_IMAGE,
+        id,
+        "sleep",
+        "3600",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let state = PathBuf::from("/run/accordion").join(id);
+
+    // Guest root writes four times the cap to its serial console, numbered lines, then a marker.
+    let flood = accordion(&[
+        "exec",
+        id,
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 4096 ]; do echo \"flood $i 0123456789012345678901234567890123456789012345678\"; \
+         i=$((i+1)); done > /dev/ttyS0; echo flood-end > /dev/ttyS0",
+    ]);
+    assert_eq!(flood.status.code(), Some(0), "{}", text(&flood.stderr));
+    let on_disk: u64 = ["console.log", "console.log.1"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(state.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let newest = std::fs::read_to_string(state.join("console.log")).unwrap_or_default();
+    // The pod still answers.
+    let out = ctr(&["task", "exec", "--exec-id", "after", id, "echo", "alive"]);
+
+    assert!(
+        on_disk <= CAP,
+        "{on_disk} bytes of console on /run (cap {CAP})"
+    );
+    assert!(newest.contains("flood-end"), "the newest lines are kept");
+    assert_eq!(text(&out.stdout), "alive\n", "{}", text(&out.stderr));
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for(Duration::from_secs(60), || {
+        let out = ctr(&["task", "delete", id]);
+        out.status.success().then_some(()).ok_or(text(&out.stderr))
+    })
+    .expect("task deleted");
+    let out = ctr(&["container", "rm", id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_no_leftovers("removing the flooding container");
 }
