@@ -1,5 +1,8 @@
 //! virtio devices and their MMIO transport (virtio 1.2, §4.2).
 
+#[cfg(test)]
+pub(crate) mod alloc_probe;
+pub(crate) mod chain;
 pub mod fs;
 pub mod mmio;
 pub mod net;
