@@ -1,7 +1,12 @@
 //! virtio-vsock as a userspace device with a hybrid-vsock Unix socket back end.
 
-mod backend;
+pub(crate) mod backend;
+#[cfg(test)]
+mod backend_tests;
+mod conn;
+pub(crate) mod connect;
 pub mod packet;
+mod txbuf;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
