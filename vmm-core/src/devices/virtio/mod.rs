@@ -56,7 +56,8 @@ impl VirtioInterrupt {
     pub fn raise(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.eventfd().write(1) {
-            log::warn!(
+            crate::log_limited!(
+                log::Level::Warn,
                 "Cannot raise virtio interrupt on SPI {}: {e}",
                 self.line.spi()
             );

@@ -151,7 +151,7 @@ impl VirtioDevice for Net {
 
     fn queue_notify(&mut self, _index: u16) {
         if let Err(e) = self.kick.write(1) {
-            log::warn!("Cannot wake the virtio-net back end: {e}");
+            crate::log_limited!(log::Level::Warn, "Cannot wake the virtio-net back end: {e}");
         }
     }
 

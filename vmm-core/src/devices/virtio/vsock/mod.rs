@@ -128,7 +128,7 @@ impl VirtioDevice for Vsock {
     fn queue_notify(&mut self, _index: u16) {
         // The back end looks at every queue when woken.
         if let Err(e) = self.kick.write(1) {
-            log::warn!("Cannot wake the vsock back end: {e}");
+            crate::log_limited!(log::Level::Warn, "Cannot wake the vsock back end: {e}");
         }
     }
 
