@@ -5,7 +5,7 @@
 //! Features offered: VERSION_1, MAC (the pod's, so neighbour tables stay right), MTU (the pod's)
 //! and STATUS (link up).
 
-mod backend;
+pub(crate) mod backend;
 pub mod tap;
 
 use std::os::fd::OwnedFd;

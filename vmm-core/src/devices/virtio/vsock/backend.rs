@@ -160,32 +160,43 @@ impl Backend {
     /// Serves until `stop` is signalled.
     pub fn run(mut self, kick: &EventFd) {
         let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("vsock: epoll failed, device stops: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_STOP => return,
-                    TOKEN_KICK => {
-                        let _ = kick.read();
-                    }
-                    TOKEN_LISTENER => self.accept(),
-                    token => self.host_event(token),
-                }
+        while self.poll(kick, &mut events, -1) {}
+    }
+
+    /// One round of the loop: waits up to `timeout_ms` (-1: forever) for events, handles them,
+    /// then the queues. False once `stop` is signalled or epoll failed.
+    pub fn poll(&mut self, kick: &EventFd, events: &mut [EpollEvent], timeout_ms: i32) -> bool {
+        let n = match self.epoll.wait(timeout_ms, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => return true,
+            Err(e) => {
+                log::error!("vsock: epoll failed, device stops: {e}");
+                return false;
             }
-            self.process_tx();
-            self.fill_rx();
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_STOP => return false,
+                TOKEN_KICK => {
+                    let _ = kick.read();
+                }
+                TOKEN_LISTENER => self.accept(),
+                token => self.host_event(token),
+            }
         }
+        self.process_tx();
+        self.fill_rx();
+        true
+    }
+
+    /// Connections open (at most `MAX_CONNECTIONS`).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn connections(&self) -> usize {
+        self.conns.len()
     }
 
     /// A host connection's socket became readable or writable (or hung up).
-    pub(crate) fn host_event(&mut self, token: u64) {
+    pub fn host_event(&mut self, token: u64) {
         if let Some(conn) = self.conns.get_mut(&token) {
             conn.readable = true;
         }
@@ -194,7 +205,7 @@ impl Backend {
     }
 
     /// Takes new host connections, up to `MAX_CONNECTIONS`.
-    pub(crate) fn accept(&mut self) {
+    pub fn accept(&mut self) {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
@@ -369,7 +380,7 @@ impl Backend {
     }
 
     /// Handles every packet the guest queued.
-    pub(crate) fn process_tx(&mut self) {
+    pub fn process_tx(&mut self) {
         // A second handle on guest RAM, so payload slices can borrow it while `self` changes.
         let memory = self.memory.clone();
         let mut used = false;
@@ -522,7 +533,7 @@ impl Backend {
     }
 
     /// Fills RX buffers: control packets first, then data from readable sockets.
-    pub(crate) fn fill_rx(&mut self) {
+    pub fn fill_rx(&mut self) {
         let memory = self.memory.clone();
         let mut used = false;
         while !self.broken {

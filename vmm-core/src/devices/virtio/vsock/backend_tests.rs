@@ -379,7 +379,7 @@ fn test_a_packet_longer_than_64_kib_resets_its_connection() {
     rig.send(guest_header(port, op::RW, MAX_PKT_LEN + 1), &payload);
     assert_eq!(ops(&rig.receive_all()), [op::RST]);
     assert!(closed_by_vmm(host));
-    assert!(rig.backend.conns.is_empty());
+    assert_eq!(rig.backend.connections(), 0);
 }
 
 #[test]
@@ -413,7 +413,7 @@ fn test_data_past_the_credit_resets_the_connection_and_buffers_stay_bounded() {
         // 1 MiB at most, more than any socket and BUF_ALLOC hold; stop once reset.
         for _ in 0..16 {
             rig.send(guest_header(port, op::RW, MAX_PKT_LEN), &payload);
-            if rig.backend.conns.is_empty() {
+            if rig.backend.connections() == 0 {
                 break;
             }
         }
@@ -426,7 +426,7 @@ fn test_data_past_the_credit_resets_the_connection_and_buffers_stay_bounded() {
         .iter()
         .all(|&o| o == op::CREDIT_UPDATE));
     assert!(closed_by_vmm(host));
-    assert!(rig.backend.conns.is_empty());
+    assert_eq!(rig.backend.connections(), 0);
     assert!(largest < ALLOCATION_BOUND, "largest allocation {largest}");
 }
 
@@ -546,7 +546,7 @@ fn test_guest_requests_beyond_max_connections_get_rst() {
         .iter()
         .all(|&a| a == op::RESPONSE));
     assert_eq!(answers[MAX_CONNECTIONS], op::RST);
-    assert_eq!(rig.backend.conns.len(), MAX_CONNECTIONS);
+    assert_eq!(rig.backend.connections(), MAX_CONNECTIONS);
 }
 
 #[test]
@@ -558,6 +558,6 @@ fn test_host_connections_beyond_max_connections_are_closed() {
         .collect();
     rig.backend.accept();
     let last = hosts.into_iter().last().unwrap();
-    assert_eq!(rig.backend.conns.len(), MAX_CONNECTIONS);
+    assert_eq!(rig.backend.connections(), MAX_CONNECTIONS);
     assert!(closed_by_vmm(last));
 }
