@@ -33,7 +33,7 @@ use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlic
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{Conn, State, BUF_ALLOC};
+use super::conn::{Conn, ConnError, State, BUF_ALLOC};
 use super::connect::{self, Progress};
 use super::packet::{self, op, Header, HEADER_SIZE, HOST_CID, MAX_PKT_LEN, TYPE_STREAM};
 use crate::devices::virtio::chain::{self, Chain};
@@ -455,7 +455,7 @@ impl Backend {
                 let len = h.len as usize;
                 let sent = chain
                     .readable_slices(memory, HEADER_SIZE as u64, len)
-                    .ok_or(super::conn::ConnError::Unexpected)
+                    .ok_or(ConnError::Unexpected)
                     .and_then(|payload| conn.send(&payload, len));
                 match sent {
                     Ok(()) => self.flush_to_host(token),
