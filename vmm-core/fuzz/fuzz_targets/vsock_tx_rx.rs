@@ -160,6 +160,15 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    /// No socket files left behind, whichever way the input ends.
+    fn drop(&mut self) {
+        let path = socket_path();
+        let _ = std::fs::remove_file(format!("{}_{HOST_PORT}", path.display()));
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 fn pick(streams: &mut [UnixStream], i: u8) -> Option<&mut UnixStream> {
     let n = streams.len();
     (n > 0).then(|| &mut streams[usize::from(i) % n])
