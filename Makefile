@@ -15,7 +15,7 @@ else
 endif
 STEP := scripts/step.sh
 
-.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test node-test harness-test test demo clean
+.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test fuzz fuzz-smoke node-test harness-test test demo clean
 
 all: build
 
@@ -47,6 +47,15 @@ clippy: clippy-x86 clippy-arm64
 unit-test: setup
 	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
 
+# The libFuzzer targets of vmm-core/fuzz and runtime/fuzz (scripts/fuzz.sh), on this host:
+# `fuzz` runs each for FUZZ_SECONDS (default 60), growing a scratch corpus under target/fuzz;
+# `fuzz-smoke` replays every committed corpus and regression input, then fuzzes each a few seconds.
+fuzz: setup
+	@$(STEP) 'fuzzing (FUZZ_SECONDS per target)' scripts/fuzz.sh run
+
+fuzz-smoke: setup
+	@$(STEP) 'fuzz smoke (committed inputs + a few seconds per target)' scripts/fuzz.sh smoke
+
 # Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM,
 # with containerd running (the shim's tests drive it with ctr and accordion-cri). 6G: the node's
 # root is its initramfs, held in RAM, and the debug test binaries plus containerd's tree and images
@@ -72,7 +81,7 @@ installer-test: setup
 image: kernels
 	@$(STEP) 'installer image' cargo xtask image
 
-test: fmt-check clippy unit-test chart-test installer-test kernel-smoke node-test harness-test
+test: fmt-check clippy unit-test fuzz-smoke chart-test installer-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
 demo: kernels

@@ -18,12 +18,15 @@
 //! The controller owns the plug *target* and reconciles the vCPUs with it: the lowest-numbered
 //! `target` vCPUs are wanted, the rest are not (so vCPU 0 always stays). Guest writes are
 //! untrusted: any value at any offset is handled, and an eject the VMM cannot honour is refused
-//! and logged, leaving the vCPU plugged.
+//! and logged (rate-limited, as every line a guest can trigger), leaving the vCPU plugged.
 
 use std::sync::Arc;
 
+use log::Level;
+
 use super::ged::{GedError, SharedGed, EVENT_CPU_HOTPLUG};
 use crate::bus::MmioDevice;
+use crate::log_limited;
 
 /// Offset of the SELECT register.
 pub const REG_SELECT: u64 = 0x0;
@@ -123,7 +126,6 @@ pub struct CpuHotplug {
     target: u32,
     selected: u32,
     pending: Vec<Pending>,
-    bad_access_logged: bool,
 }
 
 impl CpuHotplug {
@@ -136,7 +138,6 @@ impl CpuHotplug {
             target: boot_vcpus.clamp(1, count.max(1)),
             selected: 0,
             pending: vec![Pending::None; count as usize],
-            bad_access_logged: false,
         }
     }
 
@@ -221,7 +222,10 @@ impl CpuHotplug {
         match result {
             Ok(()) => {
                 if pending != Pending::EjectAwaited {
-                    log::warn!("Guest ejected vCPU {index} without a removal request");
+                    log_limited!(
+                        Level::Warn,
+                        "Guest ejected vCPU {index} without a removal request"
+                    );
                 }
                 self.pending[index as usize] = Pending::None;
                 // A target changed while the removal was under way may want it back.
@@ -233,13 +237,19 @@ impl CpuHotplug {
                         .unwrap_or_else(|e| e.into_inner())
                         .raise(EVENT_CPU_HOTPLUG)
                     {
-                        log::error!("vCPU {index} ejected; cannot announce the re-plug: {e}");
+                        log_limited!(
+                            Level::Error,
+                            "vCPU {index} ejected; cannot announce the re-plug: {e}"
+                        );
                     }
                 }
             }
             Err(e) => {
                 // A guest bug: keep the vCPU plugged; the next target change asks again.
-                log::error!("Refusing the guest's eject of vCPU {index}: {e}");
+                log_limited!(
+                    Level::Error,
+                    "Refusing the guest's eject of vCPU {index}: {e}"
+                );
                 self.pending[index as usize] = Pending::None;
             }
         }
@@ -284,11 +294,11 @@ impl CpuHotplug {
             .map_or(NO_EVENT, |(i, _)| i)
     }
 
-    fn bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if !self.bad_access_logged {
-            self.bad_access_logged = true;
-            log::warn!("Ignoring a {len}-byte CPU hotplug {what} at offset {offset:#x}");
-        }
+    fn bad_access(&self, what: &str, offset: u64, len: usize) {
+        log_limited!(
+            Level::Warn,
+            "Ignoring a {len}-byte CPU hotplug {what} at offset {offset:#x}"
+        );
     }
 }
 

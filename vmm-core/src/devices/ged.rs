@@ -69,7 +69,8 @@ impl MmioDevice for Ged {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         // Nothing is writable; a guest writing here is confused, not dangerous.
-        log::debug!(
+        crate::log_limited!(
+            log::Level::Debug,
             "Ignoring a {}-byte GED write at offset {offset:#x}",
             data.len()
         );

@@ -2,6 +2,8 @@
 
 pub mod boot_timer;
 pub mod cpu_hotplug;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ged;
 pub mod irq;
 pub mod serial;

@@ -2,15 +2,19 @@
 //! driver programs, in front of one `VirtioDevice`.
 //!
 //! Everything the driver writes is guest-controlled: bad values leave the device unactivated (and,
-//! after activation failures, flagged DEVICE_NEEDS_RESET); nothing here panics on them.
+//! after activation failures, flagged DEVICE_NEEDS_RESET); nothing here panics on them, and every
+//! line a guest can make us log is rate-limited. Queue registers are checked here rather than by
+//! virtio-queue's setters, which log every refused value.
 
 use std::sync::Arc;
 
+use log::Level;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{VirtioDevice, VirtioInterrupt, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1};
 use crate::bus::MmioDevice;
+use crate::log_limited;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -161,7 +165,10 @@ impl MmioTransport {
                 u32::MAX
             }
             _ => {
-                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                log_limited!(
+                    Level::Debug,
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -175,9 +182,11 @@ impl MmioTransport {
             reg::QUEUE_SEL => self.queue_select = value,
             reg::QUEUE_NUM => {
                 if let Some(q) = self.selected_queue() {
-                    // Queue::set_size ignores sizes that are zero, too large or not a power of 2;
-                    // is_valid() then refuses activation.
-                    q.set_size(value as u16);
+                    // Zero, too large or not a power of 2: the size stays as it was.
+                    let size = u16::try_from(value).ok();
+                    if size.is_none_or(|size| q.try_set_size(size).is_err()) {
+                        log_limited!(Level::Warn, "virtio-mmio: refusing queue size {value}");
+                    }
                 }
             }
             reg::QUEUE_READY => {
@@ -185,21 +194,14 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                self.set_queue_address(Ring::Desc, offset == reg::QUEUE_DESC_HIGH, value)
             }
-            reg::QUEUE_DRIVER_LOW => {
-                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                self.set_queue_address(Ring::Avail, offset == reg::QUEUE_DRIVER_HIGH, value)
             }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
+                self.set_queue_address(Ring::Used, offset == reg::QUEUE_DEVICE_HIGH, value)
             }
             reg::QUEUE_NOTIFY => {
                 if self.activated {
@@ -212,13 +214,40 @@ impl MmioTransport {
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.set_status(value),
-            _ => log::debug!("virtio-mmio: write of read-only or unknown register {offset:#x}"),
+            _ => log_limited!(
+                Level::Debug,
+                "virtio-mmio: write of read-only or unknown register {offset:#x}"
+            ),
         }
     }
 
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
+    /// Sets the low or high half of one of the selected queue's ring addresses; a misaligned
+    /// address is refused (the ring keeps its old one).
+    fn set_queue_address(&mut self, ring: Ring, high: bool, value: u32) {
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let state = q.state();
+        let old = match ring {
+            Ring::Desc => state.desc_table,
+            Ring::Avail => state.avail_ring,
+            Ring::Used => state.used_ring,
+        };
+        let new = if high {
+            (old & 0xffff_ffff) | (u64::from(value) << 32)
+        } else {
+            (old & !0xffff_ffff) | u64::from(value)
+        };
+        let set = match ring {
+            Ring::Desc => q.try_set_desc_table_address(GuestAddress(new)),
+            Ring::Avail => q.try_set_avail_ring_address(GuestAddress(new)),
+            Ring::Used => q.try_set_used_ring_address(GuestAddress(new)),
+        };
+        if set.is_err() {
+            log_limited!(
+                Level::Warn,
+                "virtio-mmio: refusing misaligned {ring:?} ring address {new:#x}"
+            );
         }
     }
 
@@ -248,7 +277,8 @@ impl MmioTransport {
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
-                log::warn!(
+                log_limited!(
+                    Level::Warn,
                     "virtio-mmio: driver features {:#x} not acceptable (offered {offered:#x})",
                     self.driver_features
                 );
@@ -269,7 +299,7 @@ impl MmioTransport {
         if let Some(i) = self
             .queues
             .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.memory))
+            .position(|q| q.ready() && !rings_in_memory(q, &self.memory))
         {
             self.fail(format!("queue {i} is not valid in guest memory"));
             return;
@@ -300,7 +330,8 @@ impl MmioTransport {
 
     /// Flags the device as broken for the driver (DEVICE_NEEDS_RESET + config interrupt).
     fn fail(&mut self, why: String) {
-        log::error!(
+        log_limited!(
+            Level::Error,
             "virtio device {} cannot start: {why}",
             self.device.device_type()
         );
@@ -311,7 +342,8 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.activated && !self.device.reset() {
-            log::warn!(
+            log_limited!(
+                Level::Warn,
                 "virtio device {} cannot be reset; it stays stopped",
                 self.device.device_type()
             );
@@ -327,6 +359,28 @@ impl MmioTransport {
             q.reset();
         }
     }
+}
+
+/// A queue's three rings.
+#[derive(Debug, Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
+}
+
+/// Whether `q`'s rings lie in guest memory (virtio-queue's `is_valid` says the same, but logs).
+fn rings_in_memory(q: &Queue, memory: &GuestMemoryMmap) -> bool {
+    let state = q.state();
+    let size = u64::from(state.size);
+    // Descriptor table 16 bytes per entry; avail and used rings: flags, idx, the ring, an event.
+    [
+        (state.desc_table, 16 * size),
+        (state.avail_ring, 6 + 2 * size),
+        (state.used_ring, 6 + 8 * size),
+    ]
+    .iter()
+    .all(|&(addr, len)| memory.check_range(GuestAddress(addr), len as usize))
 }
 
 impl MmioDevice for MmioTransport {
@@ -354,7 +408,8 @@ impl MmioDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(bytes) if offset % 4 == 0 => self.write_u32(offset, u32::from_le_bytes(bytes)),
-            _ => log::debug!(
+            _ => log_limited!(
+                Level::Debug,
                 "virtio-mmio: ignoring {}-byte write at {offset:#x}",
                 data.len()
             ),
@@ -559,6 +614,30 @@ mod tests {
         let mut cid = [0u8; 8];
         t.read(0x100, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 3);
+    }
+
+    #[test]
+    fn test_queue_size_past_16_bits_is_refused_not_truncated() {
+        let (mut t, _, _) = transport();
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_NUM, 0x1_0010);
+        w(&mut t, reg::QUEUE_NUM, 3);
+        assert_eq!(t.queues[0].size(), 256);
+    }
+
+    #[test]
+    fn test_misaligned_ring_addresses_are_refused() {
+        let (mut t, _, _) = transport();
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_DESC_LOW, 0x4000_1008);
+        w(&mut t, reg::QUEUE_DRIVER_LOW, 0x4000_2001);
+        w(&mut t, reg::QUEUE_DEVICE_LOW, 0x4000_3002);
+        w(&mut t, reg::QUEUE_DEVICE_HIGH, 1);
+        let state = t.queues[0].state();
+        assert_eq!(
+            (state.desc_table, state.avail_ring, state.used_ring),
+            (0, 0, 0x1_0000_0000)
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! virtio devices and their MMIO transport (virtio 1.2, §4.2).
 
+#[cfg(test)]
+pub(crate) mod alloc_probe;
+pub(crate) mod chain;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -53,7 +56,8 @@ impl VirtioInterrupt {
     pub fn raise(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.eventfd().write(1) {
-            log::warn!(
+            crate::log_limited!(
+                log::Level::Warn,
                 "Cannot raise virtio interrupt on SPI {}: {e}",
                 self.line.spi()
             );

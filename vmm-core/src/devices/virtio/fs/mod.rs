@@ -356,7 +356,11 @@ impl VirtioDevice for Fs {
         // Only reached if the ioeventfd did not match (it always should).
         if let Some(kick) = self.kicks.get(usize::from(index)) {
             if let Err(e) = kick.write(1) {
-                log::warn!("virtio-fs {}: cannot kick queue {index}: {e}", self.tag());
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "virtio-fs {}: cannot kick queue {index}: {e}",
+                    self.tag()
+                );
             }
         }
     }

@@ -5,7 +5,7 @@
 //! Features offered: VERSION_1, MAC (the pod's, so neighbour tables stay right), MTU (the pod's)
 //! and STATUS (link up).
 
-mod backend;
+pub(crate) mod backend;
 pub mod tap;
 
 use std::os::fd::OwnedFd;
@@ -151,7 +151,7 @@ impl VirtioDevice for Net {
 
     fn queue_notify(&mut self, _index: u16) {
         if let Err(e) = self.kick.write(1) {
-            log::warn!("Cannot wake the virtio-net back end: {e}");
+            crate::log_limited!(log::Level::Warn, "Cannot wake the virtio-net back end: {e}");
         }
     }
 

@@ -1,7 +1,12 @@
 //! virtio-vsock as a userspace device with a hybrid-vsock Unix socket back end.
 
-mod backend;
+pub(crate) mod backend;
+#[cfg(test)]
+mod backend_tests;
+mod conn;
+pub(crate) mod connect;
 pub mod packet;
+mod txbuf;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -123,7 +128,7 @@ impl VirtioDevice for Vsock {
     fn queue_notify(&mut self, _index: u16) {
         // The back end looks at every queue when woken.
         if let Err(e) = self.kick.write(1) {
-            log::warn!("Cannot wake the vsock back end: {e}");
+            crate::log_limited!(log::Level::Warn, "Cannot wake the vsock back end: {e}");
         }
     }
 

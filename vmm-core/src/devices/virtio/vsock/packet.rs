@@ -4,6 +4,9 @@
 pub const HEADER_SIZE: usize = 44;
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
+/// Longest payload of one packet, either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE). A guest
+/// packet claiming more is refused and its connection reset.
+pub const MAX_PKT_LEN: u32 = 64 * 1024;
 /// VIRTIO_VSOCK_TYPE_STREAM: the only socket type this device carries.
 pub const TYPE_STREAM: u16 = 1;
 
@@ -59,7 +62,7 @@ pub struct Header {
 }
 
 impl Header {
-    /// Decodes a header.
+    /// Decodes a header; every byte pattern is a header (the caller validates the fields).
     pub fn parse(b: &[u8; HEADER_SIZE]) -> Self {
         let u64_at = |at: usize| {
             u64::from_le_bytes([
