@@ -15,7 +15,7 @@ else
 endif
 STEP := scripts/step.sh
 
-.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test node-test harness-test test demo clean
+.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test adversarial-test node-test harness-test test demo clean
 
 all: build
 
@@ -47,6 +47,12 @@ clippy: clippy-x86 clippy-arm64
 unit-test: setup
 	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
 
+# The pod's share against a hostile writer (runtime/share/tests/adversarial.rs): a thread swapping
+# symlinks into the shim's mount paths while it mounts, read-only submounts, propagation into a
+# virtiofsd-like sandbox. Native (no VM), as root, each case in a mount namespace of its own.
+adversarial-test: setup
+	@$(STEP) 'adversarial tests (native)' cargo test -p accordion-share --test adversarial
+
 # Integration tests (each crate's tests/*.rs) run inside one emulated ARM64 node with nested KVM,
 # with containerd running (the shim's tests drive it with ctr and accordion-cri). 6G: the node's
 # root is its initramfs, held in RAM, and the debug test binaries plus containerd's tree and images
@@ -72,7 +78,7 @@ installer-test: setup
 image: kernels
 	@$(STEP) 'installer image' cargo xtask image
 
-test: fmt-check clippy unit-test chart-test installer-test kernel-smoke node-test harness-test
+test: fmt-check clippy unit-test adversarial-test chart-test installer-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
 demo: kernels
