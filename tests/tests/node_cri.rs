@@ -132,10 +132,12 @@ fn test_pod_with_two_containers_runs_in_one_vm_and_leaves_nothing() {
         1,
         "one shim (and so one VMM) for the pod"
     );
+    // virtiofsd's namespace sandbox is two processes: the one the shim started, waiting in the
+    // node's pid namespace, and the server, pid 1 of a pid namespace of its own.
     assert_eq!(
         process_pids("virtiofsd").len(),
-        1,
-        "one virtiofsd for the pod"
+        2,
+        "one (sandboxed) virtiofsd for the pod"
     );
     // Same guest kernel (boot id), not the node's; separate root filesystems.
     let (_, boot_a) = exec(&a, "cat /proc/sys/kernel/random/boot_id");

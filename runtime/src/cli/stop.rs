@@ -47,11 +47,12 @@ pub async fn run(args: StopArgs) -> i32 {
     if let Some(pid) = recorded.filter(|&p| p != std::process::id()) {
         wait_gone(pid).await;
     }
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("accordion stop: cannot remove {}: {e}", dir.display());
-            return 1;
-        }
+    if dir.exists() && !accordion_share::remove_dir_unless_mounted(&dir) {
+        eprintln!(
+            "accordion stop: cannot remove {} (something is mounted in it, or see the log)",
+            dir.display()
+        );
+        return 1;
     }
     println!("{}", args.name);
     0

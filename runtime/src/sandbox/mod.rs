@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+// A state directory is removed only when nothing is mounted under it (a pod's share is).
+use accordion_share::remove_dir_unless_mounted;
 use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
 
 /// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces.
@@ -318,7 +320,8 @@ impl Sandbox {
     }
 
     /// Stops the sandbox: asks the agent to power the guest off, waits up to `grace` for it, then
-    /// forces the VM down. The state directory is removed either way. Returns why the VM stopped;
+    /// forces the VM down. The state directory is removed either way (unless something is still
+    /// mounted in it: then it stays, and is logged). Returns why the VM stopped;
     /// later calls return the same reason.
     pub async fn stop(&self, grace: Duration) -> ExitReason {
         let Some(vm) = self.vm().take() else {
@@ -335,7 +338,7 @@ impl Sandbox {
         })
         .await
         .unwrap_or(ExitReason::Shutdown);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dir_unless_mounted(&self.dir);
         *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
         reason
     }
@@ -346,7 +349,7 @@ impl Drop for Sandbox {
         if let Some(vm) = self.vm().take() {
             vm.shutdown();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dir_unless_mounted(&self.dir);
     }
 }
 
@@ -369,11 +372,12 @@ pub fn pid_is_ours(pid: u32) -> bool {
     }
 }
 
-/// Removes a state directory whose recorded process is gone (it crashed or was killed); returns
-/// whether it did. A directory without a pid file is left alone: its owner may be starting.
+/// Removes a state directory whose recorded process is gone (it crashed or was killed) and that
+/// has nothing mounted in it; returns whether it did. A directory without a pid file is left
+/// alone: its owner may be starting.
 pub fn remove_if_stale(dir: &Path) -> bool {
     match recorded_pid(dir) {
-        Some(pid) if !pid_is_ours(pid) => std::fs::remove_dir_all(dir).is_ok(),
+        Some(pid) if !pid_is_ours(pid) => remove_dir_unless_mounted(dir),
         _ => false,
     }
 }
@@ -398,7 +402,7 @@ struct RemoveDirOnDrop(Option<PathBuf>);
 impl Drop for RemoveDirOnDrop {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_dir_unless_mounted(&dir);
         }
     }
 }

@@ -1,22 +1,20 @@
 //! A pod on the host: its VM (a [`Sandbox`]), the virtiofsd that shares the containers' root
-//! filesystems and volumes with it, and the share directory those are mounted in.
+//! filesystems and volumes with it, and the pod's share (accordion-share) those are mounted in.
 //!
-//! Layout, in the sandbox's state directory `/run/accordion/<pod>/`:
-//! `share/` (exported by virtiofsd; one `<container>/` each holding `rootfs/` and `mounts/N`),
-//! `virtiofsd.sock`, `virtiofsd.log`, `virtiofsd.pid`.
+//! Layout, in the sandbox's state directory `/run/accordion/<pod>/`: `mounts/` (where the shim
+//! mounts, one `<container>/` each holding `rootfs/` and `mounts/N`), `share/` (its read-only
+//! view, exported by virtiofsd), `stage/`, `virtiofsd.sock`, `virtiofsd.log`, `virtiofsd.pid`.
 
-use std::fs::{DirBuilder, File};
-use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::DirBuilderExt;
+use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use accordion_share::{remove_dir_unless_mounted, PodShare, Rootfs, ShareError};
 use accordion_vmm::{FsConfig, NetConfig};
 use containerd_shim::protos::types::mount::Mount as RootfsMount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use super::spec::{HostBind, PodNetworkMode, SandboxResources};
 use crate::config::Config;
@@ -26,7 +24,6 @@ use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 
 /// The virtio-fs tag of the pod's share; the guest agent mounts it (`accordion.share=`).
 pub const SHARE_TAG: &str = "accordion";
-const SHARE_DIR: &str = "share";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 const VIRTIOFSD_PID: &str = "virtiofsd.pid";
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
@@ -63,22 +60,8 @@ pub enum PodError {
     MissingRootfs(PathBuf),
     #[error("containerd gave {0} rootfs mounts; accordion takes one (a snapshot) or none")]
     RootfsMounts(usize),
-    #[error(
-        "Cannot mount the container's rootfs ({kind} from {source_path}) on {target}: {message}"
-    )]
-    MountRootfs {
-        kind: String,
-        source_path: String,
-        target: PathBuf,
-        message: String,
-    },
-    #[error("Cannot bind {source_path} on {target}")]
-    Bind {
-        source_path: PathBuf,
-        target: PathBuf,
-        #[source]
-        source: nix::Error,
-    },
+    #[error("The pod's share")]
+    Share(#[from] ShareError),
 }
 
 /// How a pod's VM is sized at boot.
@@ -141,10 +124,11 @@ impl Virtiofsd {
             .arg(&socket)
             .arg("--shared-dir")
             .arg(share)
-            // chroot, not the namespace sandbox: the shim mounts each container's rootfs in the
-            // share after virtiofsd started, and must not depend on mount propagation into a
-            // private namespace (which also cannot be set up on an initramfs root).
-            .args(["--sandbox", "chroot", "--announce-submounts"])
+            // The namespace sandbox (its seccomp filter stays on): pid, net and mount namespaces
+            // of its own, rooted in a clone of the share, not a root chroot. Containers mounted
+            // after it started reach its namespace by propagation: the share is a slave of the
+            // pod's mounts/, and so are virtiofsd's copies of it (accordion-share).
+            .args(["--sandbox", "namespace", "--announce-submounts"])
             .args(["--cache", config.virtiofsd.cache.as_arg()])
             .stdin(Stdio::null())
             .stdout(log)
@@ -214,7 +198,7 @@ impl Drop for Virtiofsd {
 /// A running pod.
 pub struct Pod {
     pub sandbox: Arc<Sandbox>,
-    share: PathBuf,
+    share: PodShare,
     virtiofsd: Mutex<Option<Virtiofsd>>,
     /// The operator control socket (`accordion status/exec/resize <pod>`).
     control: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -243,10 +227,11 @@ impl Pod {
         };
         let mut virtiofsd = None;
         let mut pod_net: Option<PodNetwork> = None;
+        let mut pod_share: Option<PodShare> = None;
         let booted = Sandbox::boot_with(&spec, |dir| {
-            let share = dir.join(SHARE_DIR);
-            make_dir(&share, 0o711)?;
-            let v = Virtiofsd::spawn(config, dir, &share)?;
+            let share = PodShare::create(dir).map_err(PodError::from)?;
+            pod_share = Some(share.clone());
+            let v = Virtiofsd::spawn(config, dir, &share.exported())?;
             let socket_path = dir.join(VIRTIOFSD_SOCKET);
             virtiofsd = Some(v);
             let mut net = Vec::new();
@@ -278,8 +263,21 @@ impl Pod {
                 if let Some(net) = &pod_net {
                     detach_logged(id, net);
                 }
+                // The sandbox left its directory in place (the share is mounted in it).
+                if let Some(share) = &pod_share {
+                    drop(virtiofsd.take());
+                    share.unmount_all();
+                    remove_dir_unless_mounted(share.dir());
+                }
                 return Err(e.into());
             }
+        };
+        let Some(share) = pod_share else {
+            // boot_with runs `prepare` before it can succeed.
+            return Err(PodError::Dir(
+                sandbox.dir().to_owned(),
+                std::io::Error::other("the pod's share was not set up"),
+            ));
         };
         if let Some(net) = &pod_net {
             let t = Instant::now();
@@ -297,7 +295,6 @@ impl Pod {
                 t.elapsed().as_secs_f64() * 1e3
             );
         }
-        let share = sandbox.dir().join(SHARE_DIR);
         let sandbox = Arc::new(sandbox);
         let control = match crate::control::server::serve_pod(Arc::clone(&sandbox)) {
             Ok(task) => Some(task),
@@ -315,9 +312,9 @@ impl Pod {
         })
     }
 
-    /// The host directory of container `id` in the share.
-    pub fn container_dir(&self, id: &str) -> PathBuf {
-        self.share.join(id)
+    /// The pod's share: where containers' root filesystems and volumes are mounted.
+    pub fn share(&self) -> &PodShare {
+        &self.share
     }
 
     /// Unmounts whatever is left in the share, stops the VM and virtiofsd, and removes the state
@@ -332,9 +329,9 @@ impl Pod {
             control.abort();
         }
         // Unmount first (lazily: virtiofsd keeps what it has open, so the guest can still sync and
-        // power off): the sandbox removes its state directory when it stops, and removing through
-        // a live rootfs mount would delete files in containerd's snapshot.
-        unmount_all_under(&self.share);
+        // power off): the sandbox removes its state directory when it stops, which it does only
+        // once nothing is mounted in it.
+        self.share.unmount_all();
         let reason = self.sandbox.stop(grace).await;
         drop(
             self.virtiofsd
@@ -362,178 +359,39 @@ fn detach_logged(id: &str, net: &PodNetwork) {
     }
 }
 
-fn make_dir(path: &Path, mode: u32) -> Result<(), PodError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|e| PodError::Dir(path.to_owned(), e))
-}
-
-/// Mounts a container's rootfs at `<dir>/rootfs` (containerd's snapshot mount, or the bundle's
-/// own rootfs directory when containerd passes none, as `ctr run --rootfs` does) and its host
-/// binds at `<dir>/mounts/N`. On error, whatever was mounted is unmounted again.
+/// Mounts container `id`'s root filesystem and binds in the pod's share: containerd's snapshot
+/// mount (one), or the bundle's own rootfs directory when containerd passes none (as
+/// `ctr run --rootfs` does). On error nothing of it is left mounted.
 pub fn mount_container(
-    dir: &Path,
+    share: &PodShare,
+    id: &str,
     rootfs: &[RootfsMount],
     bundle_rootfs: &Path,
     binds: &[HostBind],
-) -> Result<(), PodError> {
-    let target = dir.join("rootfs");
-    make_dir(&target, 0o755)?;
-    let result = mount_rootfs(rootfs, bundle_rootfs, &target).and_then(|()| {
-        for b in binds {
-            bind(b, dir)?;
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        unmount_all_under(dir);
-    }
-    result
-}
-
-fn mount_rootfs(
-    rootfs: &[RootfsMount],
-    bundle_rootfs: &Path,
-    target: &Path,
 ) -> Result<(), PodError> {
     match rootfs {
         [] => {
             if !bundle_rootfs.is_dir() {
                 return Err(PodError::MissingRootfs(bundle_rootfs.to_owned()));
             }
-            bind(
-                &HostBind {
-                    source: bundle_rootfs.to_owned(),
-                    target: PathBuf::from("rootfs"),
-                    is_dir: true,
-                    readonly: false,
-                },
-                target.parent().unwrap_or(target),
-            )
+            Ok(share.mount_container(id, Rootfs::Bind(bundle_rootfs), binds)?)
         }
         [m] => {
-            let err = |message: String| PodError::MountRootfs {
-                kind: m.type_.clone(),
-                source_path: m.source.clone(),
-                target: target.to_owned(),
-                message,
+            // containerd's own mount code (overlay options, long lowerdirs, loop devices), on
+            // the empty directory the share gives it.
+            let mount = |target: &Path| {
+                containerd_shim::mount::mount_rootfs(
+                    Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+                    Some(m.source.as_str()).filter(|s| !s.is_empty()),
+                    &m.options,
+                    target,
+                )
+                .map_err(|e| format!("{} from {}: {e}", m.type_, m.source))
             };
-            containerd_shim::mount::mount_rootfs(
-                Some(m.type_.as_str()).filter(|t| !t.is_empty()),
-                Some(m.source.as_str()).filter(|s| !s.is_empty()),
-                &m.options,
-                target,
-            )
-            .map_err(|e| err(e.to_string()))
+            Ok(share.mount_container(id, Rootfs::Mount(&mount), binds)?)
         }
         more => Err(PodError::RootfsMounts(more.len())),
     }
-}
-
-fn bind(b: &HostBind, dir: &Path) -> Result<(), PodError> {
-    let target = dir.join(&b.target);
-    if let Some(parent) = target.parent() {
-        make_dir(parent, 0o755)?;
-    }
-    if b.is_dir {
-        make_dir(&target, 0o755)?;
-    } else if !target.exists() {
-        File::create(&target).map_err(|e| PodError::Dir(target.clone(), e))?;
-    }
-    let fail = |source| PodError::Bind {
-        source_path: b.source.clone(),
-        target: target.clone(),
-        source,
-    };
-    mount(
-        Some(&b.source),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(fail)?;
-    if b.readonly {
-        // A bind mount is made read-only by a remount (the flag is ignored on the first call).
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(fail)?;
-    }
-    Ok(())
-}
-
-/// Unmounts every mount at or below `dir`, deepest first (lazily: a process of ours may still
-/// hold a file open).
-pub fn unmount_all_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
-            log::warn!("cannot unmount {}: {e}", p.display());
-        }
-    }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = i + 4 <= bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|c| (b'0'..=b'7').contains(c));
-        if bytes[i] == b'\\' && octal {
-            let v = bytes[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-            let v = u8::try_from(v).unwrap_or(b'?');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
-/// Unmounts a container's share directory and removes it.
-pub fn remove_container_dir(dir: &Path) {
-    unmount_all_under(dir);
-    // Only after every mount is gone: removing through a live rootfs mount would delete the
-    // container's files in containerd's snapshot.
-    if !still_mounted_under(dir) {
-        let _ = std::fs::remove_dir_all(dir);
-    } else {
-        log::warn!("{} still has mounts; left in place", dir.display());
-    }
-}
-
-fn still_mounted_under(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| {
-            info.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .any(|p| unescape_mountinfo(p).starts_with(dir))
-        })
-        .unwrap_or(true)
 }
 
 /// Cleanup after a shim that died (containerd's `shim delete`): kills its virtiofsd, unmounts the
@@ -562,28 +420,13 @@ pub fn cleanup_dead_pod(id: &str) -> bool {
             );
         }
     }
-    let share = dir.join(SHARE_DIR);
-    unmount_all_under(&share);
-    if still_mounted_under(&share) {
-        log::warn!("{} still has mounts; left in place", share.display());
-        return false;
-    }
-    std::fs::remove_dir_all(&dir).is_ok()
+    PodShare::at(&dir).unmount_all();
+    remove_dir_unless_mounted(&dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_unescape_mountinfo_octal() {
-        assert_eq!(
-            unescape_mountinfo(r"/run/a\040b/c\134d"),
-            PathBuf::from("/run/a b/c\\d")
-        );
-        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
-        assert_eq!(unescape_mountinfo(r"/end\04"), PathBuf::from(r"/end\04"));
-    }
 
     #[test]
     fn test_listening_unix_socket_from_proc_net_unix() {
