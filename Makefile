@@ -15,7 +15,7 @@ else
 endif
 STEP := scripts/step.sh
 
-.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test fuzz fuzz-smoke node-test harness-test test demo clean
+.PHONY: all setup kernels kernel-smoke build fmt-check clippy clippy-x86 clippy-arm64 unit-test adversarial-test fuzz fuzz-smoke node-test harness-test test demo clean
 
 all: build
 
@@ -46,6 +46,14 @@ clippy: clippy-x86 clippy-arm64
 # Unit tests of every crate for aarch64 (under qemu-user on x86_64), and xtask's natively.
 unit-test: setup
 	@$(STEP) 'unit tests (aarch64)' $(CROSS) test --workspace --lib --bins --target $(TARGET)
+
+# Guest-facing code against a hostile guest, natively on this host (no VM): the pod's share
+# (runtime/share/tests/adversarial.rs: a thread swapping symlinks into the shim's mount paths while
+# it mounts, read-only submounts, propagation into a virtiofsd-like sandbox; as root, each case in
+# a mount namespace of its own) and vmm-core's devices driven by hostile rings (its unit tests).
+adversarial-test: setup
+	@$(STEP) 'adversarial tests (native)' cargo test -p accordion-share --test adversarial
+	@$(STEP) 'vmm-core devices against hostile rings (native)' cargo test -p accordion-vmm --lib
 
 # The libFuzzer targets of vmm-core/fuzz and runtime/fuzz (scripts/fuzz.sh), on this host:
 # `fuzz` runs each for FUZZ_SECONDS (default 60), growing a scratch corpus under target/fuzz;
@@ -81,7 +89,7 @@ installer-test: setup
 image: kernels
 	@$(STEP) 'installer image' cargo xtask image
 
-test: fmt-check clippy unit-test fuzz-smoke chart-test installer-test kernel-smoke node-test harness-test
+test: fmt-check clippy unit-test adversarial-test fuzz-smoke chart-test installer-test kernel-smoke node-test harness-test
 	@echo "make test: all steps passed"
 
 demo: kernels

@@ -166,7 +166,7 @@ async fn assert_gone(agent: &AgentClient, id: &str) {
     let (code, out) = guest_sh(
         agent,
         &format!(
-            "for p in /sys/fs/cgroup/accordion/{id} {BUNDLES}/{id} /run/accordion/state/{id}; do \
+            "for p in /sys/fs/cgroup/accordion/{id} /run/accordion/bundles/{id} /run/accordion/state/{id}; do \
              if [ -e $p ]; then echo left: $p; fi; done"
         ),
     )

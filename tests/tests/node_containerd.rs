@@ -10,7 +10,7 @@ use accordion_tests::containerd::{
     containerd_ready, ctr, leftovers, process_pids, restart_containerd, wait_for, RUNTIME,
     TEST_IMAGE,
 };
-use accordion_tests::{assert_code, can_run, one_vm, run_dir_entries, text};
+use accordion_tests::{accordion, assert_code, can_run, one_vm, run_dir_entries, text};
 
 /// `ctr run --rm` with our runtime.
 fn ctr_run(id: &str, extra: &[&str], cmd: &[&str]) -> Output {
@@ -333,4 +333,72 @@ fn test_containerd_restart_and_shim_kill() {
         run_dir_entries()
     );
     assert_clean();
+}
+
+#[test]
+fn test_the_guest_cannot_change_the_share_skeleton_but_writes_its_rootfs_and_volume() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let vol = "/tmp/accordion-share-volume";
+    let _ = std::fs::remove_dir_all(vol);
+    std::fs::create_dir_all(vol).expect("volume");
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &format!("type=bind,src={vol},dst=/data,options=rbind:rw"),
+        TEST_IMAGE,
+        "s1",
+        "sleep",
+        "3600",
+    ]);
+    assert_code(&out, 0);
+    wait_running("s1");
+
+    // Root in the guest (what a compromised guest is), on the share: the container's directory
+    // and its mounts/ are read-only (nothing in them can be created, renamed or replaced), its
+    // rootfs is not.
+    let dir = "/run/accordion/containers/s1";
+    let script = format!(
+        "erofs() {{ grep -q 'Read-only file system' && echo \"$1: EROFS\"; }}\n\
+         mkdir {dir}/x 2>&1 | erofs mkdir\n\
+         ln -s / {dir}/mounts/evil 2>&1 | erofs symlink\n\
+         mv {dir}/mounts {dir}/moved 2>&1 | erofs rename\n\
+         touch {dir}/rootfs/from-the-guest && echo 'rootfs: writable'"
+    );
+    let out = accordion(&["exec", "s1", "--", "sh", "-c", &script]);
+    assert_eq!(
+        text(&out.stdout),
+        "mkdir: EROFS\nsymlink: EROFS\nrename: EROFS\nrootfs: writable\n",
+        "{}",
+        text(&out.stderr)
+    );
+
+    // In the container: its rootfs and its read-write volume are writable, and the host sees the
+    // volume's file.
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "w1",
+        "s1",
+        "sh",
+        "-c",
+        "echo r > /written && cat /written && echo v > /data/f && cat /data/f",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout), "r\nv\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{vol}/f")).expect("the volume's file"),
+        "v\n"
+    );
+
+    let _ = ctr(&["task", "delete", "-f", "s1"]);
+    assert_code(&ctr(&["container", "rm", "s1"]), 0);
+    assert_clean();
+    let _ = std::fs::remove_dir_all(vol);
 }

@@ -100,10 +100,12 @@ fn test_pod_with_two_containers_runs_in_one_vm_and_leaves_nothing() {
         1,
         "one shim (and so one VMM) for the pod"
     );
+    // virtiofsd's namespace sandbox is two processes: the one the shim started, waiting in the
+    // node's pid namespace, and the server, pid 1 of a pid namespace of its own.
     assert_eq!(
         process_pids("virtiofsd").len(),
-        1,
-        "one virtiofsd for the pod"
+        2,
+        "one (sandboxed) virtiofsd for the pod"
     );
     // Same guest kernel (boot id), not the node's; separate root filesystems.
     let (_, boot_a) = exec(&a, "cat /proc/sys/kernel/random/boot_id");
@@ -298,8 +300,9 @@ fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
 
     // Every thread of the shim (its vCPU and device threads) and virtiofsd are charged there.
     let shims = process_pids("containerd-shim-accordion-v2");
+    // virtiofsd's namespace sandbox: a waiting parent and the server.
     let virtiofsd = process_pids("virtiofsd");
-    assert_eq!((shims.len(), virtiofsd.len()), (1, 1));
+    assert_eq!((shims.len(), virtiofsd.len()), (1, 2));
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", shims[0]))
         .expect("shim threads")
         .flatten()
@@ -309,7 +312,9 @@ fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
     for thread in &threads {
         assert_eq!(cgroup_of(thread), cgroup, "{thread}");
     }
-    assert_eq!(cgroup_of(&format!("/proc/{}", virtiofsd[0])), cgroup);
+    for pid in &virtiofsd {
+        assert_eq!(cgroup_of(&format!("/proc/{pid}")), cgroup);
+    }
 
     // Limits: guest RAM (the node's 512 MiB default) + the host overhead; pids; the pod's CPU
     // limit (0.5 CPU); and the container's OOM score on both host processes.
@@ -326,7 +331,7 @@ fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
         current > 16 << 20,
         "memory.current {current}: guest RAM is charged here"
     );
-    for pid in [shims[0], virtiofsd[0]] {
+    for pid in [shims[0], virtiofsd[0], virtiofsd[1]] {
         assert_eq!(
             read_trimmed(std::path::Path::new(&format!("/proc/{pid}/oom_score_adj"))),
             "500"

@@ -135,6 +135,14 @@ fn host_cgroup(pid: u32) -> PathBuf {
     PathBuf::from("/sys/fs/cgroup").join(relative.trim_start_matches('/'))
 }
 
+/// The parent pid of `pid` (/proc/<pid>/stat, after the command's closing parenthesis).
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `accordion status`'s "vcpus: N online in the guest, M plugged, …" as (N, M).
 fn vcpu_counts(status: &str) -> Option<(u32, u32)> {
     let line = status.lines().find_map(|l| l.strip_prefix("vcpus: "))?;
@@ -210,9 +218,19 @@ fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() 
         1,
         "while :; do cat /etc/accordion-test >/dev/null; sleep 0.1; done",
     );
+    // virtiofsd's namespace sandbox is a waiting parent and the server, its child: the server
+    // is what dies when virtiofsd crashes.
     let virtiofsd = process_pids("virtiofsd");
-    assert_eq!(virtiofsd.len(), 1, "one virtiofsd: {virtiofsd:?}");
-    let cgroup = host_cgroup(virtiofsd[0]);
+    assert_eq!(
+        virtiofsd.len(),
+        2,
+        "virtiofsd and its server: {virtiofsd:?}"
+    );
+    let server = *virtiofsd
+        .iter()
+        .find(|pid| virtiofsd.contains(&parent_of(**pid)))
+        .expect("virtiofsd's server");
+    let cgroup = host_cgroup(server);
     assert!(
         cgroup.ends_with(&pod.id),
         "virtiofsd in the pod's cgroup: {cgroup:?}"
@@ -220,7 +238,7 @@ fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() 
 
     let killed_at = SystemTime::now();
     let out = std::process::Command::new("kill")
-        .args(["-9", &virtiofsd[0].to_string()])
+        .args(["-9", &server.to_string()])
         .output()
         .expect("kill");
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -19,6 +19,9 @@ pub use service::ContainersService;
 
 /// Where bundles must live: the host prepares them here (through Exec or a shared filesystem).
 pub const BUNDLES_ROOT: &str = "/run/accordion/containers";
+/// The agent's own bundle of each container: its config.json, whose root.path points into the
+/// host's bundle (which may be read-only).
+pub const OWN_BUNDLES_ROOT: &str = "/run/accordion/bundles";
 /// libcontainer's state directory (one subdirectory per container).
 pub const STATE_ROOT: &str = "/run/accordion/state";
 /// The parent cgroup of every container, relative to the cgroup v2 mount.

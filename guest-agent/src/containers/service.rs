@@ -39,7 +39,7 @@ use super::events;
 use super::oom::OomMonitor;
 use super::spec::{self, SpecError};
 use super::{validate_bundle, validate_id, ValidateError};
-use super::{BUNDLES_ROOT, CGROUP_MOUNT, CGROUP_PARENT, STATE_ROOT};
+use super::{BUNDLES_ROOT, CGROUP_MOUNT, CGROUP_PARENT, OWN_BUNDLES_ROOT, STATE_ROOT};
 use crate::exec::{Event, Input, Running, CHUNK_BYTES};
 use crate::pty::PtyMaster;
 use crate::reaper::{ExitStatus, Reaper};
@@ -245,6 +245,8 @@ impl Entry {
 pub struct Paths {
     /// Bundles must be below this.
     pub bundles: PathBuf,
+    /// The agent's own bundle of each container (its config.json), on the guest's tmpfs.
+    pub own_bundles: PathBuf,
     /// libcontainer's state root.
     pub state: PathBuf,
     /// The cgroup v2 mount.
@@ -255,6 +257,7 @@ impl Default for Paths {
     fn default() -> Self {
         Paths {
             bundles: BUNDLES_ROOT.into(),
+            own_bundles: OWN_BUNDLES_ROOT.into(),
             state: STATE_ROOT.into(),
             cgroup: CGROUP_MOUNT.into(),
         }
@@ -384,8 +387,9 @@ impl ContainersService {
         Container::load(paths.state.join(id)).map_err(ContainerError::lc("load"))
     }
 
-    /// Checks the bundle (really a directory under the root, no symlink on the way), writes the
-    /// prepared spec into it, and has libcontainer create the container.
+    /// Checks the bundle (really a directory under the root, no symlink on the way) and its
+    /// rootfs, writes the prepared spec into a bundle of the agent's own, and has libcontainer
+    /// create the container from it.
     fn create_blocking(
         reaper: &Reaper,
         paths: &Paths,
@@ -427,7 +431,44 @@ impl ContainersService {
         if paths.state.join(&id).exists() {
             return Err(ContainerError::Exists(id));
         }
-        fs::write(bundle.join("config.json"), spec::to_json(&spec)?)
+        // The host's bundle is read-only (the pod's share, so that the guest cannot rearrange
+        // what the host mounts in it): the spec goes into a bundle of the agent's own on its
+        // tmpfs, whose root.path is the rootfs checked above. Delete removes only that one.
+        let mut spec = spec;
+        if let Some(mut root) = spec.root().clone() {
+            root.set_path(rootfs);
+            spec.set_root(Some(root));
+        }
+        let own = paths.own_bundles.join(&id);
+        // A failed Create's leftover (there is no state for `id`, checked above).
+        let _ = fs::remove_dir_all(&own);
+        fs::create_dir_all(&own).map_err(ContainerError::io("create the agent's bundle"))?;
+        let created = Self::create_in(reaper, paths, &id, own.clone(), &spec, request.tty);
+        if created.is_err() {
+            let _ = fs::remove_dir_all(&own);
+        }
+        created
+    }
+
+    /// Writes `spec` into the agent's bundle `bundle` and has libcontainer create the container.
+    fn create_in(
+        reaper: &Reaper,
+        paths: &Paths,
+        id: &str,
+        bundle: PathBuf,
+        spec: &oci_spec::runtime::Spec,
+        tty: bool,
+    ) -> Result<
+        (
+            u32,
+            PathBuf,
+            MainStdio,
+            tokio::sync::oneshot::Receiver<ExitStatus>,
+        ),
+        ContainerError,
+    > {
+        let id = id.to_owned();
+        fs::write(bundle.join("config.json"), spec::to_json(spec)?)
             .map_err(ContainerError::io("write config.json"))?;
         fs::create_dir_all(&paths.state).map_err(ContainerError::io("create the state root"))?;
 
@@ -436,7 +477,7 @@ impl ContainersService {
             .map_err(ContainerError::lc("create"))?
             .validate_id()
             .map_err(ContainerError::lc("create"))?;
-        let (builder, stdio, console) = if request.tty {
+        let (builder, stdio, console) = if tty {
             let console = ConsoleSocket::bind(&console_path(paths, &id))?;
             let builder = builder.with_console_socket(Some(console.path()));
             (builder, None, Some(console))
@@ -1285,6 +1326,7 @@ mod tests {
         let reaper = Reaper::global().expect("reaper");
         let paths = Paths {
             bundles: std::env::temp_dir().join("accordion-bundles-test"),
+            own_bundles: std::env::temp_dir().join("accordion-own-bundles-test"),
             state: std::env::temp_dir().join("accordion-state-test"),
             cgroup: std::env::temp_dir(),
         };
@@ -1309,6 +1351,7 @@ mod tests {
         fs::create_dir_all(bundle.join("rootfs")).expect("bundle");
         let paths = Paths {
             bundles: fs::canonicalize(&base).expect("canonical"),
+            own_bundles: base.join("own"),
             state: base.join("state"),
             cgroup: std::env::temp_dir(),
         };

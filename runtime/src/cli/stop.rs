@@ -49,7 +49,7 @@ pub async fn run(args: StopArgs) -> i32 {
     }
     if dir.exists() && !sandbox::remove_if_stale(&dir) && dir.exists() {
         eprintln!(
-            "accordion stop: cannot remove {}: its owner still runs",
+            "accordion stop: cannot remove {}: its owner still runs, or something is mounted in it",
             dir.display()
         );
         return 1;

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use std::os::unix::ffi::OsStringExt;
 
+// A state directory is removed only when nothing is mounted under it (a pod's share is).
+use accordion_share::remove_dir_unless_mounted;
 use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
 
 use self::owner::OwnerLock;
@@ -414,8 +416,8 @@ impl Sandbox {
 
     /// Stops the sandbox: asks the agent to power the guest off, waits up to `grace` for it, then
     /// forces the VM down; then its device helpers, host cgroup and state directory go (also when
-    /// the VM had already stopped or was killed). Returns why the VM stopped; later calls return
-    /// the same reason.
+    /// the VM had already stopped or was killed; the directory stays, logged, if something is
+    /// still mounted in it). Returns why the VM stopped; later calls return the same reason.
     pub async fn stop(&self, grace: Duration) -> ExitReason {
         let vm = self.vm().take();
         let reason = match vm {
@@ -451,7 +453,7 @@ impl Sandbox {
             remove_host_cgroup(cgroup);
         })
         .await;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dir_unless_mounted(&self.dir);
         reason
     }
 
@@ -495,7 +497,7 @@ impl Drop for Sandbox {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dir_unless_mounted(&self.dir);
     }
 }
 
@@ -563,14 +565,14 @@ impl Drop for CompanionsOnDrop {
 }
 
 /// Removes a state directory whose owner is gone (it crashed or was killed), after killing what
-/// it left in its host cgroup; returns whether it did. A directory without a lock is left alone:
-/// its owner may be starting.
+/// it left in its host cgroup, if nothing is mounted in it; returns whether it did. A directory
+/// without a lock is left alone: its owner may be starting.
 pub fn remove_if_stale(dir: &Path) -> bool {
     if owner::owner(dir) != owner::Owner::Gone {
         return false;
     }
     remove_orphaned_cgroup(dir);
-    std::fs::remove_dir_all(dir).is_ok()
+    remove_dir_unless_mounted(dir)
 }
 
 /// Kills whatever a dead owner left in the host cgroup it recorded in `dir`, and removes it.
@@ -620,7 +622,7 @@ struct RemoveDirOnDrop(Option<PathBuf>);
 impl Drop for RemoveDirOnDrop {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_dir_unless_mounted(&dir);
         }
     }
 }

@@ -98,11 +98,9 @@ impl Shim for AccordionShim {
                 log::info!("removed the state of pod {pod_id} (its shim is gone)");
             }
         } else {
-            let dir = crate::sandbox::state_dir(&pod_id)
-                .join("share")
-                .join(&self.id);
-            if dir.exists() {
-                pod::remove_container_dir(&dir);
+            let share = accordion_share::PodShare::at(crate::sandbox::state_dir(&pod_id));
+            if share.container_dir(&self.id).exists() {
+                share.remove_container(&self.id);
             }
         }
         let now = std::time::SystemTime::now()

@@ -1,22 +1,20 @@
 //! A pod on the host: its VM (a [`Sandbox`]), the virtiofsd that shares the containers' root
-//! filesystems and volumes with it, and the share directory those are mounted in.
+//! filesystems and volumes with it, and the pod's share (accordion-share) those are mounted in.
 //!
-//! Layout, in the sandbox's state directory `/run/accordion/<pod>/`:
-//! `share/` (exported by virtiofsd; one `<container>/` each holding `rootfs/` and `mounts/N`),
-//! `virtiofsd.sock`, `virtiofsd.log`.
+//! Layout, in the sandbox's state directory `/run/accordion/<pod>/`: `mounts/` (where the shim
+//! mounts, one `<container>/` each holding `rootfs/` and `mounts/N`), `share/` (its read-only
+//! view, exported by virtiofsd), `stage/`, `virtiofsd.sock`, `virtiofsd.log`.
 
-use std::fs::{DirBuilder, File};
-use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::DirBuilderExt;
+use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use accordion_share::{remove_dir_unless_mounted, PodShare, Rootfs, ShareError};
 use accordion_vmm::{FsConfig, NetConfig};
 use containerd_shim::protos::types::mount::Mount as RootfsMount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use super::spec::{HostBind, PodNetworkMode, SandboxResources};
 use crate::config::Config;
@@ -27,7 +25,6 @@ use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 
 /// The virtio-fs tag of the pod's share; the guest agent mounts it (`accordion.share=`).
 pub const SHARE_TAG: &str = "accordion";
-const SHARE_DIR: &str = "share";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
 /// usable by the containers.
@@ -63,26 +60,12 @@ pub enum PodError {
     MissingRootfs(PathBuf),
     #[error("containerd gave {0} rootfs mounts; accordion takes one (a snapshot) or none")]
     RootfsMounts(usize),
-    #[error(
-        "Cannot mount the container's rootfs ({kind} from {source_path}) on {target}: {message}"
-    )]
-    MountRootfs {
-        kind: String,
-        source_path: String,
-        target: PathBuf,
-        message: String,
-    },
+    #[error("The pod's share")]
+    Share(#[from] ShareError),
     #[error("Cannot watch virtiofsd")]
     VirtiofsdWatch(#[source] std::io::Error),
     #[error("Cannot set the pod's OOM score")]
     OomScore(#[from] crate::host_cgroup::HostCgroupError),
-    #[error("Cannot bind {source_path} on {target}")]
-    Bind {
-        source_path: PathBuf,
-        target: PathBuf,
-        #[source]
-        source: nix::Error,
-    },
 }
 
 /// How a pod's VM is sized at boot.
@@ -125,7 +108,8 @@ impl PodSize {
 }
 
 /// virtiofsd serving a pod's share. Dropping it kills it (through its unreaped child handle:
-/// its pid cannot be recycled before we wait for it).
+/// its pid cannot be recycled before we wait for it; its sandboxed server, pid 1 of a pid
+/// namespace of its own, dies with it).
 struct Virtiofsd {
     child: Child,
 }
@@ -145,10 +129,11 @@ impl Virtiofsd {
             .arg(&socket)
             .arg("--shared-dir")
             .arg(share)
-            // chroot, not the namespace sandbox: the shim mounts each container's rootfs in the
-            // share after virtiofsd started, and must not depend on mount propagation into a
-            // private namespace (which also cannot be set up on an initramfs root).
-            .args(["--sandbox", "chroot", "--announce-submounts"])
+            // The namespace sandbox (its seccomp filter stays on): pid, net and mount namespaces
+            // of its own, rooted in a clone of the share, not a root chroot. Containers mounted
+            // after it started reach its namespace by propagation: the share is a slave of the
+            // pod's mounts/, and so are virtiofsd's copies of it (accordion-share).
+            .args(["--sandbox", "namespace", "--announce-submounts"])
             .args(["--cache", config.virtiofsd.cache.as_arg()])
             .stdin(Stdio::null())
             .stdout(log)
@@ -227,7 +212,7 @@ pub struct Placement {
 /// A running pod.
 pub struct Pod {
     pub sandbox: Arc<Sandbox>,
-    share: PathBuf,
+    share: PodShare,
     /// virtiofsd's pid (our unreaped child until the sandbox drops it) and a pidfd on it for the
     /// death watch.
     virtiofsd_pid: u32,
@@ -272,13 +257,15 @@ impl Pod {
         let mut virtiofsd_pid = 0;
         let mut virtiofsd_exit = None;
         let mut pod_net: Option<PodNetwork> = None;
+        let mut pod_share: Option<PodShare> = None;
         let booted = Sandbox::boot_with(&spec, |dir| {
-            let share = dir.join(SHARE_DIR);
-            make_dir(&share, 0o711)?;
-            let v = Virtiofsd::spawn(config, dir, &share)?;
+            let share = PodShare::create(dir).map_err(PodError::from)?;
+            pod_share = Some(share.clone());
+            let v = Virtiofsd::spawn(config, dir, &share.exported())?;
             virtiofsd_pid = v.child.id();
             virtiofsd_exit = Some(PidFd::open(virtiofsd_pid).map_err(PodError::VirtiofsdWatch)?);
             let socket_path = dir.join(VIRTIOFSD_SOCKET);
+            // The sandbox keeps it until its VM is down.
             let companions: Vec<Box<dyn Send>> = vec![Box::new(v)];
             let mut net = Vec::new();
             if let PodNetworkMode::Netns(path) = net_mode {
@@ -310,8 +297,21 @@ impl Pod {
                 if let Some(net) = &pod_net {
                     detach_logged(id, net);
                 }
+                // The sandbox left its directory in place (the share is mounted in it); it
+                // already stopped virtiofsd.
+                if let Some(share) = &pod_share {
+                    share.unmount_all();
+                    remove_dir_unless_mounted(share.dir());
+                }
                 return Err(e.into());
             }
+        };
+        let Some(share) = pod_share else {
+            // boot_with runs `prepare` before it can succeed.
+            return Err(PodError::Dir(
+                sandbox.dir().to_owned(),
+                std::io::Error::other("the pod's share was not set up"),
+            ));
         };
         if let Some(net) = &pod_net {
             let t = Instant::now();
@@ -329,7 +329,6 @@ impl Pod {
                 t.elapsed().as_secs_f64() * 1e3
             );
         }
-        let share = sandbox.dir().join(SHARE_DIR);
         let sandbox = Arc::new(sandbox);
         let control = match crate::control::server::serve_pod(Arc::clone(&sandbox)) {
             Ok(task) => Some(task),
@@ -350,9 +349,9 @@ impl Pod {
         })
     }
 
-    /// The host directory of container `id` in the share.
-    pub fn container_dir(&self, id: &str) -> PathBuf {
-        self.share.join(id)
+    /// The pod's share: where containers' root filesystems and volumes are mounted.
+    pub fn share(&self) -> &PodShare {
+        &self.share
     }
 
     /// Records that the pod died and why (the death watch).
@@ -376,7 +375,7 @@ impl Pod {
             .take()
     }
 
-    /// Raises the OOM score adjustment of the pod's host processes (this one and virtiofsd) to
+    /// Raises the OOM score adjustment of the pod's host processes (this one and virtiofsd's) to
     /// `score` when it is higher than what they have: the VM holds every container, so it is as
     /// expendable as the most expendable of them (runc gives each container its own).
     pub fn raise_oom_score_adj(&self, score: i64) -> Result<(), PodError> {
@@ -388,8 +387,7 @@ impl Pod {
             return Ok(());
         }
         crate::host_cgroup::set_oom_score_adj(None, score)?;
-        // virtiofsd is our child, not yet waited for, while the pod runs: its pid is its own.
-        crate::host_cgroup::set_oom_score_adj(Some(self.virtiofsd_pid), score)?;
+        set_oom_score_adj_of_virtiofsd(self.virtiofsd_pid, score)?;
         *current = Some(score);
         Ok(())
     }
@@ -406,9 +404,9 @@ impl Pod {
             control.abort();
         }
         // Unmount first (lazily: virtiofsd keeps what it has open, so the guest can still sync and
-        // power off): the sandbox removes its state directory when it stops, and removing through
-        // a live rootfs mount would delete files in containerd's snapshot.
-        unmount_all_under(&self.share);
+        // power off): the sandbox removes its state directory when it stops, which it does only
+        // once nothing is mounted in it.
+        self.share.unmount_all();
         // The VM powers off first, then virtiofsd goes (the guest can sync its share until then).
         let reason = self.sandbox.stop(grace).await;
         // The VM is gone, and its taps with it; the redirects on the pod's interfaces go now.
@@ -431,211 +429,85 @@ fn detach_logged(id: &str, net: &PodNetwork) {
     }
 }
 
-fn make_dir(path: &Path, mode: u32) -> Result<(), PodError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|e| PodError::Dir(path.to_owned(), e))
-}
-
-/// Mounts a container's rootfs at `<dir>/rootfs` (containerd's snapshot mount, or the bundle's
-/// own rootfs directory when containerd passes none, as `ctr run --rootfs` does) and its host
-/// binds at `<dir>/mounts/N`. On error, whatever was mounted is unmounted again.
+/// Mounts container `id`'s root filesystem and binds in the pod's share: containerd's snapshot
+/// mount (one), or the bundle's own rootfs directory when containerd passes none (as
+/// `ctr run --rootfs` does). On error nothing of it is left mounted.
 pub fn mount_container(
-    dir: &Path,
+    share: &PodShare,
+    id: &str,
     rootfs: &[RootfsMount],
     bundle_rootfs: &Path,
     binds: &[HostBind],
-) -> Result<(), PodError> {
-    let target = dir.join("rootfs");
-    make_dir(&target, 0o755)?;
-    let result = mount_rootfs(rootfs, bundle_rootfs, &target).and_then(|()| {
-        for b in binds {
-            bind(b, dir)?;
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        unmount_all_under(dir);
-    }
-    result
-}
-
-fn mount_rootfs(
-    rootfs: &[RootfsMount],
-    bundle_rootfs: &Path,
-    target: &Path,
 ) -> Result<(), PodError> {
     match rootfs {
         [] => {
             if !bundle_rootfs.is_dir() {
                 return Err(PodError::MissingRootfs(bundle_rootfs.to_owned()));
             }
-            bind(
-                &HostBind {
-                    source: bundle_rootfs.to_owned(),
-                    target: PathBuf::from("rootfs"),
-                    is_dir: true,
-                    readonly: false,
-                },
-                target.parent().unwrap_or(target),
-            )
+            Ok(share.mount_container(id, Rootfs::Bind(bundle_rootfs), binds)?)
         }
         [m] => {
-            let err = |message: String| PodError::MountRootfs {
-                kind: m.type_.clone(),
-                source_path: m.source.clone(),
-                target: target.to_owned(),
-                message,
+            // containerd's own mount code (overlay options, long lowerdirs, loop devices), on
+            // the empty directory the share gives it.
+            let mount = |target: &Path| {
+                containerd_shim::mount::mount_rootfs(
+                    Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+                    Some(m.source.as_str()).filter(|s| !s.is_empty()),
+                    &m.options,
+                    target,
+                )
+                .map_err(|e| format!("{} from {}: {e}", m.type_, m.source))
             };
-            containerd_shim::mount::mount_rootfs(
-                Some(m.type_.as_str()).filter(|t| !t.is_empty()),
-                Some(m.source.as_str()).filter(|s| !s.is_empty()),
-                &m.options,
-                target,
-            )
-            .map_err(|e| err(e.to_string()))
+            Ok(share.mount_container(id, Rootfs::Mount(&mount), binds)?)
         }
         more => Err(PodError::RootfsMounts(more.len())),
     }
 }
 
-fn bind(b: &HostBind, dir: &Path) -> Result<(), PodError> {
-    let target = dir.join(&b.target);
-    if let Some(parent) = target.parent() {
-        make_dir(parent, 0o755)?;
-    }
-    if b.is_dir {
-        make_dir(&target, 0o755)?;
-    } else if !target.exists() {
-        File::create(&target).map_err(|e| PodError::Dir(target.clone(), e))?;
-    }
-    let fail = |source| PodError::Bind {
-        source_path: b.source.clone(),
-        target: target.clone(),
-        source,
+/// Sets the OOM score adjustment of virtiofsd (our child `pid`, not yet waited for, so the pid
+/// is its own) and of its sandboxed server (its only child). The server's pid is checked the way
+/// a pid must be: a pidfd is opened first, the parent must still list it as its child after that,
+/// and it must still be alive after the write, so the write reached that process.
+fn set_oom_score_adj_of_virtiofsd(pid: u32, score: i64) -> Result<(), PodError> {
+    crate::host_cgroup::set_oom_score_adj(Some(pid), score)?;
+    let children = |parent: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     };
-    mount(
-        Some(&b.source),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(fail)?;
-    if b.readonly {
-        // A bind mount is made read-only by a remount (the flag is ignored on the first call).
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(fail)?;
+    for child in children(pid) {
+        let Ok(pidfd) = PidFd::open(child) else {
+            continue;
+        };
+        if !children(pid).contains(&child) {
+            continue;
+        }
+        crate::host_cgroup::set_oom_score_adj(Some(child), score)?;
+        if pidfd.exited().unwrap_or(true) {
+            log::warn!("virtiofsd's server {child} exited while its OOM score was set");
+        }
     }
     Ok(())
 }
 
-/// Unmounts every mount at or below `dir`, deepest first (lazily: a process of ours may still
-/// hold a file open).
-pub fn unmount_all_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
-            log::warn!("cannot unmount {}: {e}", p.display());
-        }
-    }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = i + 4 <= bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|c| (b'0'..=b'7').contains(c));
-        if bytes[i] == b'\\' && octal {
-            let v = bytes[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-            let v = u8::try_from(v).unwrap_or(b'?');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
-/// Unmounts a container's share directory and removes it.
-pub fn remove_container_dir(dir: &Path) {
-    unmount_all_under(dir);
-    // Only after every mount is gone: removing through a live rootfs mount would delete the
-    // container's files in containerd's snapshot.
-    if !still_mounted_under(dir) {
-        let _ = std::fs::remove_dir_all(dir);
-    } else {
-        log::warn!("{} still has mounts; left in place", dir.display());
-    }
-}
-
-fn still_mounted_under(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| {
-            info.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .any(|p| unescape_mountinfo(p).starts_with(dir))
-        })
-        .unwrap_or(true)
-}
-
 /// Cleanup after a shim that died (containerd's `shim delete`): unless the pod's owner still
-/// holds its lock, kills what it left in its host cgroup (virtiofsd), unmounts the share and
-/// removes the state directory of pod `id`.
+/// holds its lock, kills what it left in its host cgroup (virtiofsd: the cgroup names it, never
+/// a pid), unmounts the share and removes the state directory of pod `id`.
 pub fn cleanup_dead_pod(id: &str) -> bool {
     let dir = sandbox::state_dir(id);
     if !dir.exists() || sandbox::owner::owner(&dir) == sandbox::owner::Owner::Alive {
         return false;
     }
     sandbox::remove_orphaned_cgroup(&dir);
-    let share = dir.join(SHARE_DIR);
-    unmount_all_under(&share);
-    if still_mounted_under(&share) {
-        log::warn!("{} still has mounts; left in place", share.display());
-        return false;
-    }
-    std::fs::remove_dir_all(&dir).is_ok()
+    PodShare::at(&dir).unmount_all();
+    remove_dir_unless_mounted(&dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_unescape_mountinfo_octal() {
-        assert_eq!(
-            unescape_mountinfo(r"/run/a\040b/c\134d"),
-            PathBuf::from("/run/a b/c\\d")
-        );
-        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
-        assert_eq!(unescape_mountinfo(r"/end\04"), PathBuf::from(r"/end\04"));
-    }
 
     #[test]
     fn test_listening_unix_socket_from_proc_net_unix() {

@@ -3,11 +3,12 @@
 //! (Create, Start, Wait, Kill, Delete, Shutdown); each answers from the agent's view.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use accordion_share::PodShare;
 use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
@@ -258,8 +259,8 @@ struct Container {
     id: String,
     role: Role,
     bundle: String,
-    /// Its directory in the pod's share, on the host.
-    host_dir: PathBuf,
+    /// The pod's share, which holds its directory (named by its id).
+    share: PodShare,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
@@ -521,20 +522,20 @@ impl Service {
         let spec_json = spec::to_json(&guest.spec)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
 
-        let host_dir = pod.container_dir(id);
-        if host_dir.exists() {
-            pod::remove_container_dir(&host_dir);
+        let share = pod.share().clone();
+        if share.container_dir(id).exists() {
+            share.remove_container(id);
         }
         let rootfs = req.rootfs.clone();
         let binds = guest.binds.clone();
-        let dir = host_dir.clone();
+        let (mount_share, mount_id) = (share.clone(), id.clone());
         tokio::task::spawn_blocking(move || {
-            pod::mount_container(&dir, &rootfs, &bundle_rootfs, &binds)
+            pod::mount_container(&mount_share, &mount_id, &rootfs, &bundle_rootfs, &binds)
         })
         .await
         .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
         .map_err(|e| {
-            pod::remove_container_dir(&host_dir);
+            share.remove_container(id);
             status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e))
         })?;
 
@@ -550,7 +551,7 @@ impl Service {
         let pid = match created {
             Ok(pid) => pid,
             Err(e) => {
-                pod::remove_container_dir(&host_dir);
+                share.remove_container(id);
                 return Err(agent_error(
                     &format!("creating container {id} in the guest"),
                     &e,
@@ -567,14 +568,14 @@ impl Service {
         init.pid.store(pid, Ordering::SeqCst);
         if let Err(e) = self.attach(&agent, &init, &config).await {
             let _ = agent.delete_container(id, true).await;
-            pod::remove_container_dir(&host_dir);
+            share.remove_container(id);
             return Err(e);
         }
         let container = Arc::new(Container {
             id: id.clone(),
             role,
             bundle: req.bundle.clone(),
-            host_dir,
+            share,
             init,
             execs: Mutex::new(HashMap::new()),
         });
@@ -1146,8 +1147,8 @@ impl Task for Service {
                 }
             }
         }
-        let dir = container.host_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || pod::remove_container_dir(&dir)).await;
+        let (share, id) = (container.share.clone(), container.id.clone());
+        let _ = tokio::task::spawn_blocking(move || share.remove_container(&id)).await;
         lock(&self.containers).remove(&req.id);
         // The pod keeps its size until the next change: a restarting container gets it back.
         lock(&self.cpu).containers.remove(&req.id);

@@ -1,8 +1,9 @@
 //! The OCI spec containerd wrote for the host, turned into the one the guest runs.
 //!
 //! The container's root filesystem and every host bind mount reach the guest through the pod's
-//! virtio-fs share: the shim mounts them under `<share>/<container>/` on the host, and the spec
-//! the agent gets names their guest paths under [`GUEST_SHARE`]. What only makes sense on the
+//! virtio-fs share: the shim mounts them in the container's directory of the share on the host
+//! (`rootfs/`, `mounts/N`), and the spec the agent gets names their guest paths under
+//! [`GUEST_SHARE`]. What only makes sense on the
 //! host goes: the network namespace (the VM is the pod's network boundary), hooks (host
 //! binaries), AppArmor and SELinux labels (the guest has neither).
 
@@ -95,16 +96,9 @@ pub fn role(annotations: Option<&HashMap<String, String>>) -> Role {
     }
 }
 
-/// A host path the shim bind-mounts into the share for the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBind {
-    /// The host file or directory.
-    pub source: PathBuf,
-    /// Where it is mounted, relative to the container's share directory.
-    pub target: PathBuf,
-    pub is_dir: bool,
-    pub readonly: bool,
-}
+/// A host path the shim bind-mounts into the container's directory of the share for the guest
+/// (at `mounts/N`; read-only means read-only submounts included).
+pub use accordion_share::HostBind;
 
 /// The spec for the guest, and the binds to make on the host before the guest sees it.
 #[derive(Debug)]
