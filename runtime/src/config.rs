@@ -14,6 +14,12 @@ pub const DEFAULT_PATH: &str = "/etc/accordion/config.toml";
 pub const VCPU_LIMIT: u32 = 512;
 /// Less guest memory than this cannot boot the agent.
 pub const MIN_MEMORY_MIB: u64 = 128;
+/// The most guest memory a VM can have (the VMM's address map).
+pub const MAX_MEMORY_MIB: u64 = accordion_vmm::config::MAX_MEMORY_MIB;
+/// Bounds of `console.max_kib`: enough for the tail an error message shows, and at most what a
+/// pod may take of /run (a tmpfs every pod and containerd share).
+pub const CONSOLE_MIN_KIB: u64 = 64;
+pub const CONSOLE_MAX_KIB: u64 = 256 * 1024;
 
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,20 @@ pub struct MemoryConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self { default_mib: 512 }
+    }
+}
+
+/// The guest's serial console log (`/run/accordion/<name>/console.log` and `console.log.1`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// KiB both files may take together; the oldest half is dropped beyond it.
+    pub max_kib: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self { max_kib: 4096 }
     }
 }
 
@@ -205,6 +225,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub timeouts: TimeoutConfig,
     pub virtiofsd: VirtiofsdConfig,
+    pub console: ConsoleConfig,
     pub log_level: LogLevel,
 }
 
@@ -216,6 +237,7 @@ impl Default for Config {
             memory: MemoryConfig::default(),
             timeouts: TimeoutConfig::default(),
             virtiofsd: VirtiofsdConfig::default(),
+            console: ConsoleConfig::default(),
             log_level: LogLevel::Info,
         }
     }
@@ -276,11 +298,18 @@ impl Config {
                 format!("must be vcpus.min ({}) to vcpus.max ({})", v.min, v.max),
             ));
         }
-        if self.memory.default_mib < MIN_MEMORY_MIB {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory.default_mib) {
             return Err(bad(
                 "memory.default_mib",
                 self.memory.default_mib.to_string(),
-                format!("must be at least {MIN_MEMORY_MIB}"),
+                format!("must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"),
+            ));
+        }
+        if !(CONSOLE_MIN_KIB..=CONSOLE_MAX_KIB).contains(&self.console.max_kib) {
+            return Err(bad(
+                "console.max_kib",
+                self.console.max_kib.to_string(),
+                format!("must be {CONSOLE_MIN_KIB} to {CONSOLE_MAX_KIB}"),
             ));
         }
         let t = &self.timeouts;
@@ -314,6 +343,11 @@ impl Config {
     pub fn resize_timeout(&self) -> Duration {
         Duration::from_secs(self.timeouts.resize_secs)
     }
+
+    /// The cap of a sandbox's console log, bytes (`max_kib` is bounded by `validate`).
+    pub fn console_max_bytes(&self) -> u64 {
+        self.console.max_kib.saturating_mul(1024)
+    }
 }
 
 #[cfg(test)]
@@ -345,6 +379,8 @@ max = 16
 sizing_policy = "requests"
 [memory]
 default_mib = 1024
+[console]
+max_kib = 1024
 [timeouts]
 agent_ready_secs = 30
 agent_call_secs = 5
@@ -358,6 +394,7 @@ stop_grace_secs = 3
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.resize_timeout(), Duration::from_secs(20));
         assert_eq!(c.guest.kernel, PathBuf::from("/k/Image"));
+        assert_eq!(c.console_max_bytes(), 1024 * 1024);
     }
 
     #[test]
@@ -376,6 +413,9 @@ stop_grace_secs = 3
             ("[vcpus]\nmin = 9\nmax = 8\n", "vcpus.min"),
             ("[vcpus]\ndefault = 9\nmax = 8\n", "vcpus.default"),
             ("[memory]\ndefault_mib = 64\n", "memory.default_mib"),
+            ("[memory]\ndefault_mib = 1048577\n", "memory.default_mib"),
+            ("[console]\nmax_kib = 63\n", "console.max_kib"),
+            ("[console]\nmax_kib = 262145\n", "console.max_kib"),
             ("[timeouts]\nresize_secs = 0\n", "timeouts.resize_secs"),
             ("[guest]\nkernel = \"Image\"\n", "guest.kernel"),
         ] {
@@ -384,6 +424,8 @@ stop_grace_secs = 3
         }
         assert!(parse("[vcpus]\nsizing_policy = \"most\"\n").is_err());
         assert!(parse("[vcpus]\nmax = -1\n").is_err());
+        assert!(parse("[console]\nmax_kib = -1\n").is_err());
+        assert!(parse("[console]\nmax_kib = 18446744073709551615\n").is_err());
         assert!(parse("log_level = \"loud\"\n").is_err());
     }
 

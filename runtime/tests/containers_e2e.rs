@@ -48,6 +48,7 @@ async fn boot(name: &str, extra_cmdline: &str) -> Sandbox {
         max_vcpus: 2,
         memory_mib: 512,
         agent_timeout: Duration::from_secs(120),
+        console_max_bytes: accordion_runtime::config::Config::default().console_max_bytes(),
     };
     Sandbox::boot(&spec).await.expect("boot")
 }

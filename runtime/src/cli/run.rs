@@ -110,6 +110,7 @@ fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
             args.agent_timeout
                 .unwrap_or(config.timeouts.agent_ready_secs),
         ),
+        console_max_bytes: config.console_max_bytes(),
     }
 }
 

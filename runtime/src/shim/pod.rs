@@ -240,6 +240,7 @@ impl Pod {
             max_vcpus: config.vcpus.max,
             memory_mib: size.memory_mib,
             agent_timeout: Duration::from_secs(config.timeouts.agent_ready_secs),
+            console_max_bytes: config.console_max_bytes(),
         };
         let mut virtiofsd = None;
         let mut pod_net: Option<PodNetwork> = None;
