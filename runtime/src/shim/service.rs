@@ -1260,15 +1260,9 @@ impl Task for Service {
             .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
         let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
         let (pod, config) = self.running_pod().await?;
-        let vm_bytes = pod.sandbox.memory_mib() << 20;
-        if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
-            if u64::try_from(limit).is_ok_and(|l| l > vm_bytes) {
-                return Err(invalid(format!(
-                    "memory limit {limit} bytes exceeds the VM's memory ({} MiB); accordion does not hotplug memory",
-                    pod.sandbox.memory_mib()
-                )));
-            }
-        }
+        let limit = resources.memory().as_ref().and_then(|m| m.limit());
+        crate::resize::policy::check_memory_limit(limit, pod.sandbox.memory_mib())
+            .map_err(|e| invalid(e.to_string()))?;
         if container.id == self.id && self.is_sandbox_container(&container) {
             // The pause container: its cgroup only, the pod's size follows its containers.
             return pod
