@@ -6,6 +6,7 @@
 //! `delete` (clean up after a daemon that died). All containers of a CRI pod share one daemon,
 //! chosen by the sandbox id in their annotations, like containerd's runc shim groups them.
 
+mod oom;
 mod options;
 pub mod pod;
 mod service;

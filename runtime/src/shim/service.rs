@@ -269,7 +269,7 @@ pub struct Service {
     exit: Arc<ExitSignal>,
     /// The pod, once its first container was created; the lock serializes the boot.
     pod: tokio::sync::Mutex<Option<(Arc<Pod>, Arc<Config>)>>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
     /// Every container's CPU resources (from Create and each Update) and the pod's own: what
     /// the vCPU target is computed from.
     cpu: Mutex<PodCpu>,
@@ -292,7 +292,7 @@ impl Service {
             publisher: Arc::new(publisher),
             exit,
             pod: tokio::sync::Mutex::new(None),
-            containers: Mutex::new(HashMap::new()),
+            containers: Arc::default(),
             cpu: Mutex::new(PodCpu::default()),
             resizing: tokio::sync::Mutex::new(()),
             oom_events: Mutex::new(None),
@@ -776,38 +776,15 @@ impl Service {
         container.role == Role::Sandbox
     }
 
-    /// Publishes TaskOOM for every OOM kill the agent reports.
+    /// Publishes TaskOOM for the OOM kills the agent reports in this pod's containers.
     fn forward_ooms(&self, agent: AgentClient) -> JoinHandle<()> {
-        let publisher = Arc::clone(&self.publisher);
-        let namespace = self.namespace.clone();
-        tokio::spawn(async move {
-            let mut watch = match agent.watch_oom().await {
-                Ok(watch) => watch,
-                Err(e) => {
-                    log::warn!("no OOM events from the guest: {}", error_chain(&e));
-                    return;
-                }
-            };
-            while let Ok(Some(container_id)) = watch.next().await {
-                log::info!("container {container_id}: the guest kernel OOM-killed a process");
-                let event = ev::TaskOOM {
-                    container_id,
-                    ..Default::default()
-                };
-                let ctx = ttrpc::context::Context::default();
-                if let Err(e) = publisher
-                    .publish(
-                        ctx,
-                        topics::TASK_OOM_EVENT_TOPIC,
-                        &namespace,
-                        Box::new(event),
-                    )
-                    .await
-                {
-                    log::warn!("cannot publish an OOM event: {e}");
-                }
-            }
-        })
+        let containers = Arc::clone(&self.containers);
+        super::oom::forward(
+            agent,
+            Arc::clone(&self.publisher),
+            self.namespace.clone(),
+            move |id| lock(&containers).contains_key(id),
+        )
     }
 
     /// Ends the pod: the VM, virtiofsd, the share. The shim then exits.
