@@ -7,6 +7,10 @@
 //! chosen by the sandbox id in their annotations, like containerd's runc shim groups them.
 
 mod oom;
+// The fuzz targets (runtime/fuzz) decode runtime options directly; nothing else needs them.
+#[cfg(feature = "fuzzing")]
+pub mod options;
+#[cfg(not(feature = "fuzzing"))]
 mod options;
 pub mod pod;
 mod service;
