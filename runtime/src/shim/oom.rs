@@ -91,7 +91,17 @@ where
             }
         };
         let mut filter = OomFilter::default();
-        while let Ok(Some(container_id)) = watch.next().await {
+        loop {
+            let container_id = match watch.next().await {
+                Ok(Some(id)) => id,
+                // The agent is shutting down.
+                Ok(None) => return,
+                Err(e) => {
+                    // Once per pod: the watch is not reopened.
+                    log::warn!("the guest's OOM events ended: {}", error_chain(&e));
+                    return;
+                }
+            };
             match filter.check(&container_id, &known, Instant::now()) {
                 Verdict::Coalesced => continue,
                 Verdict::Unknown => {
