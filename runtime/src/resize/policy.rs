@@ -388,6 +388,8 @@ mod tests {
         assert_eq!(pod(&[tiny]).target(Limits, 1, 8), Ok(1));
     }
 
+    /// runtime/fuzz/regressions/pod_resources/shares_times_1000_overflow: `shares × 1000`
+    /// overflowed (found by the pod_resources target).
     #[test]
     fn test_huge_shares_are_refused_and_the_kernel_max_counts() {
         assert_eq!(

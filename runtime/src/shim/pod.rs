@@ -635,6 +635,8 @@ mod tests {
         assert!(PodSize::of(&too_big, &config).is_err());
     }
 
+    /// runtime/fuzz/regressions/guest_spec/sandbox_quota_i64_max.json: a sandbox annotation
+    /// quota of i64::MAX overflowed `quota × 1000`.
     #[test]
     fn test_pod_size_huge_values_are_sizing_errors_not_wraps() {
         let config = Config::default();
