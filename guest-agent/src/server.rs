@@ -388,7 +388,53 @@ pub fn listen_unix(
     }))
 }
 
-/// Listens on vsock `port` for any CID (the host connects through the VMM).
+/// The only vsock peer the agent serves: the host. The VMM's hybrid-vsock device presents every
+/// host connection with this source CID; a process in the guest reaching the port over the
+/// loopback transport (CID 1, or the guest's own CID) is not the host, and would otherwise get
+/// everything the agent can do (exec as root outside every container).
+pub const HOST_CID: u32 = tokio_vsock::VMADDR_CID_HOST;
+
+/// Whether the agent serves a vsock peer with CID `cid`.
+fn serves_peer(cid: u32) -> bool {
+    cid == HOST_CID
+}
+
+/// Counts refused peers. A process in the guest may retry in a loop, and every warning is a line
+/// on the console: warn on the 1st, 2nd, 4th, 8th… refusal only.
+#[derive(Debug, Default)]
+struct Refusals(AtomicU64);
+
+impl Refusals {
+    /// Counts one refusal; the total when it is one to log.
+    fn count(&self) -> Option<u64> {
+        let total = self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        total.is_power_of_two().then_some(total)
+    }
+}
+
+/// Accepts connections from `accept` (a stream and its peer's CID) until one from the host
+/// arrives; any other peer's connection is closed at once.
+async fn accept_host<IO, A, F>(accept: &mut A, refusals: &Refusals) -> io::Result<IO>
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = io::Result<(IO, u32)>>,
+{
+    loop {
+        let (stream, cid) = accept().await?;
+        if serves_peer(cid) {
+            return Ok(stream);
+        }
+        drop(stream);
+        if let Some(total) = refusals.count() {
+            crate::warn!(
+                "refused a vsock connection from CID {cid}: the agent serves only the host \
+                 (CID {HOST_CID}); {total} refused so far"
+            );
+        }
+    }
+}
+
+/// Listens on vsock `port`; serves only connections from the host (see [`HOST_CID`]).
 pub fn listen_vsock(
     port: u32,
 ) -> Result<ReceiverStream<io::Result<tokio_vsock::VsockStream>>, ServeError> {
@@ -398,9 +444,17 @@ pub fn listen_vsock(
         source,
     })?;
     let listener = Arc::new(listener);
+    let refusals = Arc::new(Refusals::default());
     Ok(incoming(move || {
         let listener = listener.clone();
-        async move { listener.accept().await.map(|(stream, _)| stream) }
+        let refusals = refusals.clone();
+        async move {
+            let mut accept = || async {
+                let (stream, peer) = listener.accept().await?;
+                Ok((stream, peer.cid()))
+            };
+            accept_host(&mut accept, &refusals).await
+        }
     }))
 }
 
@@ -433,6 +487,53 @@ mod tests {
             source: io::ErrorKind::NotFound.into(),
         });
         assert_eq!(exec_status(&err).code(), tonic::Code::NotFound);
+    }
+
+    #[test]
+    fn test_serves_peer_only_the_host_cid() {
+        assert!(serves_peer(2));
+        // Hypervisor, loopback (a guest process over vsock_loopback), the guest's own CID (also
+        // loopback), another VM's CID, VMADDR_CID_ANY.
+        for cid in [0, 1, 3, 4, u32::MAX] {
+            assert!(!serves_peer(cid), "CID {cid} served");
+        }
+    }
+
+    #[test]
+    fn test_refusals_are_logged_at_powers_of_two_only() {
+        let refusals = Refusals::default();
+        let logged: Vec<u64> = (0..1000).filter_map(|_| refusals.count()).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+    }
+
+    #[tokio::test]
+    async fn test_accept_host_closes_other_peers_at_once_and_returns_the_host() {
+        let mut peers = Vec::new();
+        let mut script = Vec::new();
+        for cid in [1u32, 3, 2] {
+            let (ours, theirs) = tokio::net::UnixStream::pair().expect("pair");
+            script.push((ours, cid));
+            peers.push((theirs, cid));
+        }
+        let mut script = script.into_iter();
+        let mut accept = || {
+            let next = script.next();
+            async move { next.ok_or_else(|| io::Error::other("no more connections")) }
+        };
+        let refusals = Refusals::default();
+        let served = accept_host(&mut accept, &refusals).await.expect("host");
+        assert_eq!(refusals.0.load(Ordering::Relaxed), 2);
+        for (mut peer, cid) in peers {
+            use tokio::io::AsyncReadExt;
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_millis(200), peer.read(&mut byte)).await;
+            if cid == 2 {
+                assert!(read.is_err(), "the host's connection is open: {read:?}");
+            } else {
+                assert_eq!(read.expect("closed at once").expect("EOF"), 0, "CID {cid}");
+            }
+        }
+        drop(served);
     }
 
     #[test]

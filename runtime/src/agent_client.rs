@@ -39,6 +39,11 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 const STDIN_CHUNK: usize = 32 * 1024;
 /// Queued stdin messages before reading stdin waits for the agent.
 const STDIN_QUEUE: usize = 16;
+/// The most CPU numbers kept from one list the guest sends (Linux's largest NR_CPUS): no real
+/// guest sends more, and a hostile one must not make error messages megabytes long.
+const MAX_CPU_LIST: usize = 8192;
+/// The most bytes kept of a reason the guest gives in a CPU event.
+const MAX_GUEST_TEXT: usize = 1024;
 /// The shortest deadline of Pause and Resume: the agent gives the kernel 10 s to freeze or thaw
 /// and then answers DEADLINE_EXCEEDED itself, which the caller should get to see.
 pub const FREEZE_RPC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -772,14 +777,33 @@ impl From<pb::CpuEvent> for CpuEvent {
         Self {
             kind: CpuEventKind::from(e.kind),
             cpu: e.cpu,
-            online: e.online,
-            present: e.present,
-            possible: e.possible,
-            enabled: e.has_enabled.then_some(e.enabled),
-            error: (!e.error.is_empty()).then_some(e.error),
+            online: cpu_list(e.online),
+            present: cpu_list(e.present),
+            possible: cpu_list(e.possible),
+            enabled: e.has_enabled.then(|| cpu_list(e.enabled)),
+            error: (!e.error.is_empty()).then(|| guest_text(e.error)),
             guest_monotonic: Duration::from_nanos(e.monotonic_ns),
         }
     }
+}
+
+/// A CPU list from the guest, cut to [`MAX_CPU_LIST`] numbers.
+fn cpu_list(mut cpus: Vec<u32>) -> Vec<u32> {
+    cpus.truncate(MAX_CPU_LIST);
+    cpus
+}
+
+/// A text from the guest, cut to at most [`MAX_GUEST_TEXT`] bytes (on a character boundary).
+fn guest_text(mut text: String) -> String {
+    if text.len() > MAX_GUEST_TEXT {
+        let mut end = MAX_GUEST_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// The outcome of [`AgentClient::set_cpus_online`] for one CPU.
@@ -798,7 +822,7 @@ impl From<pb::CpuOnlineResult> for CpuOnlineResult {
         Self {
             cpu: r.cpu,
             online: r.online,
-            error: (!r.error.is_empty()).then_some(r.error),
+            error: (!r.error.is_empty()).then(|| guest_text(r.error)),
         }
     }
 }
@@ -1648,6 +1672,30 @@ mod tests {
             format_cpulist(&[u32::MAX, u32::MAX - 1]),
             "4294967294-4294967295"
         );
+    }
+
+    #[test]
+    fn test_cpu_event_from_a_hostile_guest_is_bounded() {
+        let wire = pb::CpuEvent {
+            kind: pb::CpuEventKind::OnlineFailed as i32,
+            cpu: Some(1),
+            online: vec![7; 1 << 20],
+            present: (0..1 << 20).collect(),
+            possible: vec![u32::MAX; 1 << 20],
+            has_enabled: true,
+            enabled: vec![0; 1 << 20],
+            error: "é".repeat(1 << 20),
+            monotonic_ns: u64::MAX,
+        };
+        let event = CpuEvent::from(wire);
+        assert_eq!(event.online.len(), MAX_CPU_LIST);
+        assert_eq!(event.present.len(), MAX_CPU_LIST);
+        assert_eq!(event.possible.len(), MAX_CPU_LIST);
+        assert_eq!(event.enabled.map(|e| e.len()), Some(MAX_CPU_LIST));
+        let error = event.error.expect("error kept");
+        assert!(error.len() <= MAX_GUEST_TEXT + "…".len(), "{}", error.len());
+        assert!(error.ends_with('…'));
+        assert_eq!(guest_text("short".into()), "short");
     }
 
     #[test]

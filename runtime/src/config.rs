@@ -14,6 +14,12 @@ pub const DEFAULT_PATH: &str = "/etc/accordion/config.toml";
 pub const VCPU_LIMIT: u32 = 512;
 /// Less guest memory than this cannot boot the agent.
 pub const MIN_MEMORY_MIB: u64 = 128;
+/// The most guest memory a VM can have (the VMM's address map).
+pub const MAX_MEMORY_MIB: u64 = accordion_vmm::config::MAX_MEMORY_MIB;
+/// Bounds of `console.max_kib`: enough for the tail an error message shows, and at most what a
+/// pod may take of /run (a tmpfs every pod and containerd share).
+pub const CONSOLE_MIN_KIB: u64 = 64;
+pub const CONSOLE_MAX_KIB: u64 = 256 * 1024;
 /// Bounds of `host.memory_overhead_mib`: below 32 MiB the VMM itself is OOM-killed.
 const MIN_HOST_OVERHEAD_MIB: u64 = 32;
 const MAX_HOST_OVERHEAD_MIB: u64 = 65_536;
@@ -107,6 +113,20 @@ pub struct MemoryConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self { default_mib: 512 }
+    }
+}
+
+/// The guest's serial console log (`/run/accordion/<name>/console.log` and `console.log.1`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// KiB both files may take together; the oldest half is dropped beyond it.
+    pub max_kib: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self { max_kib: 4096 }
     }
 }
 
@@ -233,6 +253,7 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     pub virtiofsd: VirtiofsdConfig,
     pub host: HostConfig,
+    pub console: ConsoleConfig,
     pub log_level: LogLevel,
 }
 
@@ -245,6 +266,7 @@ impl Default for Config {
             timeouts: TimeoutConfig::default(),
             virtiofsd: VirtiofsdConfig::default(),
             host: HostConfig::default(),
+            console: ConsoleConfig::default(),
             log_level: LogLevel::Info,
         }
     }
@@ -305,11 +327,18 @@ impl Config {
                 format!("must be vcpus.min ({}) to vcpus.max ({})", v.min, v.max),
             ));
         }
-        if self.memory.default_mib < MIN_MEMORY_MIB {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory.default_mib) {
             return Err(bad(
                 "memory.default_mib",
                 self.memory.default_mib.to_string(),
-                format!("must be at least {MIN_MEMORY_MIB}"),
+                format!("must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"),
+            ));
+        }
+        if !(CONSOLE_MIN_KIB..=CONSOLE_MAX_KIB).contains(&self.console.max_kib) {
+            return Err(bad(
+                "console.max_kib",
+                self.console.max_kib.to_string(),
+                format!("must be {CONSOLE_MIN_KIB} to {CONSOLE_MAX_KIB}"),
             ));
         }
         let h = &self.host;
@@ -362,6 +391,11 @@ impl Config {
     pub fn resize_timeout(&self) -> Duration {
         Duration::from_secs(self.timeouts.resize_secs)
     }
+
+    /// The cap of a sandbox's console log, bytes (`max_kib` is bounded by `validate`).
+    pub fn console_max_bytes(&self) -> u64 {
+        self.console.max_kib.saturating_mul(1024)
+    }
 }
 
 #[cfg(test)]
@@ -393,6 +427,8 @@ max = 16
 sizing_policy = "requests"
 [memory]
 default_mib = 1024
+[console]
+max_kib = 1024
 [timeouts]
 agent_ready_secs = 30
 agent_call_secs = 5
@@ -416,6 +452,7 @@ pids_max = 2048
                 pids_max: 2048
             }
         );
+        assert_eq!(c.console_max_bytes(), 1024 * 1024);
     }
 
     #[test]
@@ -434,6 +471,9 @@ pids_max = 2048
             ("[vcpus]\nmin = 9\nmax = 8\n", "vcpus.min"),
             ("[vcpus]\ndefault = 9\nmax = 8\n", "vcpus.default"),
             ("[memory]\ndefault_mib = 64\n", "memory.default_mib"),
+            ("[memory]\ndefault_mib = 1048577\n", "memory.default_mib"),
+            ("[console]\nmax_kib = 63\n", "console.max_kib"),
+            ("[console]\nmax_kib = 262145\n", "console.max_kib"),
             ("[timeouts]\nresize_secs = 0\n", "timeouts.resize_secs"),
             ("[guest]\nkernel = \"Image\"\n", "guest.kernel"),
             (
@@ -451,6 +491,8 @@ pids_max = 2048
         }
         assert!(parse("[vcpus]\nsizing_policy = \"most\"\n").is_err());
         assert!(parse("[vcpus]\nmax = -1\n").is_err());
+        assert!(parse("[console]\nmax_kib = -1\n").is_err());
+        assert!(parse("[console]\nmax_kib = 18446744073709551615\n").is_err());
         assert!(parse("log_level = \"loud\"\n").is_err());
     }
 

@@ -51,6 +51,7 @@ async fn boot(name: &str, extra_cmdline: &str) -> Sandbox {
         cgroups_path: None,
         cpu_limit_millis: None,
         host: Default::default(),
+        console_max_bytes: accordion_runtime::config::Config::default().console_max_bytes(),
     };
     Sandbox::boot(&spec).await.expect("boot")
 }

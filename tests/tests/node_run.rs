@@ -3,7 +3,9 @@
 //! virtio-vsock. Needs /dev/kvm and the guest assets; fails instead of skipping when
 //! ACCORDION_REQUIRE_KVM=1.
 
-use accordion_tests::{accordion, can_run, one_vm, run_dir_entries, share, text};
+use accordion_tests::{
+    accordion, accordion_with_stdin, assert_code, can_run, one_vm, run_dir_entries, share, text,
+};
 
 #[test]
 fn test_run_keeps_stdout_and_stderr_apart_and_propagates_exit_5() {
@@ -139,4 +141,53 @@ fn test_run_refuses_boot_vcpus_above_max() {
         text(&out.stderr)
     );
     assert!(!text(&out.stderr).is_empty());
+}
+
+/// The `vsock_peer` example of vmm-core (a test-only vsock client the node has on its PATH).
+fn vsock_peer() -> Vec<u8> {
+    let path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("vsock_peer"))
+        .find(|p| p.is_file())
+        .expect("vsock_peer on PATH (built with the workspace's examples)");
+    std::fs::read(path).expect("read vsock_peer")
+}
+
+#[test]
+fn test_run_guest_process_reaching_the_agent_over_vsock_loopback_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    // The minimal guest kernel has vsock's loopback transport built in (VSOCKETS_LOOPBACK=y, its
+    // Kconfig default), so a process in the guest can connect to the agent's port 1024 through
+    // CID 1 (loopback) or CID 3 (its own CID, also looped back). The agent must close those
+    // connections unanswered: served, they would get its SETTINGS frame at once and then every
+    // RPC, exec as root outside any container included. The connect itself succeeds (the
+    // kernel completes it before the agent's accept), which shows the port was reached.
+    let script = "cat > /tmp/vsock_peer && chmod +x /tmp/vsock_peer && \
+                  for cid in 1 3; do echo \"cid $cid\"; /tmp/vsock_peer connect $cid 1024 PRI 2>&1; \
+                  echo \"exit $?\"; done";
+    let out = accordion_with_stdin(&["run", "--", "sh", "-c", script], Some(&vsock_peer()));
+    assert_code(&out, 0);
+    let stdout = text(&out.stdout);
+    assert!(
+        !stdout.contains("connect:"),
+        "the port was not reached: {stdout}"
+    );
+    let replies: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with("cid ") && !l.starts_with("exit "))
+        .collect();
+    assert_eq!(replies.len(), 2, "{stdout}");
+    for reply in replies {
+        // EOF before any byte, or the agent's close seen as a reset or a broken pipe: never an
+        // answer (the agent's SETTINGS frame would show as bytes or as invalid UTF-8).
+        let closed =
+            reply.starts_with("vsock_peer: write:") || reply.starts_with("vsock_peer: read:");
+        assert!(
+            reply == "vsock_peer: reply="
+                || (closed && (reply.contains("reset") || reply.contains("Broken pipe"))),
+            "the agent answered a guest process: {stdout}"
+        );
+    }
 }

@@ -113,6 +113,7 @@ fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
         cgroups_path: None,
         cpu_limit_millis: None,
         host: config.host.clone(),
+        console_max_bytes: config.console_max_bytes(),
     }
 }
 

@@ -16,20 +16,51 @@ use crate::config::SizingPolicy;
 
 /// Shares kubelet gives a container without a CPU request (BestEffort).
 const MIN_SHARES: u64 = 2;
+/// The most shares the kernel takes (cgroup v1 `cpu.shares`; kubelet clamps to it too).
+const MAX_SHARES: u64 = 262_144;
 /// Shares per CPU.
 const SHARES_PER_CPU: u64 = 1024;
 /// Millicores per CPU.
 const MILLIS_PER_CPU: u64 = 1000;
+/// The kernel's bounds on a CFS period, µs (`cpu.cfs_period_us`, `cpu.max`).
+const MIN_PERIOD_US: u64 = 1_000;
+const MAX_PERIOD_US: u64 = 1_000_000;
+/// The kernel's largest CFS quota, µs (`max_cfs_runtime`: 2^44 - 1, about 203 days); it refuses
+/// more with EINVAL.
+const MAX_QUOTA_US: i64 = (1 << 44) - 1;
+/// runc's period when only a quota is given, µs.
+const DEFAULT_PERIOD_US: u64 = 100_000;
+/// Bytes per MiB.
+const MIB: u64 = 1 << 20;
 
-/// Errors of sizing.
+/// Errors of sizing. Each is the caller's bad input: the shim answers `InvalidArgument`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("Malformed LinuxResources: {0}")]
     Malformed(String),
-    #[error("CPU period {0} µs is invalid (must be 1000 to 1000000)")]
+    #[error("CPU period {0} µs is invalid (must be {MIN_PERIOD_US} to {MAX_PERIOD_US})")]
     Period(u64),
+    #[error(
+        "CPU quota {0} µs is invalid (must be at most {MAX_QUOTA_US}, or negative for no limit)"
+    )]
+    Quota(i64),
+    #[error("CPU shares {0} is invalid (must be at most {MAX_SHARES})")]
+    Shares(u64),
+    #[error("The pod's CPU resources add up to more than can be counted")]
+    Overflow,
     #[error("The pod needs {needed} vCPUs but the sandbox can have at most {max}")]
-    AboveMax { needed: u32, max: u32 },
+    AboveMax { needed: u64, max: u32 },
+    #[error("Memory limit {0} bytes is invalid (must be -1 for no limit, or positive)")]
+    MemoryLimit(i64),
+    #[error(
+        "Memory limit {limit} bytes exceeds the VM's memory ({vm_mib} MiB); accordion does not \
+         hotplug memory"
+    )]
+    MemoryAboveVm { limit: i64, vm_mib: u64 },
+    #[error(
+        "Memory limit {bytes} bytes needs a VM larger than the most a VM can have ({max_mib} MiB)"
+    )]
+    MemoryTooLarge { bytes: u64, max_mib: u64 },
 }
 
 /// One container's (or the pod's) CPU resources, in millicores.
@@ -63,18 +94,26 @@ impl CpuShape {
         period: Option<u64>,
         shares: Option<u64>,
     ) -> Result<Self, PolicyError> {
-        let limit_millis = match (quota, period) {
-            (Some(quota), period) if quota > 0 => {
-                // runc's default period when only a quota is given.
-                let period = period.unwrap_or(100_000);
-                if !(1_000..=1_000_000).contains(&period) {
+        // A negative quota is no limit: the kernel's rule (and runc's -1).
+        let limit_millis = match quota {
+            Some(quota) if quota > MAX_QUOTA_US => return Err(PolicyError::Quota(quota)),
+            Some(quota) if quota > 0 => {
+                let period = period.unwrap_or(DEFAULT_PERIOD_US);
+                if !(MIN_PERIOD_US..=MAX_PERIOD_US).contains(&period) {
                     return Err(PolicyError::Period(period));
                 }
-                Some((quota as u64 * MILLIS_PER_CPU).div_ceil(period))
+                // Bounded above: at most 2^44 × 1000, far below u64::MAX.
+                let quota = u64::try_from(quota).map_err(|_| PolicyError::Quota(quota))?;
+                let millis = quota
+                    .checked_mul(MILLIS_PER_CPU)
+                    .ok_or(PolicyError::Overflow)?
+                    .div_ceil(period);
+                Some(millis)
             }
             _ => None,
         };
         let request_millis = match shares {
+            Some(s) if s > MAX_SHARES => return Err(PolicyError::Shares(s)),
             Some(s) if s > MIN_SHARES => Some(s * MILLIS_PER_CPU / SHARES_PER_CPU),
             _ => None,
         };
@@ -95,9 +134,42 @@ impl CpuShape {
     }
 }
 
-/// kubelet's MilliCPUToShares: the shares a request of `millis` becomes.
+/// kubelet's MilliCPUToShares: the shares a request of `millis` becomes. Saturating is exact
+/// here: anything past the multiplication's range is past MAX_SHARES too.
 pub fn millis_to_shares(millis: u64) -> u64 {
-    (millis * SHARES_PER_CPU / MILLIS_PER_CPU).clamp(MIN_SHARES, 262_144)
+    (millis.saturating_mul(SHARES_PER_CPU) / MILLIS_PER_CPU).clamp(MIN_SHARES, MAX_SHARES)
+}
+
+/// Guest memory for a pod whose memory limit is `limit_bytes`: the limit in whole MiB plus the
+/// guest's own `overhead_mib`, within what a VM can have.
+pub fn guest_memory_mib(limit_bytes: u64, overhead_mib: u64) -> Result<u64, PolicyError> {
+    let max_mib = crate::config::MAX_MEMORY_MIB;
+    limit_bytes
+        .div_ceil(MIB)
+        .checked_add(overhead_mib)
+        .filter(|&mib| mib <= max_mib)
+        .ok_or(PolicyError::MemoryTooLarge {
+            bytes: limit_bytes,
+            max_mib,
+        })
+}
+
+/// Checks a container's memory limit (OCI `memory.limit`, bytes; -1 or 0 for none) against the
+/// memory of its VM, `vm_mib`: the VM cannot grow, so a larger limit could never be honoured.
+pub fn check_memory_limit(limit: Option<i64>, vm_mib: u64) -> Result<(), PolicyError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    if limit < -1 {
+        return Err(PolicyError::MemoryLimit(limit));
+    }
+    // A VM's memory is at most MAX_MEMORY_MIB, so this never saturates in practice; if it
+    // did, u64::MAX is still above every i64 limit, which is the right answer.
+    let vm_bytes = vm_mib.saturating_mul(MIB);
+    match u64::try_from(limit) {
+        Ok(bytes) if bytes > vm_bytes => Err(PolicyError::MemoryAboveVm { limit, vm_mib }),
+        _ => Ok(()),
+    }
 }
 
 /// Every container's CPU shape, and the pod's own when the sandbox set one.
@@ -118,13 +190,17 @@ impl PodCpu {
             .filter(|_| policy != SizingPolicy::Requests);
         let millis = match pod_limit {
             Some(limit) => limit,
-            None => self.containers.values().map(|c| c.counted(policy)).sum(),
+            None => self
+                .containers
+                .values()
+                .try_fold(0u64, |sum, c| sum.checked_add(c.counted(policy)))
+                .ok_or(PolicyError::Overflow)?,
         };
-        let needed = u32::try_from(millis.div_ceil(MILLIS_PER_CPU)).unwrap_or(u32::MAX);
-        if needed > max {
-            return Err(PolicyError::AboveMax { needed, max });
+        let needed = millis.div_ceil(MILLIS_PER_CPU);
+        match u32::try_from(needed) {
+            Ok(vcpus) if vcpus <= max => Ok(vcpus.max(min)),
+            _ => Err(PolicyError::AboveMax { needed, max }),
         }
-        Ok(needed.max(min))
     }
 
     /// The pod's CPU limit in millicores (what its host cgroup's cpu.max follows): its own when
@@ -294,5 +370,138 @@ mod tests {
         assert_eq!(one_unlimited.limit_millis(), None);
         assert_eq!(with_pod_limit.limit_millis(), Some(2000));
         assert_eq!(PodCpu::default().limit_millis(), None);
+    }
+
+    #[test]
+    fn test_huge_quota_is_refused_not_wrapped() {
+        assert_eq!(
+            CpuShape::from_cfs(Some(i64::MAX), Some(100_000), None),
+            Err(PolicyError::Quota(i64::MAX))
+        );
+        assert_eq!(
+            CpuShape::from_cfs(Some(MAX_QUOTA_US + 1), Some(1_000), None),
+            Err(PolicyError::Quota(MAX_QUOTA_US + 1))
+        );
+        // The largest quota the kernel takes, over the shortest period: counted exactly.
+        let shape = CpuShape::from_cfs(Some(MAX_QUOTA_US), Some(1_000), None).expect("kernel max");
+        assert_eq!(shape.limit_millis, Some(MAX_QUOTA_US as u64));
+        assert_eq!(
+            pod(&[shape]).target(LimitsThenRequests, 1, 512),
+            Err(PolicyError::AboveMax {
+                needed: (MAX_QUOTA_US as u64).div_ceil(1000),
+                max: 512
+            })
+        );
+    }
+
+    #[test]
+    fn test_negative_quota_is_no_limit_as_the_kernel_reads_it() {
+        for quota in [-1, -2, i64::MIN] {
+            let shape = CpuShape::from_cfs(Some(quota), Some(100_000), Some(1024)).expect("ok");
+            assert_eq!(shape.limit_millis, None, "quota {quota}");
+            assert_eq!(pod(&[shape]).target(LimitsThenRequests, 1, 8), Ok(1));
+        }
+    }
+
+    #[test]
+    fn test_out_of_range_periods_are_refused() {
+        for period in [0, 1, 999, 1_000_001, u64::MAX] {
+            assert_eq!(
+                CpuShape::from_cfs(Some(100_000), Some(period), None),
+                Err(PolicyError::Period(period)),
+                "period {period}"
+            );
+        }
+        // Quota 1 µs over the shortest period is 1 millicore: one vCPU.
+        let tiny = CpuShape::from_cfs(Some(1), Some(1_000), None).expect("ok");
+        assert_eq!(pod(&[tiny]).target(Limits, 1, 8), Ok(1));
+    }
+
+    /// runtime/fuzz/regressions/pod_resources/shares_times_1000_overflow: `shares × 1000`
+    /// overflowed (found by the pod_resources target).
+    #[test]
+    fn test_huge_shares_are_refused_and_the_kernel_max_counts() {
+        assert_eq!(
+            CpuShape::from_cfs(None, None, Some(u64::MAX)),
+            Err(PolicyError::Shares(u64::MAX))
+        );
+        assert_eq!(
+            CpuShape::from_cfs(None, None, Some(MAX_SHARES + 1)),
+            Err(PolicyError::Shares(MAX_SHARES + 1))
+        );
+        let max = CpuShape::from_cfs(None, None, Some(MAX_SHARES)).expect("kernel max");
+        assert_eq!(pod(&[max]).target(Requests, 1, 512), Ok(256));
+        assert!(CpuShape::from_resources_json(br#"{"cpu":{"shares":-1}}"#).is_err());
+    }
+
+    #[test]
+    fn test_sum_of_many_huge_limits_is_an_error_not_a_wrap() {
+        let huge = CpuShape {
+            limit_millis: Some(u64::MAX / 2 + 1),
+            request_millis: None,
+        };
+        assert_eq!(
+            pod(&[huge, huge]).target(Limits, 1, 512),
+            Err(PolicyError::Overflow)
+        );
+        let just_above = CpuShape {
+            limit_millis: Some(u64::from(u32::MAX) * 1000 + 1),
+            request_millis: None,
+        };
+        assert_eq!(
+            pod(&[just_above]).target(Limits, 1, 512),
+            Err(PolicyError::AboveMax {
+                needed: u64::from(u32::MAX) + 1,
+                max: 512
+            })
+        );
+    }
+
+    #[test]
+    fn test_millis_to_shares_saturates_to_the_kernel_max() {
+        assert_eq!(millis_to_shares(u64::MAX), MAX_SHARES);
+        assert_eq!(millis_to_shares(256_000), MAX_SHARES);
+    }
+
+    #[test]
+    fn test_guest_memory_adds_overhead_within_the_vm_maximum() {
+        assert_eq!(guest_memory_mib(1 << 30, 128), Ok(1024 + 128));
+        assert_eq!(guest_memory_mib(1, 128), Ok(129));
+        let max = crate::config::MAX_MEMORY_MIB;
+        assert_eq!(guest_memory_mib((max - 128) * MIB, 128), Ok(max));
+        for bytes in [(max - 127) * MIB, u64::MAX] {
+            assert_eq!(
+                guest_memory_mib(bytes, 128),
+                Err(PolicyError::MemoryTooLarge {
+                    bytes,
+                    max_mib: max
+                })
+            );
+        }
+        assert!(guest_memory_mib(u64::MAX, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn test_memory_limit_check_refuses_negative_and_above_the_vm() {
+        assert_eq!(check_memory_limit(None, 512), Ok(()));
+        assert_eq!(check_memory_limit(Some(-1), 512), Ok(()));
+        assert_eq!(check_memory_limit(Some(0), 512), Ok(()));
+        assert_eq!(check_memory_limit(Some(512 << 20), 512), Ok(()));
+        assert_eq!(
+            check_memory_limit(Some((512 << 20) + 1), 512),
+            Err(PolicyError::MemoryAboveVm {
+                limit: (512 << 20) + 1,
+                vm_mib: 512
+            })
+        );
+        for limit in [-2, i64::MIN] {
+            assert_eq!(
+                check_memory_limit(Some(limit), 512),
+                Err(PolicyError::MemoryLimit(limit))
+            );
+        }
+        assert!(check_memory_limit(Some(i64::MAX), 512).is_err());
+        // A VM size whose byte count would not fit a u64 still compares correctly.
+        assert_eq!(check_memory_limit(Some(i64::MAX), u64::MAX), Ok(()));
     }
 }

@@ -5,7 +5,9 @@
 
 pub mod owner;
 
-use std::fs::{DirBuilder, File};
+pub mod console;
+
+use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -123,6 +125,8 @@ pub struct SandboxSpec {
     pub memory_mib: u64,
     /// How long the agent may take to answer after the VM starts.
     pub agent_timeout: Duration,
+    /// The most the guest's console log may take on disk (`console.max_kib`).
+    pub console_max_bytes: u64,
     /// The host cgroup the VM is charged to: a pod's `linux.cgroupsPath`, or None for
     /// `accordion/<name>`.
     pub cgroups_path: Option<String>,
@@ -228,9 +232,8 @@ impl Sandbox {
         };
         let cgroup = host_cgroup_for(spec, &dir, cpu)?;
         let mut cgroup_cleanup = RemoveCgroupOnDrop(Some(cgroup));
-        let console_path = dir.join("console.log");
-        let console = File::create(&console_path)
-            .map_err(|e| SandboxError::StateDir(console_path.clone(), e))?;
+        let console = console::ConsoleLog::create(&dir, spec.console_max_bytes)
+            .map_err(|e| SandboxError::StateDir(dir.join(console::LOG_FILE), e))?;
         let vsock_path = dir.join("vsock.sock");
 
         let mut config = VmConfig::new(&spec.kernel);
@@ -261,20 +264,20 @@ impl Sandbox {
             tokio::select! {
                 r = &mut connect => {
                     break r.map_err(|source| SandboxError::Agent {
-                        console_tail: console_tail(&console_path),
+                        console_tail: console_tail(&dir),
                         source,
                     })?;
                 }
                 () = tokio::time::sleep(Duration::from_millis(100)) => {
                     if let Some(reason) = vm.wait_timeout(Duration::ZERO) {
-                        let console_tail = console_tail(&console_path);
+                        let console_tail = console_tail(&dir);
                         return Err(SandboxError::GuestStopped { reason, console_tail });
                     }
                 }
             }
         };
         agent.health().await.map_err(|source| SandboxError::Agent {
-            console_tail: console_tail(&console_path),
+            console_tail: console_tail(&dir),
             source,
         })?;
         let timings = BootTimings {
@@ -603,18 +606,9 @@ pub fn remove_orphaned_cgroup(dir: &Path) {
 }
 
 /// The last lines of a VM's console log: what a user needs when a guest fails to come up (the
-/// state directory holding the full log is removed on failure).
-fn console_tail(path: &Path) -> String {
-    const LINES: usize = 25;
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
-    if tail.trim().is_empty() {
-        "(console is empty)".to_string()
-    } else {
-        tail
-    }
+/// state directory holding the log is removed on failure).
+fn console_tail(dir: &Path) -> String {
+    console::tail(dir, 25)
 }
 
 struct RemoveDirOnDrop(Option<PathBuf>);

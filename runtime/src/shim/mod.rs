@@ -6,6 +6,11 @@
 //! `delete` (clean up after a daemon that died). All containers of a CRI pod share one daemon,
 //! chosen by the sandbox id in their annotations, like containerd's runc shim groups them.
 
+mod oom;
+// The fuzz targets (runtime/fuzz) decode runtime options directly; nothing else needs them.
+#[cfg(feature = "fuzzing")]
+pub mod options;
+#[cfg(not(feature = "fuzzing"))]
 mod options;
 pub mod pod;
 mod service;

@@ -44,11 +44,21 @@ pub enum OptionsError {
     Config(#[from] ConfigError),
 }
 
-/// The configuration for a pod: from the runtime options when they name one, else the default
-/// file (ACCORDION_CONFIG or /etc/accordion/config.toml).
-pub fn runtime_config(options: Option<&Any>) -> Result<Config, OptionsError> {
+/// Where a pod's configuration comes from, as the runtime options say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// ACCORDION_CONFIG, else /etc/accordion/config.toml.
+    Default,
+    /// `ConfigBody`: TOML, inline.
+    Body(String),
+    /// `ConfigPath`: a file.
+    Path(PathBuf),
+}
+
+/// Decodes containerd's runtime options into where the configuration comes from; touches no file.
+pub fn config_source(options: Option<&Any>) -> Result<ConfigSource, OptionsError> {
     let Some(any) = options.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
-        return Ok(Config::load_default()?);
+        return Ok(ConfigSource::Default);
     };
     let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
     if type_name != RUNTIME_OPTIONS_TYPE {
@@ -56,19 +66,30 @@ pub fn runtime_config(options: Option<&Any>) -> Result<Config, OptionsError> {
     }
     let options = RuntimeOptions::decode(any.value.as_slice())?;
     if !options.config_body.trim().is_empty() {
-        return Ok(Config::parse(
-            Path::new("<runtime option ConfigBody>"),
-            &options.config_body,
-        )?);
+        return Ok(ConfigSource::Body(options.config_body));
     }
     if !options.config_path.is_empty() {
-        let path = PathBuf::from(&options.config_path);
-        if !path.exists() {
-            return Err(OptionsError::MissingConfig(path));
-        }
-        return Ok(Config::load(&path)?);
+        return Ok(ConfigSource::Path(PathBuf::from(options.config_path)));
     }
-    Ok(Config::load_default()?)
+    Ok(ConfigSource::Default)
+}
+
+/// The configuration for a pod: from the runtime options when they name one, else the default
+/// file (ACCORDION_CONFIG or /etc/accordion/config.toml).
+pub fn runtime_config(options: Option<&Any>) -> Result<Config, OptionsError> {
+    match config_source(options)? {
+        ConfigSource::Default => Ok(Config::load_default()?),
+        ConfigSource::Body(body) => Ok(Config::parse(
+            Path::new("<runtime option ConfigBody>"),
+            &body,
+        )?),
+        ConfigSource::Path(path) => {
+            if !path.exists() {
+                return Err(OptionsError::MissingConfig(path));
+            }
+            Ok(Config::load(&path)?)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +122,28 @@ mod tests {
         );
         let e = crate::error_chain(&runtime_config(Some(&bad)).unwrap_err());
         assert!(e.contains("bogus_key"), "{e}");
+    }
+
+    #[test]
+    fn test_config_source_body_wins_over_path_and_empty_is_default() {
+        let both = any(
+            "runtimeoptions.v1.Options",
+            &opts("/etc/x.toml", "log_level = \"warn\"\n"),
+        );
+        assert_eq!(
+            config_source(Some(&both)).unwrap(),
+            ConfigSource::Body("log_level = \"warn\"\n".into())
+        );
+        let path = any("runtimeoptions.v1.Options", &opts("/etc/x.toml", "  \n"));
+        assert_eq!(
+            config_source(Some(&path)).unwrap(),
+            ConfigSource::Path("/etc/x.toml".into())
+        );
+        assert_eq!(config_source(None).unwrap(), ConfigSource::Default);
+        assert_eq!(
+            config_source(Some(&Any::default())).unwrap(),
+            ConfigSource::Default
+        );
     }
 
     #[test]

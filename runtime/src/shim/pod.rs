@@ -29,7 +29,6 @@ const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
 /// usable by the containers.
 const GUEST_OVERHEAD_MIB: u64 = 128;
-const MIB: u64 = 1 << 20;
 
 /// Errors of a pod's host side.
 #[derive(Debug, thiserror::Error)]
@@ -98,9 +97,8 @@ impl PodSize {
             }
         };
         let memory_mib = match resources.memory_bytes {
-            Some(bytes) => {
-                (bytes.div_ceil(MIB) + GUEST_OVERHEAD_MIB).max(config.memory.default_mib)
-            }
+            Some(bytes) => crate::resize::policy::guest_memory_mib(bytes, GUEST_OVERHEAD_MIB)?
+                .max(config.memory.default_mib),
             None => config.memory.default_mib,
         };
         Ok(Self { vcpus, memory_mib })
@@ -253,6 +251,7 @@ impl Pod {
             cgroups_path: placement.cgroups_path.clone(),
             cpu_limit_millis: placement.cpu_limit_millis,
             host: config.host.clone(),
+            console_max_bytes: config.console_max_bytes(),
         };
         let mut virtiofsd_pid = 0;
         let mut virtiofsd_exit = None;
@@ -558,5 +557,37 @@ mod tests {
             ..r
         };
         assert!(PodSize::of(&too_big, &config).is_err());
+    }
+
+    /// runtime/fuzz/regressions/guest_spec/sandbox_quota_i64_max.json: a sandbox annotation
+    /// quota of i64::MAX overflowed `quota × 1000`.
+    #[test]
+    fn test_pod_size_huge_values_are_sizing_errors_not_wraps() {
+        let config = Config::default();
+        for r in [
+            SandboxResources {
+                cpu_quota: Some(i64::MAX),
+                cpu_period: Some(100_000),
+                ..Default::default()
+            },
+            SandboxResources {
+                cpu_quota: Some(100_000),
+                cpu_period: Some(1),
+                ..Default::default()
+            },
+            SandboxResources {
+                cpu_shares: Some(u64::MAX),
+                ..Default::default()
+            },
+            SandboxResources {
+                memory_bytes: Some(u64::MAX),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(PodSize::of(&r, &config), Err(PodError::Sizing(_))),
+                "{r:?}"
+            );
+        }
     }
 }

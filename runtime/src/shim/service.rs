@@ -312,7 +312,7 @@ impl Service {
             publisher: Arc::new(publisher),
             exit,
             pod: tokio::sync::Mutex::new(None),
-            containers: Arc::new(Mutex::new(HashMap::new())),
+            containers: Arc::default(),
             cpu: Mutex::new(PodCpu::default()),
             resizing: tokio::sync::Mutex::new(()),
             oom_events: Mutex::new(None),
@@ -829,38 +829,15 @@ impl Service {
         container.role == Role::Sandbox
     }
 
-    /// Publishes TaskOOM for every OOM kill the agent reports.
+    /// Publishes TaskOOM for the OOM kills the agent reports in this pod's containers.
     fn forward_ooms(&self, agent: AgentClient) -> JoinHandle<()> {
-        let publisher = Arc::clone(&self.publisher);
-        let namespace = self.namespace.clone();
-        tokio::spawn(async move {
-            let mut watch = match agent.watch_oom().await {
-                Ok(watch) => watch,
-                Err(e) => {
-                    log::warn!("no OOM events from the guest: {}", error_chain(&e));
-                    return;
-                }
-            };
-            while let Ok(Some(container_id)) = watch.next().await {
-                log::info!("container {container_id}: the guest kernel OOM-killed a process");
-                let event = ev::TaskOOM {
-                    container_id,
-                    ..Default::default()
-                };
-                let ctx = ttrpc::context::Context::default();
-                if let Err(e) = publisher
-                    .publish(
-                        ctx,
-                        topics::TASK_OOM_EVENT_TOPIC,
-                        &namespace,
-                        Box::new(event),
-                    )
-                    .await
-                {
-                    log::warn!("cannot publish an OOM event: {e}");
-                }
-            }
-        })
+        let containers = Arc::clone(&self.containers);
+        super::oom::forward(
+            agent,
+            Arc::clone(&self.publisher),
+            self.namespace.clone(),
+            move |id| lock(&containers).contains_key(id),
+        )
     }
 
     /// The pod's death watch: when its VM stops (a guest panic, a vCPU failure) or virtiofsd
@@ -1391,15 +1368,9 @@ impl Task for Service {
             .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
         let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
         let (pod, config) = self.running_pod().await?;
-        let vm_bytes = pod.sandbox.memory_mib() << 20;
-        if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
-            if u64::try_from(limit).is_ok_and(|l| l > vm_bytes) {
-                return Err(invalid(format!(
-                    "memory limit {limit} bytes exceeds the VM's memory ({} MiB); accordion does not hotplug memory",
-                    pod.sandbox.memory_mib()
-                )));
-            }
-        }
+        let limit = resources.memory().as_ref().and_then(|m| m.limit());
+        crate::resize::policy::check_memory_limit(limit, pod.sandbox.memory_mib())
+            .map_err(|e| invalid(e.to_string()))?;
         if container.id == self.id && self.is_sandbox_container(&container) {
             // The pause container: its cgroup only, the pod's size follows its containers.
             return pod

@@ -1,0 +1,316 @@
+//! The guest's serial console on the host: a log capped on disk, and a bounded read of its tail.
+//!
+//! The guest writes its console at will (a hostile one floods it), and the log lives under /run,
+//! a tmpfs shared with containerd and every other pod. So the log is two files that together
+//! never exceed the configured cap: `console.log` takes writes until the next one would pass half
+//! the cap, then it becomes `console.log.1` (replacing the older half) and a new `console.log`
+//! starts. What a user reads in an error message is only the tail, read from the ends of those
+//! files with a fixed-size buffer.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The current half of the log, in a sandbox's state directory.
+pub const LOG_FILE: &str = "console.log";
+/// The previous half.
+pub const ROTATED_FILE: &str = "console.log.1";
+
+/// How many bytes of the log's end an error message reads at most.
+pub const TAIL_BYTES: usize = 16 * 1024;
+
+/// A console log of at most `max_bytes` on disk (both files together).
+#[derive(Debug)]
+pub struct ConsoleLog {
+    path: PathBuf,
+    rotated: PathBuf,
+    /// `None` after a rotation failed: output is dropped rather than written past the cap.
+    file: Option<File>,
+    /// Bytes in `file`.
+    len: u64,
+    /// The most one file may hold: half the cap.
+    half: u64,
+}
+
+impl ConsoleLog {
+    /// Creates (truncates) `dir/console.log` and removes a stale `console.log.1`. `max_bytes` is
+    /// the cap of both files together; odd bytes are not used.
+    pub fn create(dir: &Path, max_bytes: u64) -> io::Result<Self> {
+        let path = dir.join(LOG_FILE);
+        let rotated = dir.join(ROTATED_FILE);
+        match std::fs::remove_file(&rotated) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let file = open_new(&path)?;
+        Ok(Self {
+            path,
+            rotated,
+            file: Some(file),
+            len: 0,
+            half: max_bytes / 2,
+        })
+    }
+
+    /// Moves the current half aside and starts a new one.
+    fn rotate(&mut self) -> io::Result<()> {
+        // Closed first: the file is gone from us whatever happens next, so a failure below
+        // leaves no file to write to and nothing is written past the cap.
+        self.file = None;
+        std::fs::rename(&self.path, &self.rotated)?;
+        self.file = Some(open_new(&self.path)?);
+        self.len = 0;
+        Ok(())
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.half == 0 {
+            return Ok(buf.len());
+        }
+        // One write bigger than a half keeps only its end (never the case for the UART, which
+        // writes a byte at a time).
+        let half = usize::try_from(self.half).unwrap_or(usize::MAX);
+        let data = &buf[buf.len().saturating_sub(half)..];
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        if self.len.saturating_add(len) > self.half {
+            self.rotate()?;
+        }
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the console log could not be rotated"))?;
+        file.write_all(data)?;
+        self.len += len;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new, empty log file, owner-only; never through a symlink.
+fn open_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// The last `lines` lines of the console log in `dir`, read from at most [`TAIL_BYTES`] of the
+/// files' ends: what a user needs when a guest fails to come up. Control characters the guest
+/// wrote are shown escaped, so the text is safe to print on a terminal.
+pub fn tail(dir: &Path, lines: usize) -> String {
+    let mut window = vec![0u8; TAIL_BYTES];
+    let (newest, newest_size) = read_end(&dir.join(LOG_FILE), &mut window);
+    window.truncate(newest);
+    // A short newest half is preceded by the end of the older one.
+    let mut older = vec![0u8; TAIL_BYTES - newest];
+    let (got, older_size) = read_end(&dir.join(ROTATED_FILE), &mut older);
+    older.truncate(got);
+    older.extend_from_slice(&window);
+    let mut bytes = older.as_slice();
+    let cut = newest_size.saturating_add(older_size) > u64::try_from(bytes.len()).unwrap_or(0);
+    if cut {
+        // The window began inside a line: that fragment is not a line the guest wrote.
+        if let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+            bytes = &bytes[nl + 1..];
+        }
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let mut kept: Vec<String> = text.lines().rev().take(lines).map(printable).collect();
+    kept.reverse();
+    let tail = kept.join("\n");
+    if tail.trim().is_empty() {
+        "(console is empty)".to_string()
+    } else {
+        tail
+    }
+}
+
+/// Reads the last `buf.len()` bytes of `path` (fewer if it is shorter) into the start of `buf`.
+/// Returns how many, and the file's size. A missing or unreadable file reads as empty.
+fn read_end(path: &Path, buf: &mut [u8]) -> (usize, u64) {
+    let Ok(mut file) = File::open(path) else {
+        return (0, 0);
+    };
+    let Ok(size) = file.metadata().map(|m| m.len()) else {
+        return (0, 0);
+    };
+    let want = u64::try_from(buf.len()).unwrap_or(u64::MAX).min(size);
+    if file.seek(SeekFrom::Start(size - want)).is_err() {
+        return (0, size);
+    }
+    let want = usize::try_from(want).unwrap_or(buf.len());
+    let mut got = 0;
+    while got < want {
+        match file.read(&mut buf[got..want]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    (got, size)
+}
+
+/// `line` with carriage returns dropped and other control characters escaped.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        match c {
+            '\r' => {}
+            '\t' => out.push(c),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory for one test, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("accordion-console-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn on_disk(dir: &Path) -> u64 {
+        [LOG_FILE, ROTATED_FILE]
+            .iter()
+            .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    #[test]
+    fn test_console_flood_byte_by_byte_never_exceeds_the_cap_and_keeps_newest_lines() {
+        let dir = TempDir::new("flood");
+        const CAP: u64 = 64 * 1024;
+        let mut log = ConsoleLog::create(&dir.0, CAP).expect("create");
+        let mut largest = 0;
+        // 2 MiB of lines, 32x the cap, one byte per write as the UART writes them.
+        for i in 0..60_000u32 {
+            for byte in format!("guest line {i:08} xxxxxxxxxxxxxxx\r\n").bytes() {
+                assert_eq!(log.write(&[byte]).expect("write"), 1);
+            }
+            if i % 64 == 0 {
+                largest = largest.max(on_disk(&dir.0));
+            }
+        }
+        largest = largest.max(on_disk(&dir.0));
+        assert!(largest <= CAP, "{largest} bytes on disk, cap {CAP}");
+        assert!(largest > CAP / 2, "the older half was not kept: {largest}");
+        assert_eq!(
+            tail(&dir.0, 3),
+            "guest line 00059997 xxxxxxxxxxxxxxx\n\
+             guest line 00059998 xxxxxxxxxxxxxxx\n\
+             guest line 00059999 xxxxxxxxxxxxxxx"
+        );
+    }
+
+    #[test]
+    fn test_console_tail_joins_the_rotated_half_and_the_new_one() {
+        let dir = TempDir::new("join");
+        // Halves of 40 bytes: the third line starts a new file.
+        let mut log = ConsoleLog::create(&dir.0, 80).expect("create");
+        for line in ["one 0123456789\n", "two 0123456789\n", "three 01234567\n"] {
+            log.write_all(line.as_bytes()).expect("write");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.0.join(ROTATED_FILE)).expect("rotated"),
+            "one 0123456789\ntwo 0123456789\n"
+        );
+        assert_eq!(
+            tail(&dir.0, 25),
+            "one 0123456789\ntwo 0123456789\nthree 01234567"
+        );
+        assert_eq!(tail(&dir.0, 1), "three 01234567");
+    }
+
+    #[test]
+    fn test_console_write_larger_than_half_keeps_its_end() {
+        let dir = TempDir::new("big-write");
+        let mut log = ConsoleLog::create(&dir.0, 16).expect("create");
+        let data = b"0123456789abcdefXYZW\n";
+        assert_eq!(log.write(data).expect("write"), data.len());
+        assert!(on_disk(&dir.0) <= 16);
+        assert_eq!(tail(&dir.0, 5), "defXYZW");
+    }
+
+    #[test]
+    fn test_console_tail_of_a_huge_log_reads_only_its_end() {
+        let dir = TempDir::new("huge");
+        // A 1 TiB (sparse) log: reading it whole could not even be allocated.
+        let mut file = File::create(dir.0.join(LOG_FILE)).expect("create");
+        file.set_len(1 << 40).expect("sparse file");
+        file.seek(SeekFrom::End(0)).expect("seek");
+        file.write_all(b"\nKernel panic - not syncing: VFS\n---[ end ]---\n")
+            .expect("write");
+        assert_eq!(
+            tail(&dir.0, 2),
+            "Kernel panic - not syncing: VFS\n---[ end ]---"
+        );
+    }
+
+    #[test]
+    fn test_console_tail_drops_a_line_cut_by_the_window() {
+        let dir = TempDir::new("cut");
+        let long = "x".repeat(TAIL_BYTES);
+        std::fs::write(dir.0.join(LOG_FILE), format!("{long}\nlast\n")).expect("write");
+        assert_eq!(tail(&dir.0, 25), "last");
+    }
+
+    #[test]
+    fn test_console_tail_escapes_control_characters() {
+        let dir = TempDir::new("escape");
+        std::fs::write(
+            dir.0.join(LOG_FILE),
+            "ok\r\n\x1b[2J\x1b]0;owned\x07title\tend\r\n",
+        )
+        .expect("write");
+        assert_eq!(
+            tail(&dir.0, 25),
+            "ok\n\\u{1b}[2J\\u{1b}]0;owned\\u{7}title\tend"
+        );
+    }
+
+    #[test]
+    fn test_console_tail_of_missing_or_empty_log_says_empty() {
+        let dir = TempDir::new("empty");
+        assert_eq!(tail(&dir.0, 25), "(console is empty)");
+        ConsoleLog::create(&dir.0, 1024).expect("create");
+        assert_eq!(tail(&dir.0, 25), "(console is empty)");
+    }
+
+    #[test]
+    fn test_console_create_removes_a_stale_rotated_half() {
+        let dir = TempDir::new("stale");
+        std::fs::write(dir.0.join(ROTATED_FILE), "old boot\n").expect("write");
+        let mut log = ConsoleLog::create(&dir.0, 1024).expect("create");
+        log.write_all(b"new boot\n").expect("write");
+        assert_eq!(tail(&dir.0, 25), "new boot");
+    }
+}
