@@ -5,7 +5,7 @@
 
 pub mod owner;
 
-pub mod console;
+pub mod capped_log;
 
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStringExt;
 use accordion_share::remove_dir_unless_mounted;
 use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
 
+use self::capped_log::CappedLog;
 use self::owner::OwnerLock;
 use crate::host_cgroup::{self, HostCgroup};
 
@@ -61,6 +62,8 @@ pub fn control_socket(name: &str) -> PathBuf {
 
 /// File names inside a sandbox's state directory.
 pub(crate) const CONTROL_SOCKET: &str = "control.sock";
+/// The guest's serial console (and `console.log.1`, its older half).
+pub const CONSOLE_LOG: &str = "console.log";
 /// The host cgroup's directory, for the cleanup of a sandbox whose owner died.
 pub(crate) const CGROUP_FILE: &str = "cgroup";
 
@@ -232,8 +235,8 @@ impl Sandbox {
         };
         let cgroup = host_cgroup_for(spec, &dir, cpu)?;
         let mut cgroup_cleanup = RemoveCgroupOnDrop(Some(cgroup));
-        let console = console::ConsoleLog::create(&dir, spec.console_max_bytes)
-            .map_err(|e| SandboxError::StateDir(dir.join(console::LOG_FILE), e))?;
+        let console = CappedLog::create(&dir.join(CONSOLE_LOG), spec.console_max_bytes)
+            .map_err(|e| SandboxError::StateDir(dir.join(CONSOLE_LOG), e))?;
         let vsock_path = dir.join("vsock.sock");
 
         let mut config = VmConfig::new(&spec.kernel);
@@ -608,7 +611,7 @@ pub fn remove_orphaned_cgroup(dir: &Path) {
 /// The last lines of a VM's console log: what a user needs when a guest fails to come up (the
 /// state directory holding the log is removed on failure).
 fn console_tail(dir: &Path) -> String {
-    console::tail(dir, 25)
+    capped_log::tail(&dir.join(CONSOLE_LOG), 25)
 }
 
 struct RemoveDirOnDrop(Option<PathBuf>);

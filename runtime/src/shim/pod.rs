@@ -21,11 +21,15 @@ use crate::config::Config;
 use crate::network::{self, NetworkError, PodNetwork};
 use crate::pidfd::PidFd;
 use crate::resize::policy::{CpuShape, PodCpu};
+use crate::sandbox::capped_log::{self, CappedLog};
 use crate::sandbox::{self, Devices, Sandbox, SandboxError, SandboxSpec};
 
 /// The virtio-fs tag of the pod's share; the guest agent mounts it (`accordion.share=`).
 pub const SHARE_TAG: &str = "accordion";
 const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+/// virtiofsd's log on /run, both halves together.
+const VIRTIOFSD_LOG_MAX_BYTES: u64 = 1 << 20;
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
 /// usable by the containers.
 const GUEST_OVERHEAD_MIB: u64 = 128;
@@ -115,9 +119,14 @@ struct Virtiofsd {
 impl Virtiofsd {
     fn spawn(config: &Config, dir: &Path, share: &Path) -> Result<Self, PodError> {
         let socket = dir.join(VIRTIOFSD_SOCKET);
-        let log_path = dir.join("virtiofsd.log");
-        let log = File::create(&log_path).map_err(|e| PodError::Dir(log_path.clone(), e))?;
-        let log2 = log
+        let log_path = dir.join(VIRTIOFSD_LOG);
+        // virtiofsd's output goes through a pipe into a capped log: the guest's requests can make
+        // it write (errors per request), and the log is on /run like the console.
+        let mut log = CappedLog::create(&log_path, VIRTIOFSD_LOG_MAX_BYTES)
+            .map_err(|e| PodError::Dir(log_path.clone(), e))?;
+        let (read_end, write_end) =
+            nix::unistd::pipe().map_err(|e| PodError::Dir(log_path.clone(), e.into()))?;
+        let write_end2 = write_end
             .try_clone()
             .map_err(|e| PodError::Dir(log_path.clone(), e))?;
         let path = &config.virtiofsd.path;
@@ -134,8 +143,8 @@ impl Virtiofsd {
             .args(["--sandbox", "namespace", "--announce-submounts"])
             .args(["--cache", config.virtiofsd.cache.as_arg()])
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(write_end)
+            .stderr(write_end2);
         // SAFETY: between fork and exec, prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             command.pre_exec(|| {
@@ -148,7 +157,19 @@ impl Virtiofsd {
             path: path.clone(),
             source,
         })?;
+        // Our copies of the pipe's write end go with the command, so the copier sees EOF (and
+        // ends) when virtiofsd and its server have exited.
+        drop(command);
         let mut me = Self { child };
+        let mut read_end = File::from(read_end);
+        let copier = std::thread::Builder::new()
+            .name("virtiofsd-log".into())
+            .spawn(move || {
+                let _ = std::io::copy(&mut read_end, &mut log);
+            });
+        if let Err(e) = copier {
+            return Err(PodError::Dir(log_path, e));
+        }
         let limit = Duration::from_secs(20);
         let deadline = Instant::now() + limit;
         // The socket file appears at bind(), before listen(): wait until it listens, or the VMM's
@@ -159,7 +180,7 @@ impl Virtiofsd {
                 return Err(PodError::VirtiofsdSocket {
                     socket,
                     after: limit,
-                    log: std::fs::read_to_string(&log_path).unwrap_or_default(),
+                    log: capped_log::tail(&log_path, 25),
                 });
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -1,28 +1,32 @@
-//! The guest's serial console on the host: a log capped on disk, and a bounded read of its tail.
+//! Logs a guest fills at will, capped on disk, and a bounded read of their tail: the guest's
+//! serial console, and virtiofsd's output (which the guest's requests can make it write).
 //!
-//! The guest writes its console at will (a hostile one floods it), and the log lives under /run,
-//! a tmpfs shared with containerd and every other pod. So the log is two files that together
-//! never exceed the configured cap: `console.log` takes writes until the next one would pass half
-//! the cap, then it becomes `console.log.1` (replacing the older half) and a new `console.log`
-//! starts. What a user reads in an error message is only the tail, read from the ends of those
-//! files with a fixed-size buffer.
+//! The guest writes its console at will (a hostile one floods it), and the logs live under /run,
+//! a tmpfs shared with containerd and every other pod. So a log is two files that together never
+//! exceed the configured cap: `<name>` takes writes until the next one would pass half the cap,
+//! then it becomes `<name>.1` (replacing the older half) and a new `<name>` starts. What a user
+//! reads in an error message is only the tail, read from the ends of those files with a
+//! fixed-size buffer.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// The current half of the log, in a sandbox's state directory.
-pub const LOG_FILE: &str = "console.log";
-/// The previous half.
-pub const ROTATED_FILE: &str = "console.log.1";
-
-/// How many bytes of the log's end an error message reads at most.
+/// How many bytes of a log's end an error message reads at most.
 pub const TAIL_BYTES: usize = 16 * 1024;
 
-/// A console log of at most `max_bytes` on disk (both files together).
+/// The older half of the log at `path`: `<path>.1`.
+fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// A log of at most `max_bytes` on disk (both files together).
 #[derive(Debug)]
-pub struct ConsoleLog {
+pub struct CappedLog {
     path: PathBuf,
     rotated: PathBuf,
     /// `None` after a rotation failed: output is dropped rather than written past the cap.
@@ -33,12 +37,12 @@ pub struct ConsoleLog {
     half: u64,
 }
 
-impl ConsoleLog {
-    /// Creates (truncates) `dir/console.log` and removes a stale `console.log.1`. `max_bytes` is
-    /// the cap of both files together; odd bytes are not used.
-    pub fn create(dir: &Path, max_bytes: u64) -> io::Result<Self> {
-        let path = dir.join(LOG_FILE);
-        let rotated = dir.join(ROTATED_FILE);
+impl CappedLog {
+    /// Creates (truncates) the log at `path` and removes a stale `<path>.1`. `max_bytes` is the
+    /// cap of both files together; odd bytes are not used.
+    pub fn create(path: &Path, max_bytes: u64) -> io::Result<Self> {
+        let path = path.to_owned();
+        let rotated = rotated_path(&path);
         match std::fs::remove_file(&rotated) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -66,7 +70,7 @@ impl ConsoleLog {
     }
 }
 
-impl Write for ConsoleLog {
+impl Write for CappedLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.half == 0 {
             return Ok(buf.len());
@@ -82,7 +86,7 @@ impl Write for ConsoleLog {
         let file = self
             .file
             .as_mut()
-            .ok_or_else(|| io::Error::other("the console log could not be rotated"))?;
+            .ok_or_else(|| io::Error::other("the log could not be rotated"))?;
         file.write_all(data)?;
         self.len += len;
         Ok(buf.len())
@@ -104,16 +108,16 @@ fn open_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The last `lines` lines of the console log in `dir`, read from at most [`TAIL_BYTES`] of the
-/// files' ends: what a user needs when a guest fails to come up. Control characters the guest
-/// wrote are shown escaped, so the text is safe to print on a terminal.
-pub fn tail(dir: &Path, lines: usize) -> String {
+/// The last `lines` lines of the log at `path`, read from at most [`TAIL_BYTES`] of the files'
+/// ends: what a user needs when a guest fails to come up. Control characters the guest wrote are
+/// shown escaped, so the text is safe to print on a terminal.
+pub fn tail(path: &Path, lines: usize) -> String {
     let mut window = vec![0u8; TAIL_BYTES];
-    let (newest, newest_size) = read_end(&dir.join(LOG_FILE), &mut window);
+    let (newest, newest_size) = read_end(path, &mut window);
     window.truncate(newest);
     // A short newest half is preceded by the end of the older one.
     let mut older = vec![0u8; TAIL_BYTES - newest];
-    let (got, older_size) = read_end(&dir.join(ROTATED_FILE), &mut older);
+    let (got, older_size) = read_end(&rotated_path(path), &mut older);
     older.truncate(got);
     older.extend_from_slice(&window);
     let mut bytes = older.as_slice();
@@ -129,7 +133,7 @@ pub fn tail(dir: &Path, lines: usize) -> String {
     kept.reverse();
     let tail = kept.join("\n");
     if tail.trim().is_empty() {
-        "(console is empty)".to_string()
+        "(the log is empty)".to_string()
     } else {
         tail
     }
@@ -192,16 +196,23 @@ mod tests {
         }
     }
 
+    impl TempDir {
+        /// The log under test.
+        fn log(&self) -> PathBuf {
+            self.0.join("console.log")
+        }
+    }
+
     impl Drop for TempDir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
-    fn on_disk(dir: &Path) -> u64 {
-        [LOG_FILE, ROTATED_FILE]
+    fn on_disk(dir: &TempDir) -> u64 {
+        [dir.log(), rotated_path(&dir.log())]
             .iter()
-            .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+            .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
             .sum()
     }
 
@@ -209,7 +220,7 @@ mod tests {
     fn test_console_flood_byte_by_byte_never_exceeds_the_cap_and_keeps_newest_lines() {
         let dir = TempDir::new("flood");
         const CAP: u64 = 64 * 1024;
-        let mut log = ConsoleLog::create(&dir.0, CAP).expect("create");
+        let mut log = CappedLog::create(&dir.log(), CAP).expect("create");
         let mut largest = 0;
         // 2 MiB of lines, 32x the cap, one byte per write as the UART writes them.
         for i in 0..60_000u32 {
@@ -217,14 +228,14 @@ mod tests {
                 assert_eq!(log.write(&[byte]).expect("write"), 1);
             }
             if i % 64 == 0 {
-                largest = largest.max(on_disk(&dir.0));
+                largest = largest.max(on_disk(&dir));
             }
         }
-        largest = largest.max(on_disk(&dir.0));
+        largest = largest.max(on_disk(&dir));
         assert!(largest <= CAP, "{largest} bytes on disk, cap {CAP}");
         assert!(largest > CAP / 2, "the older half was not kept: {largest}");
         assert_eq!(
-            tail(&dir.0, 3),
+            tail(&dir.log(), 3),
             "guest line 00059997 xxxxxxxxxxxxxxx\n\
              guest line 00059998 xxxxxxxxxxxxxxx\n\
              guest line 00059999 xxxxxxxxxxxxxxx"
@@ -235,42 +246,42 @@ mod tests {
     fn test_console_tail_joins_the_rotated_half_and_the_new_one() {
         let dir = TempDir::new("join");
         // Halves of 40 bytes: the third line starts a new file.
-        let mut log = ConsoleLog::create(&dir.0, 80).expect("create");
+        let mut log = CappedLog::create(&dir.log(), 80).expect("create");
         for line in ["one 0123456789\n", "two 0123456789\n", "three 01234567\n"] {
             log.write_all(line.as_bytes()).expect("write");
         }
         assert_eq!(
-            std::fs::read_to_string(dir.0.join(ROTATED_FILE)).expect("rotated"),
+            std::fs::read_to_string(rotated_path(&dir.log())).expect("rotated"),
             "one 0123456789\ntwo 0123456789\n"
         );
         assert_eq!(
-            tail(&dir.0, 25),
+            tail(&dir.log(), 25),
             "one 0123456789\ntwo 0123456789\nthree 01234567"
         );
-        assert_eq!(tail(&dir.0, 1), "three 01234567");
+        assert_eq!(tail(&dir.log(), 1), "three 01234567");
     }
 
     #[test]
     fn test_console_write_larger_than_half_keeps_its_end() {
         let dir = TempDir::new("big-write");
-        let mut log = ConsoleLog::create(&dir.0, 16).expect("create");
+        let mut log = CappedLog::create(&dir.log(), 16).expect("create");
         let data = b"0123456789abcdefXYZW\n";
         assert_eq!(log.write(data).expect("write"), data.len());
-        assert!(on_disk(&dir.0) <= 16);
-        assert_eq!(tail(&dir.0, 5), "defXYZW");
+        assert!(on_disk(&dir) <= 16);
+        assert_eq!(tail(&dir.log(), 5), "defXYZW");
     }
 
     #[test]
     fn test_console_tail_of_a_huge_log_reads_only_its_end() {
         let dir = TempDir::new("huge");
         // A 1 TiB (sparse) log: reading it whole could not even be allocated.
-        let mut file = File::create(dir.0.join(LOG_FILE)).expect("create");
+        let mut file = File::create(dir.log()).expect("create");
         file.set_len(1 << 40).expect("sparse file");
         file.seek(SeekFrom::End(0)).expect("seek");
         file.write_all(b"\nKernel panic - not syncing: VFS\n---[ end ]---\n")
             .expect("write");
         assert_eq!(
-            tail(&dir.0, 2),
+            tail(&dir.log(), 2),
             "Kernel panic - not syncing: VFS\n---[ end ]---"
         );
     }
@@ -279,20 +290,16 @@ mod tests {
     fn test_console_tail_drops_a_line_cut_by_the_window() {
         let dir = TempDir::new("cut");
         let long = "x".repeat(TAIL_BYTES);
-        std::fs::write(dir.0.join(LOG_FILE), format!("{long}\nlast\n")).expect("write");
-        assert_eq!(tail(&dir.0, 25), "last");
+        std::fs::write(dir.log(), format!("{long}\nlast\n")).expect("write");
+        assert_eq!(tail(&dir.log(), 25), "last");
     }
 
     #[test]
     fn test_console_tail_escapes_control_characters() {
         let dir = TempDir::new("escape");
-        std::fs::write(
-            dir.0.join(LOG_FILE),
-            "ok\r\n\x1b[2J\x1b]0;owned\x07title\tend\r\n",
-        )
-        .expect("write");
+        std::fs::write(dir.log(), "ok\r\n\x1b[2J\x1b]0;owned\x07title\tend\r\n").expect("write");
         assert_eq!(
-            tail(&dir.0, 25),
+            tail(&dir.log(), 25),
             "ok\n\\u{1b}[2J\\u{1b}]0;owned\\u{7}title\tend"
         );
     }
@@ -300,17 +307,17 @@ mod tests {
     #[test]
     fn test_console_tail_of_missing_or_empty_log_says_empty() {
         let dir = TempDir::new("empty");
-        assert_eq!(tail(&dir.0, 25), "(console is empty)");
-        ConsoleLog::create(&dir.0, 1024).expect("create");
-        assert_eq!(tail(&dir.0, 25), "(console is empty)");
+        assert_eq!(tail(&dir.log(), 25), "(the log is empty)");
+        CappedLog::create(&dir.log(), 1024).expect("create");
+        assert_eq!(tail(&dir.log(), 25), "(the log is empty)");
     }
 
     #[test]
     fn test_console_create_removes_a_stale_rotated_half() {
         let dir = TempDir::new("stale");
-        std::fs::write(dir.0.join(ROTATED_FILE), "old boot\n").expect("write");
-        let mut log = ConsoleLog::create(&dir.0, 1024).expect("create");
+        std::fs::write(rotated_path(&dir.log()), "old boot\n").expect("write");
+        let mut log = CappedLog::create(&dir.log(), 1024).expect("create");
         log.write_all(b"new boot\n").expect("write");
-        assert_eq!(tail(&dir.0, 25), "new boot");
+        assert_eq!(tail(&dir.log(), 25), "new boot");
     }
 }
