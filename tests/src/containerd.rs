@@ -121,6 +121,46 @@ pub fn leftovers() -> Vec<String> {
     left
 }
 
+/// What a test failure needs to explain leftovers: the state and threads of every shim and
+/// virtiofsd still running, and the end of containerd's log (where the shims log).
+pub fn diagnose_leftovers() -> String {
+    let mut out = String::new();
+    for name in ["containerd-shim-accordion-v2", "virtiofsd"] {
+        for pid in process_pids(name) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let state = status
+                .lines()
+                .filter(|l| l.starts_with("State") || l.starts_with("PPid"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            out.push_str(&format!("{name} {pid}: {state}; cgroup {}", cgroup.trim()));
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for task in tasks.flatten() {
+                    let read = |f: &str| {
+                        std::fs::read_to_string(task.path().join(f))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string()
+                    };
+                    out.push_str(&format!(
+                        "\n  thread {} {} wchan {}",
+                        read("comm"),
+                        task.file_name().to_string_lossy(),
+                        read("wchan")
+                    ));
+                }
+            }
+            out.push('\n');
+        }
+    }
+    let log = std::fs::read_to_string("/var/log/containerd.log").unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    out.push_str("containerd.log (end):\n");
+    out.push_str(&lines[lines.len().saturating_sub(80)..].join("\n"));
+    out
+}
+
 /// Restarts containerd (the node's /accordion/containerd.sh), waiting until it answers.
 pub fn restart_containerd() {
     let run = |arg: &str| {

@@ -38,6 +38,9 @@ pub fn assert_no_leftovers(after: &str) {
         l.is_empty().then_some(()).ok_or(l)
     });
     if let Err(left) = left {
-        panic!("left behind after {after}: {left:?}");
+        panic!(
+            "left behind after {after}: {left:?}\n{}",
+            crate::containerd::diagnose_leftovers()
+        );
     }
 }
