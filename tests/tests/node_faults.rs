@@ -143,14 +143,19 @@ fn parent_of(pid: u32) -> u32 {
         .unwrap_or(0)
 }
 
-/// `accordion status`'s "vcpus: N online in the guest, M plugged, …" as (N, M).
-fn vcpu_counts(status: &str) -> Option<(u32, u32)> {
-    let line = status.lines().find_map(|l| l.strip_prefix("vcpus: "))?;
-    let mut numbers = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(|w| w.parse::<u32>().ok());
-    Some((numbers.next()??, numbers.next()??))
+/// How many vCPU threads (`vcpu<N>`) process `pid` runs.
+fn vcpu_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("vcpu"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 #[test]
@@ -295,13 +300,13 @@ fn test_shim_killed_during_a_resize_then_pod_removal_leaves_nothing() {
             ])
         }
     });
-    // In flight: the VMM has plugged more vCPUs, the guest has not onlined all four yet.
-    wait_for(Duration::from_secs(60), || {
-        let status = text(&accordion(&["status", &pod.id]).stdout);
-        let (online, plugged) = vcpu_counts(&status).ok_or_else(|| status.clone())?;
-        (plugged >= 2 && online < 4).then_some(()).ok_or(status)
-    })
-    .expect("the resize started");
+    // In flight: the guest has turned a new vCPU on (its thread, `vcpu1`…, runs in the shim),
+    // and the resize to four is not acknowledged until all four are online.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vcpu_threads(shims[0]) < 2 {
+        assert!(Instant::now() < deadline, "the resize never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let out = std::process::Command::new("kill")
         .args(["-9", &shims[0].to_string()])
         .output()
@@ -309,6 +314,10 @@ fn test_shim_killed_during_a_resize_then_pod_removal_leaves_nothing() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let update = resize.join().expect("update thread");
     assert_ne!(update.status.code(), Some(0), "the resize cannot succeed");
+    // containerd notices the dead shim, runs its cleanup (`shim delete`) and reports the
+    // container exited, as kubelet then sees it; kubelet stops and removes the pod after that.
+    let (_, code) = wait_exited(&c);
+    assert_eq!(code, 255);
 
     pod.remove();
     assert!(!cgroup.exists(), "host cgroup {cgroup:?} left");
