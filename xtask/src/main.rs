@@ -240,11 +240,12 @@ fn run(cmd: Cmd) -> XResult<i32> {
             if tests.is_empty() {
                 return Err("no integration tests matched".into());
             }
-            // Each test binary runs in turn; failures are counted, never hidden.
+            // Each test binary runs in turn; failures are counted, never hidden. Arguments for
+            // every binary (e.g. `--nocapture`) come from ACCORDION_TEST_ARGS.
             let script = "fail=0; n=0\n\
                  for t in /opt/accordion/tests/*; do\n\
                    n=$((n+1)); echo \"=== node test binary: ${t##*/}\"\n\
-                   \"$t\" || { fail=$((fail+1)); echo \"=== FAILED: ${t##*/}\"; }\n\
+                   \"$t\" $ACCORDION_TEST_ARGS || { fail=$((fail+1)); echo \"=== FAILED: ${t##*/}\"; }\n\
                  done\n\
                  echo \"=== node test binaries: $n run, $fail failed\"\n\
                  exit $fail\n";
