@@ -41,6 +41,8 @@ use crate::resize::ResizeError;
 /// The exit status of every process of a pod whose VM or virtiofsd died (as runc's shims report
 /// a process they lost).
 const DEAD_POD_STATUS: u32 = 255;
+/// How long one blocking wait of the death watch for the VM's exit lasts.
+const WATCH_SLICE: Duration = Duration::from_secs(1);
 /// A process runs this long at most as far as our Wait call to the agent is concerned.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// After a container's main process exits, how long its output may take to drain before the
@@ -854,14 +856,20 @@ impl Service {
         let virtiofsd_exit = pod.take_virtiofsd_exit();
         tokio::spawn(async move {
             let vm_stopped = async {
-                match vm_exit {
-                    Some(watch) => tokio::task::spawn_blocking(move || watch.wait())
-                        .await
-                        .map_or_else(
-                            |_| "its VM stopped".to_string(),
-                            |reason| format!("its VM stopped ({})", describe_exit(&reason)),
-                        ),
-                    None => std::future::pending().await,
+                let Some(watch) = vm_exit else {
+                    return std::future::pending().await;
+                };
+                // A second at a time: a blocking wait that outlived the pod would hold the
+                // shim's exit (tokio waits for blocking tasks when its runtime drops).
+                loop {
+                    let w = watch.clone();
+                    match tokio::task::spawn_blocking(move || w.wait_timeout(WATCH_SLICE)).await {
+                        Ok(Some(reason)) => {
+                            break format!("its VM stopped ({})", describe_exit(&reason))
+                        }
+                        Ok(None) => {}
+                        Err(_) => break "its VM stopped".to_string(),
+                    }
                 }
             };
             let virtiofsd_died = async {
