@@ -34,6 +34,7 @@ build: setup
 
 fmt-check: setup
 	@$(STEP) 'cargo fmt --check' cargo fmt --all --check
+	@$(STEP) 'cargo fmt --check (fuzz crates)' sh -c 'for d in vmm-core/fuzz runtime/fuzz; do cargo fmt --manifest-path $$d/Cargo.toml --all --check || exit 1; done'
 
 clippy-x86: setup
 	@$(STEP) 'clippy x86_64 (-D warnings)' cargo clippy --workspace --all-targets -- -D warnings
