@@ -8,6 +8,8 @@
 #          <crate>/regressions/<target>), then fuzzes it for FUZZ_SMOKE_SECONDS (default 5) from a
 #          fresh scratch corpus; fails on any crash. `make fuzz-smoke`, part of `make test`.
 #
+# FUZZ_CLEAN_BUILD=1 removes the fuzz build tree once the targets ran (.ci/run sets it: disk is
+# finite there, and nothing later reuses the instrumented build).
 # FUZZ_DIRS lists the fuzz crates (default "vmm-core/fuzz runtime/fuzz"; missing ones are skipped).
 # A crash leaves its input in target/fuzz/artifacts/<crate>/<target>/: fix the bug, then add the
 # input to <crate>/regressions/<target>/ and a unit test that replays it.
@@ -52,6 +54,9 @@ if [ "$have" != "$CARGO_FUZZ_VERSION" ]; then
     cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 
+# One build directory for every fuzz crate: what they share (vmm-core and its dependencies)
+# compiles once.
+build=$scratch/build
 failed=()
 ran=0
 for dir in ${FUZZ_DIRS:-vmm-core/fuzz runtime/fuzz}; do
@@ -62,7 +67,7 @@ for dir in ${FUZZ_DIRS:-vmm-core/fuzz runtime/fuzz}; do
     crate=${dir//\//-}
     start=$(date +%s)
     echo "fuzz: $dir: building (sanitizer $sanitizer)"
-    cargo fuzz build --fuzz-dir "$dir" -s "$sanitizer"
+    cargo fuzz build --fuzz-dir "$dir" -s "$sanitizer" --target-dir "$build"
     echo "fuzz: $dir: built in $(($(date +%s) - start))s"
     for target in $(cargo fuzz list --fuzz-dir "$dir"); do
         corpus=()
@@ -87,7 +92,7 @@ for dir in ${FUZZ_DIRS:-vmm-core/fuzz runtime/fuzz}; do
         echo "fuzz: $target: replaying $inputs committed inputs, then fuzzing for ${seconds}s"
         # The first corpus dir is where libFuzzer writes: the scratch one. The committed ones are
         # read (every input run once) before fuzzing starts.
-        if cargo fuzz run --fuzz-dir "$dir" -s "$sanitizer" "$target" "$work" "${corpus[@]}" -- \
+        if cargo fuzz run --fuzz-dir "$dir" -s "$sanitizer" --target-dir "$build" "$target" "$work" "${corpus[@]}" -- \
             -max_total_time="$seconds" -timeout=10 -artifact_prefix="$artifacts/" >"$log" 2>&1; then
             grep -E '^Done|DONE' "$log" | tail -1 | sed "s/^/fuzz: $target: /"
         else
@@ -99,6 +104,10 @@ for dir in ${FUZZ_DIRS:-vmm-core/fuzz runtime/fuzz}; do
     done
 done
 
+if [ "${FUZZ_CLEAN_BUILD:-0}" = 1 ]; then
+    echo "fuzz: removing the build tree ($(du -sh "$build" 2>/dev/null | cut -f1))"
+    rm -rf "$build"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "fuzz: ${#failed[@]} of $ran targets failed: ${failed[*]}" >&2
     exit 1
