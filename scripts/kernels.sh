@@ -13,6 +13,8 @@
 #              kernel loads its guest+node modules first); with qemu-efi-aarch64 installed, also boot
 #              Image through UEFI + ACPI and check GED and virtio-mmio bind
 #
+#   KERNELS_PRUNE=1 removes the minimal kernel's source tree and objects once it is built (.ci/run)
+#
 # Output contract (xtask depends on it): $CACHE/kernels/current -> a directory holding
 #   Image  Image-debian  debian-kver  debian-modules/lib/modules/<kver>/  modules-guest.order
 #   modules-node.order  accordion.config  timings.txt
@@ -371,6 +373,11 @@ build_minimal() {
 
     touch "$tmp/.complete"
     rm -rf "$out"; mv "$tmp" "$out"
+    # The source tree and objects (~2 GB) only serve a rebuild; CI (KERNELS_PRUNE=1) has no next one.
+    if [ "${KERNELS_PRUNE:-0}" = 1 ]; then
+        rm -rf "$srcdir" "$builddir"
+        log "   pruned the source tree and objects (KERNELS_PRUNE=1)"
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
