@@ -4,6 +4,7 @@
 pub mod agent_client;
 pub mod cli;
 pub mod config;
+pub mod confinement;
 pub mod control;
 pub mod host_cgroup;
 pub mod install;

@@ -338,6 +338,56 @@ fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
         );
     }
 
+    // `accordion status` shows the VMM process's confinement as the kernel has it.
+    let out = accordion(&["status", &pod]);
+    assert_code(&out, 0);
+    let status = text(&out.stdout);
+    let proc_status = read_trimmed(std::path::Path::new(&format!("/proc/{}/status", shims[0])));
+    let proc_field = |key: &str| -> Vec<String> {
+        let line = proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {proc_status}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    let (uid, gid) = (proc_field("Uid:"), proc_field("Gid:"));
+    let expected = [
+        format!("vmm cgroup: {cgroup}\n"),
+        format!(
+            "vmm ids: uid {} (effective {}), gid {} (effective {})\n",
+            uid[0], uid[1], gid[0], gid[1]
+        ),
+        format!("vmm no_new_privs: {}\n", proc_field("NoNewPrivs:")[0]),
+        // The shim is not in a namespace of its own (yet): all are the host's.
+        "vmm namespaces: host: mnt pid net user ipc uts cgroup; own: none\n".to_string(),
+    ];
+    for line in expected {
+        assert!(status.contains(&line), "{line:?} not in:\n{status}");
+    }
+    let cap_eff = &proc_field("CapEff:")[0];
+    let caps_line = status
+        .lines()
+        .find(|l| l.starts_with("vmm capabilities: "))
+        .unwrap_or_else(|| panic!("no capabilities in:\n{status}"));
+    assert!(
+        caps_line.contains(cap_eff.as_str())
+            || (caps_line.ends_with(" none") && cap_eff.trim_start_matches('0').is_empty()),
+        "{caps_line} vs CapEff {cap_eff}"
+    );
+    let filtered = std::fs::read_dir(format!("/proc/{}/task", shims[0]))
+        .expect("shim threads")
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .is_ok_and(|s| s.lines().any(|l| l == "Seccomp:\t2"))
+        })
+        .count();
+    if filtered == 0 {
+        assert!(status.contains("vmm seccomp: off\n"), "{status}");
+    } else {
+        assert!(status.contains("vmm seccomp: filter on"), "{status}");
+    }
+
     // cpu.max follows in-place resizes: 1.5 CPUs (2 vCPUs), then back to 0.5.
     cri_ok(&[
         "update",

@@ -3,6 +3,7 @@
 use accordion_proto::control::v1 as cpb;
 use clap::Args;
 
+use crate::confinement::{describe_caps, describe_seccomp};
 use crate::control::client::ControlClient;
 
 #[derive(Args, Debug)]
@@ -77,6 +78,9 @@ fn render(s: &cpb::StatusResponse) -> String {
             ),
         );
     }
+    if let Some(c) = &s.confinement {
+        render_confinement(c, &mut line);
+    }
     for r in &s.recent_resizes {
         line(
             "resize",
@@ -90,6 +94,41 @@ fn render(s: &cpb::StatusResponse) -> String {
         );
     }
     out
+}
+
+/// The VMM process's confinement: what a guest that escaped the VMM would hold.
+fn render_confinement(c: &cpb::Confinement, line: &mut impl FnMut(&str, String)) {
+    if !c.error.is_empty() {
+        line("confinement", format!("unknown: {}", c.error));
+        return;
+    }
+    let list = |v: &[String]| match v {
+        [] => "none".to_string(),
+        v => v.join(" "),
+    };
+    line(
+        "vmm ids",
+        format!(
+            "uid {} (effective {}), gid {} (effective {})",
+            c.uid, c.euid, c.gid, c.egid
+        ),
+    );
+    line("vmm capabilities", describe_caps(c.cap_eff));
+    line("vmm no_new_privs", u8::from(c.no_new_privs).to_string());
+    line(
+        "vmm seccomp",
+        describe_seccomp(c.seccomp_threads, c.threads),
+    );
+    let mut namespaces = format!(
+        "host: {}; own: {}",
+        list(&c.host_namespaces),
+        list(&c.own_namespaces)
+    );
+    if !c.unknown_namespaces.is_empty() {
+        namespaces += &format!("; unknown: {}", list(&c.unknown_namespaces));
+    }
+    line("vmm namespaces", namespaces);
+    line("vmm cgroup", c.cgroup.clone());
 }
 
 #[cfg(test)]
@@ -119,5 +158,41 @@ mod tests {
         assert!(text.contains("agent version: 0.1.0\n"));
         assert!(text.contains("boot: VM created 5 ms, guest init n/a, agent ready 900 ms\n"));
         assert!(!text.contains("exit reason"));
+        assert!(!text.contains("vmm "));
+    }
+
+    #[test]
+    fn test_render_shows_the_vmm_confinement_or_why_not() {
+        let mut s = cpb::StatusResponse {
+            confinement: Some(cpb::Confinement {
+                uid: 0,
+                euid: 0,
+                cap_eff: 0x1ff_ffff_ffff,
+                seccomp_threads: 0,
+                threads: 12,
+                host_namespaces: vec!["mnt".into(), "net".into()],
+                cgroup: "/kubepods/pod1/abc".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("vmm ids: uid 0 (effective 0), gid 0 (effective 0)\n"));
+        assert!(text.contains("vmm capabilities: all (000001ffffffffff)\n"));
+        assert!(text.contains("vmm no_new_privs: 0\n"));
+        assert!(text.contains("vmm seccomp: off\n"));
+        assert!(text.contains("vmm namespaces: host: mnt net; own: none\n"));
+        if let Some(c) = s.confinement.as_mut() {
+            c.unknown_namespaces = vec!["user".into()];
+        }
+        assert!(render(&s).contains("vmm namespaces: host: mnt net; own: none; unknown: user\n"));
+        assert!(text.contains("vmm cgroup: /kubepods/pod1/abc\n"));
+        s.confinement = Some(cpb::Confinement {
+            error: "reading /proc/7: gone".into(),
+            ..Default::default()
+        });
+        let text = render(&s);
+        assert!(text.contains("confinement: unknown: reading /proc/7: gone\n"));
+        assert!(!text.contains("vmm seccomp"));
     }
 }

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ControlError;
 use crate::agent_client::{format_cpulist, AgentClientError};
+use crate::confinement::Confinement;
 use crate::error_chain;
 use crate::resize::ResizeError;
 use crate::sandbox::Sandbox;
@@ -168,6 +169,8 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
         .collect();
     let mut status = cpb::StatusResponse {
         vcpus_plugged_list: format_cpulist(&plugged),
+        // The VM runs in this process.
+        confinement: Some(confinement_of(std::process::id())),
         recent_resizes,
         name: sandbox.name().to_owned(),
         state: "running".into(),
@@ -216,6 +219,31 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
         }
     }
     status
+}
+
+/// The confinement of process `pid`, or why it could not be read.
+pub fn confinement_of(pid: u32) -> cpb::Confinement {
+    match Confinement::of(pid) {
+        Ok(c) => cpb::Confinement {
+            uid: c.uid.0,
+            euid: c.uid.1,
+            gid: c.gid.0,
+            egid: c.gid.1,
+            cap_eff: c.cap_eff,
+            no_new_privs: c.no_new_privs,
+            seccomp_threads: c.seccomp_threads,
+            threads: c.threads,
+            host_namespaces: c.host_namespaces,
+            own_namespaces: c.own_namespaces,
+            unknown_namespaces: c.unknown_namespaces,
+            cgroup: c.cgroup,
+            error: String::new(),
+        },
+        Err(e) => cpb::Confinement {
+            error: format!("reading /proc/{pid}: {e}"),
+            ..Default::default()
+        },
+    }
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecResponse, Status>> + Send>>;

@@ -288,6 +288,17 @@ impl Sandbox {
             agent_ready: t0.elapsed(),
         };
         cleanup.0 = None;
+        match crate::confinement::Confinement::of(std::process::id()) {
+            Ok(c) => log::info!(
+                "sandbox {}: the VM runs confined by: {}",
+                spec.name,
+                c.summary()
+            ),
+            Err(e) => log::warn!(
+                "sandbox {}: cannot read the VMM's confinement: {e}",
+                spec.name
+            ),
+        }
         Ok(Sandbox {
             name: spec.name.clone(),
             dir,
