@@ -76,6 +76,25 @@ fn agent_error(context: &str, e: &AgentClientError) -> ttrpc::Error {
     status(code, format!("{context}: {}", error_chain(e)))
 }
 
+/// A failed Update as containerd must see it. containerd reads NOT_FOUND from Update as "the
+/// task already exited" and UNIMPLEMENTED as "not supported", and reports both as success to the
+/// kubelet, which would then believe the new resources applied. No failure leaves under those codes.
+fn update_failure(e: ttrpc::Error) -> ttrpc::Error {
+    match e {
+        ttrpc::Error::RpcStatus(s)
+            if s.code() == ttrpc::Code::NOT_FOUND || s.code() == ttrpc::Code::UNIMPLEMENTED =>
+        {
+            let code = if s.code() == ttrpc::Code::NOT_FOUND {
+                ttrpc::Code::FAILED_PRECONDITION
+            } else {
+                ttrpc::Code::INTERNAL
+            };
+            status(code, s.message)
+        }
+        other => other,
+    }
+}
+
 /// The pod's agent client for container calls: they mount, fork and exec in the guest.
 fn container_agent(pod: &Pod, config: &Config) -> AgentClient {
     pod.sandbox
@@ -302,6 +321,38 @@ pub struct Service {
 }
 
 impl Service {
+    /// Task Update: the container's new resources, and the pod's vCPUs resized to fit them
+    /// (docs/resize.md). Its failures leave through [`update_failure`].
+    async fn update_resources(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let container = self.container(&req.id)?;
+        let json = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, "Update without resources"))?;
+        let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, format!("{}: {e}", req.id));
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&json)
+            .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
+        let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
+        let (pod, config) = self.running_pod().await?;
+        let limit = resources.memory().as_ref().and_then(|m| m.limit());
+        crate::resize::policy::check_memory_limit(limit, pod.sandbox.memory_mib())
+            .map_err(|e| invalid(e.to_string()))?;
+        if container.id == self.id && self.is_sandbox_container(&container) {
+            // The pause container: its cgroup only, the pod's size follows its containers.
+            return pod
+                .sandbox
+                .agent()
+                .update_container(&req.id, json)
+                .await
+                .map(|()| api::Empty::new())
+                .map_err(|e| agent_error(&format!("updating {}", req.id), &e));
+        }
+        self.resize_for(&req.id, shape, &pod, &config, Some(&json))
+            .await
+            .map(|()| api::Empty::new())
+    }
+
     pub fn new(
         id: &str,
         namespace: &str,
@@ -1359,39 +1410,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        // Errors only: containerd takes NOT_FOUND or UNIMPLEMENTED from Update as success.
-        let container = self.container(&req.id).map_err(|_| {
-            status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("container {} not found", req.id),
-            )
-        })?;
-        let json = req
-            .resources
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, "Update without resources"))?;
-        let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, format!("{}: {e}", req.id));
-        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&json)
-            .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
-        let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
-        let (pod, config) = self.running_pod().await?;
-        let limit = resources.memory().as_ref().and_then(|m| m.limit());
-        crate::resize::policy::check_memory_limit(limit, pod.sandbox.memory_mib())
-            .map_err(|e| invalid(e.to_string()))?;
-        if container.id == self.id && self.is_sandbox_container(&container) {
-            // The pause container: its cgroup only, the pod's size follows its containers.
-            return pod
-                .sandbox
-                .agent()
-                .update_container(&req.id, json)
-                .await
-                .map(|()| api::Empty::new())
-                .map_err(|e| agent_error(&format!("updating {}", req.id), &e));
-        }
-        self.resize_for(&req.id, shape, &pod, &config, Some(&json))
-            .await
-            .map(|()| api::Empty::new())
+        self.update_resources(req).await.map_err(update_failure)
     }
 
     async fn wait(
@@ -1527,5 +1546,48 @@ impl Task for Service {
         self.stop_pod().await;
         self.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_and_message(e: &ttrpc::Error) -> (ttrpc::Code, String) {
+        match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message.clone()),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_no_update_failure_leaves_as_a_code_containerd_takes_for_success() {
+        // The agent refusing the pause container's cgroup update (NotFound), and one that cannot.
+        for (agent_code, expected) in [
+            (tonic::Code::NotFound, ttrpc::Code::FAILED_PRECONDITION),
+            (tonic::Code::Unimplemented, ttrpc::Code::INTERNAL),
+            (tonic::Code::InvalidArgument, ttrpc::Code::INVALID_ARGUMENT),
+        ] {
+            let agent = AgentClientError::Rpc {
+                code: agent_code,
+                message: "no cgroup for c1".into(),
+            };
+            let e = update_failure(agent_error("updating c1", &agent));
+            let (code, message) = code_and_message(&e);
+            assert_eq!(code, expected, "{agent_code:?}");
+            assert!(message.starts_with("updating c1: "), "{message}");
+            assert!(message.contains("no cgroup for c1"), "{message}");
+        }
+        // Our own "no such container" keeps its message under a failing code.
+        let (code, message) = code_and_message(&update_failure(not_found("container c9")));
+        assert_eq!(
+            (code, message.as_str()),
+            (ttrpc::Code::FAILED_PRECONDITION, "container c9")
+        );
+        let (code, _) = code_and_message(&update_failure(status(
+            ttrpc::Code::UNAVAILABLE,
+            "the pod's VM is gone",
+        )));
+        assert_eq!(code, ttrpc::Code::UNAVAILABLE);
     }
 }
