@@ -6,6 +6,8 @@ pub(crate) mod chain;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_ring;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

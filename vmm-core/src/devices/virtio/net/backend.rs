@@ -351,7 +351,7 @@ mod tests {
     use super::*;
     use crate::devices::irq::IrqLine;
     use crate::devices::virtio::alloc_probe::largest_allocation;
-    use crate::devices::virtio::INTERRUPT_USED_RING;
+    use crate::devices::virtio::{test_ring, INTERRUPT_USED_RING};
     use std::os::unix::net::UnixDatagram;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -420,32 +420,14 @@ mod tests {
             }
         }
 
-        /// Writes `descs` (address, length, flags) as one chain at the queue's next free indices
-        /// and makes its head available.
+        /// Writes `descs` (address, length, flags) as one chain on the RX or TX queue.
         fn offer(&mut self, tx: bool, descs: &[(u64, u32, u16)]) {
             let (queue, next) = if tx {
                 (&self.tx, &mut self.next_desc.1)
             } else {
                 (&self.rx, &mut self.next_desc.0)
             };
-            let head = *next;
-            for &(addr, len, flags) in descs {
-                let index = *next;
-                *next = (*next + 1) % QUEUE_SIZE;
-                let desc = SplitDescriptor::new(addr, len, flags, *next);
-                queue
-                    .desc_table()
-                    .store(index, RawDescriptor::from(desc))
-                    .unwrap();
-            }
-            let avail: u16 = queue.avail().idx().load();
-            queue
-                .avail()
-                .ring()
-                .ref_at(usize::from(avail % QUEUE_SIZE))
-                .unwrap()
-                .store(head);
-            queue.avail().idx().store(avail.wrapping_add(1));
+            test_ring::offer(queue, QUEUE_SIZE, next, descs);
         }
 
         /// The guest posts one RX buffer of `len` bytes.

@@ -19,7 +19,7 @@ use super::conn::BUF_ALLOC;
 use super::packet::{op, shutdown, Header, HEADER_SIZE, HOST_CID, MAX_PKT_LEN, TYPE_STREAM};
 use crate::devices::irq::IrqLine;
 use crate::devices::virtio::alloc_probe::largest_allocation;
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::{test_ring, VirtioInterrupt};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -115,32 +115,14 @@ impl<'a> Rig<'a> {
         }
     }
 
-    /// Writes `descs` (address, length, flags) as one chain at the queue's next free indices,
-    /// linking each to the following one when it has F_NEXT, and makes its head available.
+    /// Writes `descs` (address, length, flags) as one chain on the RX or TX queue.
     fn offer(&mut self, tx: bool, descs: &[(u64, u32, u16)]) {
         let (queue, next) = if tx {
             (&self.tx, &mut self.next_desc.1)
         } else {
             (&self.rx, &mut self.next_desc.0)
         };
-        let head = *next;
-        for &(addr, len, flags) in descs {
-            let index = *next;
-            *next = (*next + 1) % QUEUE_SIZE;
-            let desc = SplitDescriptor::new(addr, len, flags, *next);
-            queue
-                .desc_table()
-                .store(index, RawDescriptor::from(desc))
-                .unwrap();
-        }
-        let avail: u16 = queue.avail().idx().load();
-        queue
-            .avail()
-            .ring()
-            .ref_at(usize::from(avail % QUEUE_SIZE))
-            .unwrap()
-            .store(head);
-        queue.avail().idx().store(avail.wrapping_add(1));
+        test_ring::offer(queue, QUEUE_SIZE, next, descs);
     }
 
     /// The guest posts one 4 KiB RX buffer; returns the packet the device put there, if any.
