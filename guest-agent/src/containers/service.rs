@@ -313,6 +313,14 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| to_status(&e))
 }
 
+/// A created container: its init's pid, its bundle, its stdio, and its exit to come.
+type Created = (
+    u32,
+    PathBuf,
+    MainStdio,
+    tokio::sync::oneshot::Receiver<ExitStatus>,
+);
+
 impl ContainersService {
     /// A service whose container processes are registered with `reaper`.
     pub fn new(reaper: Reaper) -> Self {
@@ -394,15 +402,7 @@ impl ContainersService {
         reaper: &Reaper,
         paths: &Paths,
         request: pb::CreateContainerRequest,
-    ) -> Result<
-        (
-            u32,
-            PathBuf,
-            MainStdio,
-            tokio::sync::oneshot::Receiver<ExitStatus>,
-        ),
-        ContainerError,
-    > {
+    ) -> Result<Created, ContainerError> {
         let id = validate_id(&request.container_id)?.to_owned();
         let bundle = validate_bundle(&request.bundle, &paths.bundles)?;
         let real =
@@ -458,15 +458,7 @@ impl ContainersService {
         bundle: PathBuf,
         spec: &oci_spec::runtime::Spec,
         tty: bool,
-    ) -> Result<
-        (
-            u32,
-            PathBuf,
-            MainStdio,
-            tokio::sync::oneshot::Receiver<ExitStatus>,
-        ),
-        ContainerError,
-    > {
+    ) -> Result<Created, ContainerError> {
         let id = id.to_owned();
         fs::write(bundle.join("config.json"), spec::to_json(spec)?)
             .map_err(ContainerError::io("write config.json"))?;
