@@ -3,43 +3,13 @@
 //! a crash, so "the host's memory stays bounded whatever the guest writes" is checked on every
 //! input, not only in the unit tests.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-
+use accordion_vmm::devices::virtio::alloc_probe::ObservedAlloc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Largest single allocation a target may make. The largest legitimate one is a vsock
 /// connection's buffer (256 KiB); guest memory itself is an mmap, not an allocation.
 pub const MAX_ALLOCATION: usize = 1 << 20;
-
-/// The system allocator, aborting (a crash libFuzzer reports) on an allocation above the bound.
-pub struct BoundedAlloc;
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the check only reads a size.
-unsafe impl GlobalAlloc for BoundedAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        check(layout.size());
-        // SAFETY: the caller's contract for `alloc` is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        check(layout.size());
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        check(new_size);
-        // SAFETY: `ptr` and `layout` come from this allocator, which is the system one.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for `realloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 fn check(size: usize) {
     if size > MAX_ALLOCATION {
@@ -51,8 +21,9 @@ fn check(size: usize) {
     }
 }
 
+/// The system allocator, aborting (a crash libFuzzer reports) on an allocation above the bound.
 #[global_allocator]
-static ALLOC: BoundedAlloc = BoundedAlloc;
+static ALLOC: ObservedAlloc = ObservedAlloc(check);
 
 /// libFuzzer's `main` is not Rust's: SIGPIPE is not ignored. A host socket the VMM writes to after
 /// the harness closed it must give EPIPE, as in the shim, not kill the fuzzer.

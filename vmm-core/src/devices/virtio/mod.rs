@@ -1,7 +1,7 @@
 //! virtio devices and their MMIO transport (virtio 1.2, §4.2).
 
-#[cfg(test)]
-pub(crate) mod alloc_probe;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod alloc_probe;
 pub(crate) mod chain;
 pub mod fs;
 pub mod mmio;
