@@ -173,27 +173,45 @@ impl HostCgroup {
             }
         }
         let dir = root.join(relative);
+        // A cgroup that was there before (kubelet's) is not ours to remove when this fails.
+        let existed = dir.exists();
         DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(&dir)
             .map_err(io("create", &dir))?;
-        // Each cgroup from the root down to the parent delegates the controllers to its
-        // children (a no-op where they already are, as under kubelet's pod cgroups).
-        let mut at = root.to_path_buf();
-        for part in relative.components() {
-            enable_controllers(&at)?;
-            at.push(part);
-        }
         let cgroup = Self {
             root: root.to_owned(),
             dir,
             original: None,
         };
-        cgroup.write("memory.max", &limits.memory_max.to_string())?;
-        cgroup.set_cpu(limits.cpu_millis)?;
-        cgroup.write("pids.max", &limits.pids_max.to_string())?;
-        Ok(cgroup)
+        match cgroup.configure(relative, limits) {
+            Ok(()) => Ok(cgroup),
+            Err(e) => {
+                if !existed {
+                    if let Err(removal) = kill_and_remove(&cgroup.dir) {
+                        log::warn!(
+                            "cannot remove the half-made cgroup {}: {}",
+                            cgroup.dir.display(),
+                            crate::error_chain(&removal)
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Delegates the controllers from the root down to the cgroup and writes its limits.
+    fn configure(&self, relative: &Path, limits: &Limits) -> Result<(), HostCgroupError> {
+        let mut at = self.root.clone();
+        for part in relative.components() {
+            enable_controllers(&at)?;
+            at.push(part);
+        }
+        self.write("memory.max", &limits.memory_max.to_string())?;
+        self.set_cpu(limits.cpu_millis)?;
+        self.write("pids.max", &limits.pids_max.to_string())
     }
 
     /// The cgroup's directory.
@@ -299,19 +317,30 @@ fn check_unified(root: &Path) -> Result<(), HostCgroupError> {
     }
 }
 
-/// Adds the controllers to `dir`'s cgroup.subtree_control unless it has them.
+/// Turns the controllers on in `dir`'s cgroup.subtree_control.
+///
+/// Written even when a read already lists them: another sandbox starting at the same moment
+/// may have set the mask while the kernel is still adding the controllers' files to the
+/// children (a read shows the mask before that is done; the write waits for it). The kernel
+/// ignores controllers that are already on, so under kubelet's pod cgroups, where they are,
+/// the write changes nothing; should it be refused there, a mask that lists them all is enough.
 fn enable_controllers(dir: &Path) -> Result<(), HostCgroupError> {
     let path = dir.join("cgroup.subtree_control");
-    let enabled = std::fs::read_to_string(&path).map_err(io("read", &path))?;
-    let missing: Vec<String> = CONTROLLERS
-        .iter()
-        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
+    let all: Vec<String> = CONTROLLERS.iter().map(|c| format!("+{c}")).collect();
+    match std::fs::write(&path, all.join(" ")) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let enabled = std::fs::read_to_string(&path).map_err(io("read", &path))?;
+            if CONTROLLERS
+                .iter()
+                .all(|c| enabled.split_whitespace().any(|e| e == *c))
+            {
+                Ok(())
+            } else {
+                Err(io("enable controllers in", &path)(e))
+            }
+        }
     }
-    std::fs::write(&path, missing.join(" ")).map_err(io("enable controllers in", &path))
 }
 
 /// This process's cgroup directory (the `0::` line of /proc/self/cgroup) under `root`.
