@@ -1568,12 +1568,27 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
-    fn temp_socket(name: &str) -> PathBuf {
+    /// A private directory for one test's socket, removed with everything in it when dropped.
+    struct TempSocket(PathBuf);
+
+    impl TempSocket {
+        fn path(&self) -> PathBuf {
+            self.0.join("vsock.sock")
+        }
+    }
+
+    impl Drop for TempSocket {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_socket(name: &str) -> TempSocket {
         let dir =
             std::env::temp_dir().join(format!("accordion-client-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        dir.join("vsock.sock")
+        TempSocket(dir)
     }
 
     fn fast() -> ClientConfig {
@@ -1737,7 +1752,8 @@ mod tests {
 
     #[tokio::test]
     async fn test_connect_garbage_handshake_fails_fast_with_handshake_error() {
-        let path = temp_socket("garbage");
+        let socket = temp_socket("garbage");
+        let path = socket.path();
         answer_with(&path, b"HELLO THERE\n");
         let started = Instant::now();
         let err = AgentClient::connect_with(&path, Duration::from_secs(5), fast())
@@ -1752,7 +1768,8 @@ mod tests {
 
     #[tokio::test]
     async fn test_connect_nobody_serving_times_out_at_deadline() {
-        let path = temp_socket("absent");
+        let socket = temp_socket("absent");
+        let path = socket.path();
         let deadline = Duration::from_millis(400);
         let started = Instant::now();
         let err = AgentClient::connect_with(&path, deadline, fast())
@@ -1779,7 +1796,8 @@ mod tests {
     #[tokio::test]
     async fn test_connect_front_closing_without_answer_is_retried_until_deadline() {
         // What a VMM does while the guest does not listen on the port yet.
-        let path = temp_socket("closing");
+        let socket = temp_socket("closing");
+        let path = socket.path();
         answer_with(&path, b"");
         let err = AgentClient::connect_with(&path, Duration::from_millis(300), fast())
             .await
@@ -1798,7 +1816,8 @@ mod tests {
 
     #[tokio::test]
     async fn test_hybrid_connect_leaves_bytes_after_reply_in_socket() {
-        let path = temp_socket("preface");
+        let socket = temp_socket("preface");
+        let path = socket.path();
         answer_with(&path, b"OK 77\nPRI * HTTP/2.0");
         let mut stream = hybrid_connect(&path, 1024, Duration::from_secs(2))
             .await

@@ -48,6 +48,8 @@ struct Rig<'a> {
     posted: (u16, u16),
     interrupt: Arc<VirtioInterrupt>,
     uds: PathBuf,
+    /// Ports of the host listeners bound beside `uds` (their sockets go with the rig).
+    listened: std::cell::RefCell<Vec<u32>>,
     _eventfds: (EventFd, EventFd),
 }
 
@@ -111,6 +113,7 @@ impl<'a> Rig<'a> {
             posted: (0, 0),
             interrupt,
             uds,
+            listened: Default::default(),
             _eventfds: (stop, kick),
         }
     }
@@ -194,15 +197,23 @@ impl<'a> Rig<'a> {
 
     /// A host process listening on guest-reachable port `port` (`<uds>_<port>`).
     fn host_listener(&self, port: u32) -> UnixListener {
-        let path = format!("{}_{port}", self.uds.display());
+        let path = self.listener_path(port);
         let _ = std::fs::remove_file(&path);
+        self.listened.borrow_mut().push(port);
         UnixListener::bind(path).unwrap()
+    }
+
+    fn listener_path(&self, port: u32) -> String {
+        format!("{}_{port}", self.uds.display())
     }
 }
 
 impl Drop for Rig<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds);
+        for port in self.listened.take() {
+            let _ = std::fs::remove_file(self.listener_path(port));
+        }
     }
 }
 
