@@ -174,7 +174,7 @@ fn main() -> ExitCode {
         (None, Some(ExitReason::PowerOff)) => 0,
         (None, Some(ExitReason::Reset)) => 120,
         (None, Some(ExitReason::Crash)) => 121,
-        (None, Some(ExitReason::VcpuFailed { .. })) => 122,
+        (None, Some(ExitReason::VcpuFailed { .. } | ExitReason::DevicesFailed { .. })) => 122,
         (None, Some(ExitReason::Shutdown)) => 123,
         (None, None) => {
             vm.shutdown();

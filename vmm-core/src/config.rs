@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::arch::aarch64::layout;
 
-/// Default number of possible vCPUs (DESIGN.md).
+/// Default number of possible vCPUs (docs/configuration.md).
 pub const DEFAULT_MAX_VCPUS: u32 = 64;
 /// Default guest RAM.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;

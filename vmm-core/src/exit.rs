@@ -22,6 +22,11 @@ pub enum ExitReason {
         /// What happened.
         error: String,
     },
+    /// The device manager's thread failed: devices could no longer be started.
+    DevicesFailed {
+        /// What happened.
+        error: String,
+    },
 }
 
 /// KVM_SYSTEM_EVENT_* codes.

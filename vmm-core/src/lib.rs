@@ -14,6 +14,8 @@ pub mod acpi;
 pub mod arch;
 pub mod bus;
 pub mod config;
+#[cfg(target_arch = "aarch64")]
+mod device_manager;
 pub mod devices;
 pub mod exit;
 #[cfg(target_arch = "aarch64")]

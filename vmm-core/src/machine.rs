@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::bus::Bus;
+use crate::device_manager::DeviceThread;
 use crate::exit::{ExitLatch, ExitReason};
 use crate::memory::GuestRam;
 use crate::vcpu::Vcpus;
@@ -14,6 +15,8 @@ use crate::vcpu::Vcpus;
 pub(crate) struct Machine {
     /// Shared with the CPU hotplug controller on the bus.
     pub(crate) vcpus: Arc<Vcpus>,
+    /// Stopped before the bus's devices go (it services them).
+    pub(crate) _devices: DeviceThread,
     pub(crate) bus: Bus,
     /// Shared with [`crate::exit::ExitWatch`]es, which outlive nothing else of the machine.
     pub(crate) exit: Arc<ExitLatch>,

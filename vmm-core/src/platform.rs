@@ -11,7 +11,7 @@ use kvm_ioctls::{Cap, Kvm};
 /// (e.g. qemu-user forwarding an x86 `/dev/kvm` to an aarch64 process answers -1).
 const KVM_API_VERSION: i32 = 12;
 
-/// Possible vCPUs Accordion must be able to create in one VM (DESIGN.md: tested at 128).
+/// Possible vCPUs Accordion must be able to create in one VM (tested at 128 in the node).
 pub const REQUIRED_MAX_VCPUS: usize = 128;
 
 /// Errors from probing the host's KVM.

@@ -1,4 +1,4 @@
-//! `Vm::start`: how an Accordion microVM is built, in the order of DESIGN.md's boot sequence.
+//! `Vm::start`: how an Accordion microVM is built, in the order of docs/architecture.md's boot steps.
 
 #[cfg(target_arch = "aarch64")]
 use std::sync::Arc;
@@ -11,15 +11,16 @@ use crate::acpi::{
 use crate::arch::aarch64::boot_block::BootBlockError;
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
 use crate::arch::aarch64::layout;
-use crate::bus::BusError;
 use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT, FIRST_NET_SLOT};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
-use crate::devices::irq::IrqError;
 use crate::exit::ExitReason;
 use crate::memory::MemoryError;
 use crate::platform::PlatformError;
 use crate::vcpu::{VcpuError, VcpuEvent, VcpuState};
+
+#[cfg(target_arch = "aarch64")]
+mod steps;
 
 #[cfg(target_arch = "aarch64")]
 /// How long `shutdown` waits for vCPU threads before leaving them behind.
@@ -71,12 +72,10 @@ pub enum VmError {
     /// The boot block (EFI, DTB, ACPI) could not be built.
     #[error("Cannot build the firmware tables")]
     BootBlock(#[from] BootBlockError),
-    /// A device could not be mapped.
-    #[error("Cannot map a device")]
-    Bus(#[from] BusError),
-    /// An interrupt line could not be created.
-    #[error("Cannot create an interrupt line")]
-    Irq(#[from] IrqError),
+    /// A device could not be attached, or the device manager not started.
+    #[cfg(target_arch = "aarch64")]
+    #[error("Cannot set up the devices")]
+    Devices(#[from] crate::device_manager::DeviceManagerError),
 }
 
 /// The MPIDR KVM gives vCPU `index` (Aff0 = low 4 bits, Aff1 and Aff2 above; bit 31 RES1).
@@ -232,233 +231,50 @@ pub struct Vm {
 
 #[cfg(target_arch = "aarch64")]
 impl Vm {
-    /// Builds and starts a VM: the boot vCPU runs the kernel when this returns.
+    /// Builds and starts a VM: the boot vCPU runs the kernel when this returns. Each step is a
+    /// function of `steps` (vm/steps.rs), in the order of docs/architecture.md's boot sequence.
     pub fn start(mut config: VmConfig) -> Result<Vm, VmError> {
-        use crate::arch::aarch64::boot_block::{BootBlock, BootBlockSpec};
-        use crate::arch::aarch64::{gic, psci};
-        use crate::bus::Bus;
-        use crate::devices::boot_timer::BootTimer;
-        use crate::devices::cpu_hotplug::{CpuHotplug, CpuSlots};
-        use crate::devices::ged::Ged;
-        use crate::devices::irq::IrqLine;
-        use crate::devices::serial::SerialDevice as Uart;
-        use crate::devices::virtio::fs::Fs;
-        use crate::devices::virtio::mmio::MmioTransport;
-        use crate::devices::virtio::net::Net;
-        use crate::devices::virtio::vsock::Vsock;
-        use crate::devices::virtio::VirtioInterrupt;
+        use crate::device_manager::DeviceManager;
+        use crate::exit::ExitLatch;
         use crate::machine::Machine;
-        use crate::memory::GuestRam;
         use crate::vcpu::{self, Vcpus};
-        use std::sync::Mutex;
 
         let started = std::time::Instant::now();
-        let mut steps = StepTimes::new(started);
-
-        // 1. Check the request: settings, the kernel's Image header, and where everything goes
-        //    in RAM. Bad input stops here, before any KVM object exists.
+        let mut times = StepTimes::new(started);
+        // Bad input stops in the first two steps, before any KVM object exists.
         let (kernel, placement) = preflight(&config)?;
-        steps.mark("checks");
-        // Each virtiofsd must already listen: a missing one fails here, before KVM is touched.
-        let mut fs_devices = Vec::with_capacity(config.fs.len());
-        for fs in &config.fs {
-            let device = Fs::connect(&fs.tag, &fs.socket_path).map_err(|source| VmError::Fs {
-                tag: fs.tag.clone(),
-                source,
-            })?;
-            fs_devices.push(device);
-        }
-        steps.mark("vhost-user");
+        times.mark("checks");
+        let fs_devices = steps::connect_virtiofsd(&config)?;
+        times.mark("vhost-user");
         let kvm = crate::platform::open_kvm()?;
         check_kvm_vcpu_limit(config.max_vcpus, kvm.get_max_vcpus())?;
-
-        // 2. Guest RAM (memfd-backed) with the kernel at its base and the initrd above it.
-        let ram = GuestRam::new(layout::RAM_BASE, config.memory_bytes())?;
-        kernel::load_kernel(&ram, &kernel, &placement)?;
-        if let Some(path) = &config.initrd {
-            kernel::load_initrd(&ram, path, &placement)?;
-        }
-
-        steps.mark("guest RAM");
-        // 3. The VM and its one memslot.
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("create the VM", e))?;
-        let host_addr = ram
-            .host_address()
-            .ok_or(VmError::Memory(MemoryError::TooLarge(ram.size())))?;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: ram.base(),
-            memory_size: ram.size(),
-            userspace_addr: host_addr,
-        };
-        // SAFETY: the region is RAM mapped by `ram`, which the Machine keeps alive for as long as
-        // the VM fd (it is dropped after it), and nothing else is mapped at those guest addresses.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| VmError::Kvm("map guest RAM", e))?;
-
-        // 4. Every possible vCPU, then the GICv3 sized for all of them (KVM accepts no vCPU after
-        //    VGIC init), then the SMCCC filter so CPU_ON/CPU_OFF reach us before any KVM_RUN.
+        let ram = steps::load_guest_ram(&config, &kernel, &placement)?;
+        times.mark("guest RAM");
+        let vm = steps::create_vm(&kvm, &ram)?;
         let (created, reset_init) = vcpu::create_all(&vm, config.max_vcpus)?;
         let mpidrs: Vec<u64> = created.iter().map(|(_, mpidr)| *mpidr).collect();
-        steps.mark("VM + vCPUs");
-        let gic = gic::create_vgic(&vm, config.max_vcpus)?;
-        psci::forward_to_vmm(&vm)
-            .map_err(|e| VmError::Kvm("forward PSCI CPU_ON/CPU_OFF (SMCCC filter)", e))?;
+        times.mark("VM + vCPUs");
+        let gic = steps::create_interrupt_controller(&vm, config.max_vcpus)?;
+        times.mark("VGIC + SMCCC filter");
+        let block = steps::write_boot_block(&config, &ram, &placement, &mpidrs)?;
+        times.mark("boot block");
 
-        steps.mark("VGIC + SMCCC filter");
-        // 5. Firmware-less boot block at the top of RAM: EFI system table and memory map, stub
-        //    DTB, ACPI tables describing every possible vCPU.
-        let acpi_config = acpi_config(&mpidrs, config.boot_vcpus, &virtio_slots(&config));
-        // The guest init finds the boot timer through the command line (guest/ initramfs).
-        let cmdline = format!(
-            "{} accordion.boot_timer={:#x}",
-            config.cmdline,
-            layout::BOOT_TIMER_BASE
-        );
-        let block = BootBlock::build(&BootBlockSpec {
-            ram_base: ram.base(),
-            ram_end: ram.end(),
-            cmdline: &cmdline,
-            initrd: placement.initrd.map(|(start, size)| (start, start + size)),
-            acpi: &acpi_config,
-            has_its: false,
-        })?;
-        debug_assert_eq!(block.base, placement.boot_block);
-        ram.write(block.base, &block.bytes)?;
-
-        steps.mark("boot block");
-        // 6. Devices, each on the MMIO bus with an irqfd: the console UART, the boot timer, the
-        //    GED and the CPU hotplug controller (which shares the vCPU table) and, when
-        //    configured, virtio-vsock.
         let vcpus = Arc::new(Vcpus::new(created, config.boot_vcpus, reset_init));
-        let mut bus = Bus::new();
-        let uart_irq = IrqLine::new(layout::SERIAL_SPI)?;
-        vm.register_irqfd(uart_irq.eventfd(), uart_irq.spi())
-            .map_err(|e| VmError::Kvm("wire the serial interrupt", e))?;
-        bus.insert(
-            "serial",
-            layout::SERIAL_BASE,
-            layout::DEVICE_SIZE,
-            Arc::new(Mutex::new(Uart::new(uart_irq, config.console))),
-        )?;
+        let exit = Arc::new(ExitLatch::default());
         let boot_time = BootTime::default();
-        bus.insert(
-            "boot-timer",
-            layout::BOOT_TIMER_BASE,
-            layout::DEVICE_SIZE,
-            Arc::new(Mutex::new(BootTimer::new(started, boot_time.clone()))),
-        )?;
+        let mut devices = DeviceManager::new(&vm, ram.memory().clone())?;
+        let hotplug =
+            steps::attach_platform_devices(&mut devices, &mut config, &vcpus, started, &boot_time)?;
+        steps::attach_virtio_devices(&mut devices, &mut config, fs_devices)?;
+        let (bus, device_thread) = devices.start(steps::stop_on_device_failure(&exit, &vcpus))?;
+        times.mark("devices");
 
-        let ged_irq = IrqLine::new(layout::GED_SPI)?;
-        vm.register_irqfd(ged_irq.eventfd(), ged_irq.spi())
-            .map_err(|e| VmError::Kvm("wire the GED interrupt", e))?;
-        let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
-        bus.insert("ged", layout::GED_BASE, layout::DEVICE_SIZE, ged.clone())?;
-        let slots: Arc<dyn CpuSlots> = vcpus.clone();
-        let hotplug = Arc::new(Mutex::new(CpuHotplug::new(slots, ged, config.boot_vcpus)));
-        bus.insert(
-            "cpu-hotplug",
-            layout::CPU_HOTPLUG_BASE,
-            layout::DEVICE_SIZE,
-            hotplug.clone(),
-        )?;
-
-        if let Some(vsock) = &config.vsock {
-            let irq = IrqLine::new(layout::VIRTIO_MMIO_FIRST_SPI + VSOCK_SLOT)?;
-            vm.register_irqfd(irq.eventfd(), irq.spi())
-                .map_err(|e| VmError::Kvm("wire the vsock interrupt", e))?;
-            let device = Vsock::new(vsock.cid, &vsock.uds_path)?;
-            let transport = MmioTransport::new(
-                Box::new(device),
-                ram.memory().clone(),
-                Arc::new(VirtioInterrupt::new(irq)),
-            );
-            let base = layout::VIRTIO_MMIO_BASE + u64::from(VSOCK_SLOT) * layout::DEVICE_SIZE;
-            bus.insert(
-                "virtio-vsock",
-                base,
-                layout::DEVICE_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )?;
-        }
-
-        // virtio-fs: kicks go straight from KVM to virtiofsd (an ioeventfd per queue on the
-        // transport's QueueNotify, datamatch = queue index); interrupts come back through the
-        // device's forwarder and this irqfd.
-        for (device, slot) in fs_devices.into_iter().zip(FIRST_FS_SLOT..) {
-            let (Some(base), Some(spi)) = (
-                layout::virtio_mmio_base(slot),
-                layout::virtio_mmio_spi(slot),
-            ) else {
-                // validate() allows no more devices than slots.
-                return Err(VmError::Config(ConfigError::TooManyFs {
-                    count: config.fs.len(),
-                    max: crate::config::MAX_FS_DEVICES,
-                }));
-            };
-            let irq = IrqLine::new(spi)?;
-            vm.register_irqfd(irq.eventfd(), irq.spi())
-                .map_err(|e| VmError::Kvm("wire a virtio-fs interrupt", e))?;
-            let notify =
-                kvm_ioctls::IoEventAddress::Mmio(base + crate::devices::virtio::mmio::QUEUE_NOTIFY);
-            for (kick, queue) in device.kick_eventfds().iter().zip(0u32..) {
-                vm.register_ioevent(kick, &notify, queue)
-                    .map_err(|e| VmError::Kvm("register a virtio-fs queue notifier", e))?;
-            }
-            let transport = MmioTransport::new(
-                Box::new(device),
-                ram.memory().clone(),
-                Arc::new(VirtioInterrupt::new(irq)),
-            );
-            bus.insert(
-                "virtio-fs",
-                base,
-                layout::DEVICE_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )?;
-        }
-
-        // virtio-net: the back end thread reads the tap and is woken by the transport on kicks.
-        for (net, slot) in std::mem::take(&mut config.net)
-            .into_iter()
-            .zip(FIRST_NET_SLOT..)
-        {
-            let (Some(base), Some(spi)) = (
-                layout::virtio_mmio_base(slot),
-                layout::virtio_mmio_spi(slot),
-            ) else {
-                return Err(VmError::Config(ConfigError::TooManyNet {
-                    count: slot as usize,
-                    max: crate::config::MAX_NET_DEVICES,
-                }));
-            };
-            let irq = IrqLine::new(spi)?;
-            vm.register_irqfd(irq.eventfd(), irq.spi())
-                .map_err(|e| VmError::Kvm("wire a virtio-net interrupt", e))?;
-            let device = Net::new(net.tap, net.mac, net.mtu).map_err(VmError::Net)?;
-            let transport = MmioTransport::new(
-                Box::new(device),
-                ram.memory().clone(),
-                Arc::new(VirtioInterrupt::new(irq)),
-            );
-            bus.insert(
-                "virtio-net",
-                base,
-                layout::DEVICE_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )?;
-        }
-
-        steps.mark("devices");
-        // 7. Run the boot vCPU at the kernel entry; the guest turns the other plugged vCPUs on
-        //    with PSCI CPU_ON, which spawns their threads.
+        // The guest turns the other plugged vCPUs on with PSCI CPU_ON, which spawns their threads.
         let machine = Arc::new(Machine {
             vcpus,
+            _devices: device_thread,
             bus,
-            exit: Default::default(),
+            exit,
             _gic: gic,
             _vm: vm,
             _ram: ram,
@@ -466,8 +282,8 @@ impl Vm {
         machine
             .vcpus
             .start_boot_vcpu(&machine, placement.kernel_load, block.dtb_addr)?;
-        steps.mark("boot vCPU");
-        log::info!("VM started: {steps}");
+        times.mark("boot vCPU");
+        log::info!("VM started: {times}");
         Ok(Vm {
             machine,
             hotplug,

@@ -1,4 +1,4 @@
-//! From pod CPU resources to a vCPU target (DESIGN.md, "Resize").
+//! From pod CPU resources to a vCPU target (docs/resize.md, "Kubernetes: in-place pod resize").
 //!
 //! kubelet expresses a container's CPU request as cgroup shares and its limit as a CFS quota over a
 //! period; containerd hands both to the shim as OCI `LinuxResources` (at Create and at every task

@@ -989,6 +989,7 @@ fn describe_exit(reason: &accordion_vmm::ExitReason) -> String {
         R::Crash => "the guest kernel reported a crash".into(),
         R::Shutdown => "the host stopped it".into(),
         R::VcpuFailed { vcpu, error } => format!("vCPU {vcpu} failed: {error}"),
+        R::DevicesFailed { error } => format!("its device manager failed: {error}"),
     }
 }
 

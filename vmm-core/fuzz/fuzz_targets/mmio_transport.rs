@@ -1,5 +1,6 @@
 //! The virtio-mmio transport driven by any sequence of register reads and writes (any offset,
-//! width and value), in front of a device that checks what the transport hands it.
+//! width and value) interleaved with the device manager's servicing (which activates), in front
+//! of a device that checks what the transport hands it.
 //!
 //! Checked on every input: no panic, no allocation above MAX_ALLOCATION; the device is activated
 //! only with the features it offered (VERSION_1 among them), only once between resets, and only
@@ -100,6 +101,11 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         let op = input.u8();
+        if op >= 0xf0 {
+            // The device manager's thread gets its turn between two register accesses.
+            t.service();
+            continue;
+        }
         // Mostly the register block (0x000..0x100), sometimes the config space behind it.
         let offset = u64::from(input.u16() % 0x180);
         let width = [4usize, 1, 2, 8][usize::from(op >> 1) % 4];

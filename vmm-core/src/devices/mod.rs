@@ -2,6 +2,7 @@
 
 pub mod boot_timer;
 pub mod cpu_hotplug;
+pub mod event_loop;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ged;

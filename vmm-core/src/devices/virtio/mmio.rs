@@ -5,6 +5,14 @@
 //! after activation failures, flagged DEVICE_NEEDS_RESET); nothing here panics on them, and every
 //! line a guest can make us log is rate-limited. Queue registers are checked here rather than by
 //! virtio-queue's setters, which log every refused value.
+//!
+//! Register accesses run on the vCPU thread that exited. Activating the device (spawning its
+//! back-end thread, the vhost-user handshake) is only recorded there and done by
+//! [`MmioTransport::service`] on the device manager's thread, which the transport's waker wakes
+//! (docs/architecture.md, "Device manager"); queue notifications that arrive between DRIVER_OK
+//! and the activation are kept and delivered right after it. A reset stays synchronous: Linux's
+//! virtio_mmio does not wait for it before it frees the rings, so the device must have stopped
+//! using them when the vCPU's write returns.
 
 use std::sync::Arc;
 
@@ -85,7 +93,16 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// DRIVER_OK was set; [`Self::service`] activates the device.
+    activation_pending: bool,
+    /// Queues notified while activation was deferred (bit per queue index).
+    early_notifies: u64,
+    /// Wakes the thread that calls [`Self::service`].
+    waker: Option<Waker>,
 }
+
+/// Wakes the device manager's thread to service a transport (set once it is attached).
+pub type Waker = Box<dyn Fn() + Send>;
 
 impl MmioTransport {
     /// Wraps `device`; `interrupt` is its line to the GIC.
@@ -112,6 +129,30 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            activation_pending: false,
+            early_notifies: 0,
+            waker: None,
+        }
+    }
+
+    /// Sets what wakes the thread that services this transport.
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
+    }
+
+    /// Activates the device if the driver set DRIVER_OK since the last call, then delivers the
+    /// queue notifications that came before. Called on the device manager's thread; a no-op
+    /// when nothing is pending.
+    pub fn service(&mut self) {
+        if !std::mem::take(&mut self.activation_pending) {
+            return;
+        }
+        let early = std::mem::take(&mut self.early_notifies);
+        self.activate();
+        if self.activated {
+            for index in (0..64u16).filter(|i| early & (1 << i) != 0) {
+                self.device.queue_notify(index);
+            }
         }
     }
 
@@ -203,15 +244,16 @@ impl MmioTransport {
             reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
                 self.set_queue_address(Ring::Used, offset == reg::QUEUE_DEVICE_HIGH, value)
             }
-            reg::QUEUE_NOTIFY => {
-                if self.activated {
-                    if let Ok(index) = u16::try_from(value) {
-                        if usize::from(index) < self.queues.len() {
-                            self.device.queue_notify(index);
-                        }
+            reg::QUEUE_NOTIFY => match u16::try_from(value) {
+                Ok(index) if usize::from(index) < self.queues.len() => {
+                    if self.activated {
+                        self.device.queue_notify(index);
+                    } else if self.activation_pending && index < 64 {
+                        self.early_notifies |= 1 << index;
                     }
                 }
-            }
+                _ => {}
+            },
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.set_status(value),
             _ => log_limited!(
@@ -286,8 +328,11 @@ impl MmioTransport {
             }
         }
         self.status = accepted;
-        if new_bits & status::DRIVER_OK != 0 && !self.activated {
-            self.activate();
+        if new_bits & status::DRIVER_OK != 0 && !self.activated && !self.activation_pending {
+            self.activation_pending = true;
+            if let Some(wake) = &self.waker {
+                wake();
+            }
         }
     }
 
@@ -349,6 +394,9 @@ impl MmioTransport {
             );
         }
         self.activated = false;
+        // An activation still pending goes with the state it was for.
+        self.activation_pending = false;
+        self.early_notifies = 0;
         self.status = 0;
         self.driver_features = 0;
         self.queue_select = 0;
@@ -492,12 +540,25 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
+    /// A register write, then what the device manager's thread does before the vCPU's next
+    /// access (in the tests' own thread).
     fn w(t: &mut MmioTransport, offset: u64, value: u32) {
         t.write(offset, &value.to_le_bytes());
+        t.service();
     }
 
     /// What Linux's virtio_mmio does to bring a device up, with queues in guest RAM.
     fn bring_up(t: &mut MmioTransport, driver_features_high: u32) {
+        set_up(t, driver_features_high);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    /// Everything of [`bring_up`] before DRIVER_OK.
+    fn set_up(t: &mut MmioTransport, driver_features_high: u32) {
         w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(t, reg::DRIVER_FEATURES_SEL, 1);
         w(t, reg::DRIVER_FEATURES, driver_features_high);
@@ -517,11 +578,66 @@ mod tests {
             w(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
             w(t, reg::QUEUE_READY, 1);
         }
-        w(
-            t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    }
+
+    #[test]
+    fn test_activation_waits_for_the_device_manager_and_gets_earlier_notifies() {
+        let (mut t, record, _) = transport();
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = wakes.clone();
+        t.set_waker(Box::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        set_up(&mut t, 1);
+        let driver_ok =
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        // The vCPU's writes only: DRIVER_OK, then kicks of both queues (one twice, one bogus).
+        t.write(reg::STATUS, &driver_ok.to_le_bytes());
+        for queue in [1u32, 0, 1, 7] {
+            t.write(reg::QUEUE_NOTIFY, &queue.to_le_bytes());
+        }
+        assert_eq!(wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            record.lock().unwrap().activated.is_none(),
+            "activated on the vCPU"
         );
+        assert!(record.lock().unwrap().notified.is_empty());
+        assert_eq!(r(&mut t, reg::STATUS), driver_ok);
+
+        t.service();
+        let rec = record.lock().unwrap();
+        assert_eq!(
+            rec.activated,
+            Some((VIRTIO_F_VERSION_1 | 0x1, vec![256, 64]))
+        );
+        assert_eq!(
+            rec.notified,
+            vec![0, 1],
+            "each kicked queue once, none other"
+        );
+        drop(rec);
+        t.service();
+        assert_eq!(
+            record.lock().unwrap().notified,
+            vec![0, 1],
+            "serviced twice"
+        );
+    }
+
+    #[test]
+    fn test_reset_before_the_device_manager_ran_drops_the_activation() {
+        let (mut t, record, _) = transport();
+        set_up(&mut t, 1);
+        let driver_ok =
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        t.write(reg::STATUS, &driver_ok.to_le_bytes());
+        t.write(reg::QUEUE_NOTIFY, &0u32.to_le_bytes());
+        t.write(reg::STATUS, &0u32.to_le_bytes());
+        t.service();
+        let rec = record.lock().unwrap();
+        assert!(rec.activated.is_none());
+        assert!(rec.notified.is_empty());
+        assert_eq!(rec.resets, 0, "nothing was running to reset");
     }
 
     #[test]

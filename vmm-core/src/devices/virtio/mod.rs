@@ -138,6 +138,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index` (called on the notifying vCPU's thread).
     fn queue_notify(&mut self, index: u16);
+    /// For a device served outside the VMM (vhost-user): one eventfd per queue that KVM signals
+    /// directly on the queue's notification (an ioeventfd), without a vCPU exit to the VMM.
+    fn kick_eventfds(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        &[]
+    }
     /// The driver reset the device: stop using the queues. Returns whether the device can be
     /// activated again.
     fn reset(&mut self) -> bool;

@@ -15,15 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::FsError;
+use crate::devices::event_loop::{self, EventLoop, Woken};
 use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_RING};
 
-/// Epoll token of the stop eventfd (call eventfds use their queue index).
-const STOP: u64 = u64::MAX;
-/// Epoll token of the vhost-user socket.
+/// Epoll token of the vhost-user socket (call eventfds use their queue index).
 const SOCKET: u64 = u64::MAX - 1;
 
 /// The forwarding thread; dropping it stops and joins the thread.
@@ -34,7 +33,7 @@ pub struct Forwarder {
 
 /// What the thread owns.
 struct Worker {
-    epoll: Epoll,
+    events: EventLoop,
     calls: Vec<EventFd>,
     socket: RawFd,
     interrupt: Arc<VirtioInterrupt>,
@@ -51,39 +50,34 @@ impl Forwarder {
         failed: Arc<AtomicBool>,
         tag: String,
     ) -> Result<Self, FsError> {
-        let epoll = Epoll::new().map_err(FsError::Resource)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(FsError::Resource)?;
+        let events = EventLoop::new(&stop).map_err(FsError::Resource)?;
         let mut owned = Vec::with_capacity(calls.len());
         for (index, call) in (0u64..).zip(calls) {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    call.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, index),
-                )
+            events
+                .add(call, EventSet::IN, index)
                 .map_err(FsError::Resource)?;
             owned.push(call.try_clone().map_err(FsError::Resource)?);
         }
-        let add = |fd: RawFd, events: EventSet, token: u64| {
-            epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
-                .map_err(FsError::Resource)
-        };
-        add(stop.as_raw_fd(), EventSet::IN, STOP)?;
         let socket = socket.as_raw_fd();
-        add(socket, EventSet::READ_HANG_UP | EventSet::HANG_UP, SOCKET)?;
+        events
+            .add(&socket, EventSet::READ_HANG_UP | EventSet::HANG_UP, SOCKET)
+            .map_err(FsError::Resource)?;
+        let flag = interrupt.clone();
         let worker = Worker {
-            epoll,
+            events,
             calls: owned,
             socket,
             interrupt,
             failed,
             tag,
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-fs-irq".into())
-            .spawn(move || worker.run())
-            .map_err(FsError::Resource)?;
+        let thread = event_loop::spawn(
+            "virtio-fs-irq",
+            move || worker.run(),
+            move |_| flag.device_error(),
+        )
+        .map_err(FsError::Resource)?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -109,18 +103,17 @@ impl Worker {
     fn run(self) {
         let mut events = [EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            let ready = match self.events.wait(-1, &mut events) {
+                Ok(Woken::Events(ready)) => ready,
+                Ok(Woken::Stop) => return,
                 Err(e) => {
                     log::error!("virtio-fs {}: epoll failed: {e}", self.tag);
                     return;
                 }
             };
-            for event in &events[..n] {
+            for event in ready {
                 match event.data() {
-                    STOP => return,
-                    SOCKET => self.backend_gone(*event),
+                    SOCKET => self.backend_gone(),
                     index => self.forward(index),
                 }
             }
@@ -137,7 +130,7 @@ impl Worker {
         }
     }
 
-    fn backend_gone(&self, event: EpollEvent) {
+    fn backend_gone(&self) {
         self.failed.store(true, Ordering::SeqCst);
         log::error!(
             "virtio-fs {}: virtiofsd closed the connection; the device is failed",
@@ -145,7 +138,7 @@ impl Worker {
         );
         self.interrupt.device_error();
         // Level-triggered: stop watching, or the hang-up would spin this thread.
-        if let Err(e) = self.epoll.ctl(ControlOperation::Delete, self.socket, event) {
+        if let Err(e) = self.events.remove(&self.socket) {
             log::warn!("virtio-fs {}: cannot unwatch the socket: {e}", self.tag);
         }
     }

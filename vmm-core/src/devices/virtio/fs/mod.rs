@@ -173,12 +173,6 @@ impl Fs {
         })
     }
 
-    /// The kick eventfd of each queue, by index, to register as KVM ioeventfds on QueueNotify
-    /// with the index as datamatch.
-    pub fn kick_eventfds(&self) -> &[EventFd] {
-        &self.kicks
-    }
-
     /// Whether the connection to virtiofsd broke (the device then stays failed).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
@@ -301,6 +295,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl VirtioDevice for Fs {
+    /// virtiofsd reads each queue's kick eventfd; KVM writes it on QueueNotify.
+    fn kick_eventfds(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
     fn device_type(&self) -> u32 {
         DEVICE_ID
     }

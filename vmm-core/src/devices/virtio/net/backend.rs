@@ -20,16 +20,17 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use log::Level;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::VNET_HDR_LEN;
+use crate::devices::event_loop::{EventLoop, Woken};
 use crate::devices::virtio::chain;
 use crate::devices::virtio::VirtioInterrupt;
 use crate::log_limited;
@@ -54,7 +55,6 @@ mod hdr {
     pub const F_NEEDS_CSUM: u8 = 1;
 }
 
-const TOKEN_STOP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
 const TOKEN_TAP: u64 = 2;
 
@@ -76,7 +76,7 @@ pub struct Backend {
     queues: Vec<Queue>,
     interrupt: Arc<VirtioInterrupt>,
     tap: File,
-    epoll: Epoll,
+    events: EventLoop,
     /// Whether the tap is in the epoll set (it leaves it while the guest has no RX buffers).
     polling_tap: bool,
     /// The TX frame being sent.
@@ -98,29 +98,16 @@ impl Backend {
         stop: &EventFd,
         kick: &EventFd,
     ) -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (stop.as_raw_fd(), TOKEN_STOP),
-            (kick.as_raw_fd(), TOKEN_KICK),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
+        let events = EventLoop::new(stop)?;
+        events.add(kick, EventSet::IN, TOKEN_KICK)?;
         let tap = File::from(tap);
-        epoll.ctl(
-            ControlOperation::Add,
-            tap.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_TAP),
-        )?;
+        events.add(&tap, EventSet::IN, TOKEN_TAP)?;
         Ok(Self {
             memory,
             queues,
             interrupt,
             tap,
-            epoll,
+            events,
             polling_tap: true,
             tx_frame: vec![0u8; MAX_FRAME].into_boxed_slice(),
             rx_frame: vec![0u8; MAX_FRAME].into_boxed_slice(),
@@ -134,17 +121,16 @@ impl Backend {
     pub fn run(mut self, kick: &EventFd) {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            let ready = match self.events.wait(-1, &mut events) {
+                Ok(Woken::Events(ready)) => ready,
+                Ok(Woken::Stop) => return,
                 Err(e) => {
                     log::error!("virtio-net: epoll failed, device stops: {e}");
                     return;
                 }
             };
-            for event in &events[..n] {
+            for event in ready {
                 match event.data() {
-                    TOKEN_STOP => return,
                     TOKEN_KICK => {
                         let _ = kick.read();
                         self.process_tx();
@@ -330,11 +316,7 @@ impl Backend {
             return;
         }
         let events = if on { EventSet::IN } else { EventSet::empty() };
-        match self.epoll.ctl(
-            ControlOperation::Modify,
-            self.tap.as_raw_fd(),
-            EpollEvent::new(events, TOKEN_TAP),
-        ) {
+        match self.events.modify(&self.tap, events, TOKEN_TAP) {
             Ok(()) => self.polling_tap = on,
             Err(e) => log::error!("virtio-net: cannot change tap polling: {e}"),
         }

@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::event_loop;
 
 /// virtio device ID of a network card.
 pub const DEVICE_ID: u32 = 1;
@@ -139,12 +140,15 @@ impl VirtioDevice for Net {
             .take()
             .ok_or_else(|| ActivateError::BadConfig("virtio-net activated twice".into()))?;
         let (kick, stop) = (self.kick.clone(), self.stop.clone());
+        let flag = interrupt.clone();
         let backend = backend::Backend::new(tap, memory, queues, interrupt, &stop, &kick)
             .map_err(ActivateError::Backend)?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || backend.run(&kick))
-            .map_err(ActivateError::Backend)?;
+        let thread = event_loop::spawn(
+            "virtio-net",
+            move || backend.run(&kick),
+            move |_| flag.device_error(),
+        )
+        .map_err(ActivateError::Backend)?;
         self.thread = Some(thread);
         Ok(())
     }

@@ -22,7 +22,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,12 +29,13 @@ use std::sync::Arc;
 use log::Level;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Conn, ConnError, State, BUF_ALLOC};
 use super::connect::{self, Progress};
 use super::packet::{self, op, Header, HEADER_SIZE, HOST_CID, MAX_PKT_LEN, TYPE_STREAM};
+use crate::devices::event_loop::{EventLoop, Woken};
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::log_limited;
@@ -54,7 +54,6 @@ pub const RX: usize = 0;
 pub const TX: usize = 1;
 
 /// Epoll tokens below this are fixed sources; connection ids start here.
-const TOKEN_STOP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
 const TOKEN_LISTENER: u64 = 2;
 pub(super) const FIRST_CONN_TOKEN: u64 = 16;
@@ -77,7 +76,7 @@ pub struct Backend {
     queues: Vec<Queue>,
     interrupt: Arc<VirtioInterrupt>,
     listener: UnixListener,
-    epoll: Epoll,
+    events: EventLoop,
     pub(super) conns: HashMap<u64, Conn>,
     /// (local port, peer port) → connection token.
     by_ports: HashMap<(u32, u32), u64>,
@@ -128,18 +127,9 @@ impl Backend {
             listener,
         } = socket;
         listener.set_nonblocking(true)?;
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (stop.as_raw_fd(), TOKEN_STOP),
-            (kick.as_raw_fd(), TOKEN_KICK),
-            (listener.as_raw_fd(), TOKEN_LISTENER),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
+        let events = EventLoop::new(stop)?;
+        events.add(kick, EventSet::IN, TOKEN_KICK)?;
+        events.add(&listener, EventSet::IN, TOKEN_LISTENER)?;
         Ok(Self {
             guest_cid,
             uds_path,
@@ -147,7 +137,7 @@ impl Backend {
             queues,
             interrupt,
             listener,
-            epoll,
+            events,
             conns: HashMap::new(),
             by_ports: HashMap::new(),
             control: VecDeque::new(),
@@ -166,17 +156,16 @@ impl Backend {
     /// One round of the loop: waits up to `timeout_ms` (-1: forever) for events, handles them,
     /// then the queues. False once `stop` is signalled or epoll failed.
     pub fn poll(&mut self, kick: &EventFd, events: &mut [EpollEvent], timeout_ms: i32) -> bool {
-        let n = match self.epoll.wait(timeout_ms, events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => return true,
+        let ready = match self.events.wait(timeout_ms, events) {
+            Ok(Woken::Events(ready)) => ready,
+            Ok(Woken::Stop) => return false,
             Err(e) => {
                 log::error!("vsock: epoll failed, device stops: {e}");
                 return false;
             }
         };
-        for event in &events[..n] {
+        for event in ready {
             match event.data() {
-                TOKEN_STOP => return false,
                 TOKEN_KICK => {
                     let _ = kick.read();
                 }
@@ -238,11 +227,7 @@ impl Backend {
         stream.set_nonblocking(true)?;
         let events =
             EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP;
-        self.epoll.ctl(
-            ControlOperation::Add,
-            stream.as_raw_fd(),
-            EpollEvent::new(events, token),
-        )
+        self.events.add(stream, events, token)
     }
 
     /// Reads `CONNECT <port>\n` from a new host connection and asks the guest.
@@ -312,11 +297,7 @@ impl Backend {
 
     fn close(&mut self, token: u64) {
         if let Some(conn) = self.conns.remove(&token) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.events.remove(&conn.stream);
             self.by_ports.remove(&(conn.local_port, conn.peer_port));
         }
     }

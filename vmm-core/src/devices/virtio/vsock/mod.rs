@@ -18,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::event_loop;
 
 /// virtio device ID of vsock.
 pub const DEVICE_ID: u32 = 19;
@@ -115,12 +116,15 @@ impl VirtioDevice for Vsock {
             uds_path: self.uds_path.clone(),
             listener,
         };
+        let flag = interrupt.clone();
         let backend = backend::Backend::new(socket, memory, queues, interrupt, &stop, &kick)
             .map_err(ActivateError::Backend)?;
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || backend.run(&kick))
-            .map_err(ActivateError::Backend)?;
+        let thread = event_loop::spawn(
+            "vsock",
+            move || backend.run(&kick),
+            move |_| flag.device_error(),
+        )
+        .map_err(ActivateError::Backend)?;
         self.thread = Some(thread);
         Ok(())
     }

@@ -1,0 +1,157 @@
+//! What every device thread shares (the device manager's, vsock's, virtio-net's): an epoll set
+//! that always holds the thread's stop eventfd, and a thread start that names the thread and
+//! reports a panic in it instead of letting the device die silently.
+//!
+//! vmm-sys-util's `Epoll` does the system calls; event-manager's subscriber model would make each
+//! device an `Arc<Mutex<…>>` subscriber shared with the manager, which the back ends (one owner,
+//! one thread each) do not need.
+
+use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The stop eventfd's token; no other registration may use it.
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// An epoll set with the thread's stop eventfd in it.
+pub struct EventLoop {
+    epoll: Epoll,
+}
+
+/// What a wait returned.
+#[derive(Debug)]
+pub enum Woken<'e> {
+    /// The stop eventfd was signalled: the thread ends.
+    Stop,
+    /// These events (possibly none: a timeout or a signal).
+    Events(&'e [EpollEvent]),
+}
+
+impl EventLoop {
+    /// A set holding `stop`; a write to it makes [`EventLoop::wait`] return [`Woken::Stop`].
+    pub fn new(stop: &EventFd) -> io::Result<Self> {
+        let this = Self {
+            epoll: Epoll::new()?,
+        };
+        this.ctl(ControlOperation::Add, stop, EventSet::IN, STOP_TOKEN)?;
+        Ok(this)
+    }
+
+    /// Watches `fd` for `events`, reported with `token` (anything but `u64::MAX`).
+    pub fn add(&self, fd: &impl AsRawFd, events: EventSet, token: u64) -> io::Result<()> {
+        debug_assert_ne!(token, STOP_TOKEN);
+        self.ctl(ControlOperation::Add, fd, events, token)
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: &impl AsRawFd, events: EventSet, token: u64) -> io::Result<()> {
+        debug_assert_ne!(token, STOP_TOKEN);
+        self.ctl(ControlOperation::Modify, fd, events, token)
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: &impl AsRawFd) -> io::Result<()> {
+        self.ctl(ControlOperation::Delete, fd, EventSet::empty(), 0)
+    }
+
+    fn ctl(
+        &self,
+        op: ControlOperation,
+        fd: &impl AsRawFd,
+        events: EventSet,
+        token: u64,
+    ) -> io::Result<()> {
+        self.epoll
+            .ctl(op, fd.as_raw_fd(), EpollEvent::new(events, token))
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for events, into `events`. A signal is an empty
+    /// round, not an error; the stop eventfd wins over anything else that is ready with it.
+    pub fn wait<'e>(&self, timeout_ms: i32, events: &'e mut [EpollEvent]) -> io::Result<Woken<'e>> {
+        let n = match self.epoll.wait(timeout_ms, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        let ready = &events[..n];
+        if ready.iter().any(|e| e.data() == STOP_TOKEN) {
+            return Ok(Woken::Stop);
+        }
+        Ok(Woken::Events(ready))
+    }
+}
+
+/// Starts the device thread `name` running `body`. Should `body` panic, the panic is logged
+/// with the thread's name and `on_panic` runs (a device flags DEVICE_NEEDS_RESET, the device
+/// manager stops the VM), so the guest and the host see a failed device, never a silent one.
+/// Release builds abort on panic (Cargo.toml): there the whole VMM stops and its supervisor
+/// reports it.
+pub fn spawn(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+    on_panic: impl FnOnce(String) + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                log::error!("{thread_name} thread panicked: {what}");
+                on_panic(what);
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn test_events_are_reported_with_their_tokens_and_stop_wins() {
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let ev = EventLoop::new(&stop).unwrap();
+        ev.add(&kick, EventSet::IN, 7).unwrap();
+        let mut events = vec![EpollEvent::default(); 4];
+
+        assert!(matches!(
+            ev.wait(0, &mut events).unwrap(),
+            Woken::Events([])
+        ));
+        kick.write(1).unwrap();
+        match ev.wait(0, &mut events).unwrap() {
+            Woken::Events(ready) => {
+                assert_eq!(ready.len(), 1);
+                assert_eq!(ready[0].data(), 7);
+            }
+            other => panic!("{other:?}"),
+        }
+        stop.write(1).unwrap();
+        assert!(matches!(ev.wait(0, &mut events).unwrap(), Woken::Stop));
+        ev.remove(&kick).unwrap();
+    }
+
+    #[test]
+    fn test_a_panicking_thread_is_reported_and_ends() {
+        let (tx, rx) = mpsc::channel();
+        let thread = spawn(
+            "test-device",
+            || panic!("bad ring"),
+            move |what| tx.send(what).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "bad ring");
+        thread.join().expect("the panic stayed inside the thread");
+    }
+}

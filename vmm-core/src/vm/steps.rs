@@ -1,0 +1,176 @@
+//! The steps of `Vm::start`, each named for what it builds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VmFd};
+
+use super::{acpi_config, virtio_slots, VmError, FIRST_FS_SLOT, FIRST_NET_SLOT, VSOCK_SLOT};
+use crate::arch::aarch64::boot_block::{BootBlock, BootBlockSpec};
+use crate::arch::aarch64::kernel::{self, BootPlacement, KernelFile};
+use crate::arch::aarch64::{gic, layout, psci};
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+use crate::devices::boot_timer::{BootTime, BootTimer};
+use crate::devices::cpu_hotplug::{CpuHotplug, CpuSlots};
+use crate::devices::ged::Ged;
+use crate::devices::serial::SerialDevice as Uart;
+use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
+use crate::exit::{ExitLatch, ExitReason};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::Vcpus;
+
+/// Connects to each virtiofsd, which must already listen: a missing one fails here, before
+/// KVM is touched.
+pub(super) fn connect_virtiofsd(config: &VmConfig) -> Result<Vec<Fs>, VmError> {
+    config
+        .fs
+        .iter()
+        .map(|fs| {
+            Fs::connect(&fs.tag, &fs.socket_path).map_err(|source| VmError::Fs {
+                tag: fs.tag.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Guest RAM (memfd-backed) with the kernel at its base and the initrd above it.
+pub(super) fn load_guest_ram(
+    config: &VmConfig,
+    kernel: &KernelFile,
+    placement: &BootPlacement,
+) -> Result<GuestRam, VmError> {
+    let ram = GuestRam::new(layout::RAM_BASE, config.memory_bytes())?;
+    kernel::load_kernel(&ram, kernel, placement)?;
+    if let Some(path) = &config.initrd {
+        kernel::load_initrd(&ram, path, placement)?;
+    }
+    Ok(ram)
+}
+
+/// The VM and its one memslot.
+pub(super) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("create the VM", e))?;
+    let host_addr = ram
+        .host_address()
+        .ok_or(VmError::Memory(MemoryError::TooLarge(ram.size())))?;
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: ram.base(),
+        memory_size: ram.size(),
+        userspace_addr: host_addr,
+    };
+    // SAFETY: the region is RAM mapped by `ram`, which the Machine keeps alive for as long as
+    // the VM fd (it is dropped after it), and nothing else is mapped at those guest addresses.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| VmError::Kvm("map guest RAM", e))?;
+    Ok(vm)
+}
+
+/// The GICv3 sized for every possible vCPU (KVM accepts no vCPU after VGIC init, so they exist
+/// already), then the SMCCC filter so CPU_ON/CPU_OFF reach the VMM before any KVM_RUN.
+pub(super) fn create_interrupt_controller(
+    vm: &VmFd,
+    max_vcpus: u32,
+) -> Result<kvm_ioctls::DeviceFd, VmError> {
+    let gic = gic::create_vgic(vm, max_vcpus)?;
+    psci::forward_to_vmm(vm)
+        .map_err(|e| VmError::Kvm("forward PSCI CPU_ON/CPU_OFF (SMCCC filter)", e))?;
+    Ok(gic)
+}
+
+/// The firmware-less boot block at the top of RAM: EFI system table and memory map, stub DTB,
+/// ACPI tables describing every possible vCPU.
+pub(super) fn write_boot_block(
+    config: &VmConfig,
+    ram: &GuestRam,
+    placement: &BootPlacement,
+    mpidrs: &[u64],
+) -> Result<BootBlock, VmError> {
+    let acpi = acpi_config(mpidrs, config.boot_vcpus, &virtio_slots(config));
+    // The guest init finds the boot timer through the command line (guest/ initramfs).
+    let cmdline = format!(
+        "{} accordion.boot_timer={:#x}",
+        config.cmdline,
+        layout::BOOT_TIMER_BASE
+    );
+    let block = BootBlock::build(&BootBlockSpec {
+        ram_base: ram.base(),
+        ram_end: ram.end(),
+        cmdline: &cmdline,
+        initrd: placement.initrd.map(|(start, size)| (start, start + size)),
+        acpi: &acpi,
+        has_its: false,
+    })?;
+    debug_assert_eq!(block.base, placement.boot_block);
+    ram.write(block.base, &block.bytes)?;
+    Ok(block)
+}
+
+/// The console UART, the boot timer, the GED and the CPU hotplug controller (which shares the
+/// vCPU table). Returns the hotplug controller, which `Vm::set_vcpus` drives.
+pub(super) fn attach_platform_devices(
+    devices: &mut DeviceManager,
+    config: &mut VmConfig,
+    vcpus: &Arc<Vcpus>,
+    started: Instant,
+    boot_time: &BootTime,
+) -> Result<Arc<Mutex<CpuHotplug>>, VmError> {
+    let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
+    let uart = Uart::new(devices.irq_line(layout::SERIAL_SPI)?, console);
+    devices.attach_mmio("serial", layout::SERIAL_BASE, Arc::new(Mutex::new(uart)))?;
+    let timer = BootTimer::new(started, boot_time.clone());
+    devices.attach_mmio(
+        "boot-timer",
+        layout::BOOT_TIMER_BASE,
+        Arc::new(Mutex::new(timer)),
+    )?;
+    let ged = Arc::new(Mutex::new(Ged::new(devices.irq_line(layout::GED_SPI)?)));
+    devices.attach_mmio("ged", layout::GED_BASE, ged.clone())?;
+    let slots: Arc<dyn CpuSlots> = vcpus.clone();
+    let hotplug = Arc::new(Mutex::new(CpuHotplug::new(slots, ged, config.boot_vcpus)));
+    devices.attach_mmio("cpu-hotplug", layout::CPU_HOTPLUG_BASE, hotplug.clone())?;
+    Ok(hotplug)
+}
+
+/// virtio-vsock, then the virtio-fs devices (kicks go straight from KVM to virtiofsd), then the
+/// NICs, each in its slot (the slots ACPI described: `virtio_slots`).
+pub(super) fn attach_virtio_devices(
+    devices: &mut DeviceManager,
+    config: &mut VmConfig,
+    fs_devices: Vec<Fs>,
+) -> Result<(), VmError> {
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.cid, &vsock.uds_path)?;
+        devices.attach_virtio("virtio-vsock", VSOCK_SLOT, Box::new(device))?;
+    }
+    for (device, slot) in fs_devices.into_iter().zip(FIRST_FS_SLOT..) {
+        devices.attach_virtio("virtio-fs", slot, Box::new(device))?;
+    }
+    for (net, slot) in std::mem::take(&mut config.net)
+        .into_iter()
+        .zip(FIRST_NET_SLOT..)
+    {
+        let device = Net::new(net.tap, net.mac, net.mtu).map_err(VmError::Net)?;
+        devices.attach_virtio("virtio-net", slot, Box::new(device))?;
+    }
+    Ok(())
+}
+
+/// What the device manager's thread does should it fail: stop the VM, saying why.
+pub(super) fn stop_on_device_failure(
+    exit: &Arc<ExitLatch>,
+    vcpus: &Arc<Vcpus>,
+) -> impl Fn(String) + Send + Sync + 'static {
+    let (exit, vcpus) = (exit.clone(), vcpus.clone());
+    move |error| {
+        if exit.trip(ExitReason::DevicesFailed { error }) {
+            vcpus.kick_all();
+        }
+    }
+}
