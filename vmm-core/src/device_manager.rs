@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::aarch64::layout;
 use crate::bus::{Bus, BusError, SharedDevice};
-use crate::devices::event_loop::{self, EventLoop, Woken};
+use crate::devices::event_loop::{self, EventLoop, Filter, Woken};
 use crate::devices::irq::{IrqError, IrqLine};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
@@ -157,7 +157,7 @@ impl<'vm> DeviceManager<'vm> {
         let on_failure = Arc::new(on_failure);
         let on_panic = on_failure.clone();
         let thread = event_loop::spawn(
-            "device-manager",
+            Filter::None("device-manager"),
             move || {
                 if let Err(e) = serve(&events, &requests, &transports) {
                     log::error!("device manager: {e}");

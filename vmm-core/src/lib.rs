@@ -23,6 +23,7 @@ mod machine;
 pub mod memory;
 pub mod platform;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

@@ -242,12 +242,22 @@ fn run(cmd: Cmd) -> XResult<i32> {
             }
             // Each test binary runs in turn; failures are counted, never hidden. Arguments for
             // every binary (e.g. `--nocapture`) come from ACCORDION_TEST_ARGS.
+            // ACCORDION_SECCOMP=log|record (scripts/seccomp-record.sh): the kernel's seccomp log
+            // lines are collected from /proc/kmsg while the tests run (dmesg's ring would
+            // wrap), unthrottled, and printed deduplicated as `seccomp: <thread> <syscall nr>`.
             let script = "fail=0; n=0\n\
+                 case \"$ACCORDION_SECCOMP\" in log|record)\n\
+                   echo 0 > /proc/sys/kernel/printk_ratelimit\n\
+                   while read -r line; do case $line in *type=1326*) echo \"$line\" >> /tmp/seccomp.log;; esac; done < /proc/kmsg &\n\
+                   kmsg=$!;;\n\
+                 esac\n\
                  for t in /opt/accordion/tests/*; do\n\
                    n=$((n+1)); echo \"=== node test binary: ${t##*/}\"\n\
                    \"$t\" $ACCORDION_TEST_ARGS || { fail=$((fail+1)); echo \"=== FAILED: ${t##*/}\"; }\n\
                  done\n\
                  echo \"=== node test binaries: $n run, $fail failed\"\n\
+                 if [ -n \"$kmsg\" ]; then sleep 2; kill $kmsg; echo \"=== seccomp log\";\n\
+                   sed -n 's/.*comm=\"\\([^\"]*\\)\".*syscall=\\([0-9]*\\).*/seccomp: \\1 \\2/p' /tmp/seccomp.log | sort -u; fi\n\
                  exit $fail\n";
             let (spec, k, bb) =
                 prepare_node(&opts, tests, vec!["sh".into(), "-c".into(), script.into()])?;

@@ -19,8 +19,9 @@ use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::FsError;
-use crate::devices::event_loop::{self, EventLoop, Woken};
+use crate::devices::event_loop::{self, EventLoop, Filter, Woken};
 use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_RING};
+use crate::seccomp::ThreadKind;
 
 /// Epoll token of the vhost-user socket (call eventfds use their queue index).
 const SOCKET: u64 = u64::MAX - 1;
@@ -73,7 +74,7 @@ impl Forwarder {
             tag,
         };
         let thread = event_loop::spawn(
-            "virtio-fs-irq",
+            Filter::Seccomp(ThreadKind::FsIrq),
             move || worker.run(),
             move |_| flag.device_error(),
         )

@@ -17,7 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
-use crate::devices::event_loop;
+use crate::devices::event_loop::{self, Filter};
+use crate::seccomp::ThreadKind;
 
 /// virtio device ID of a network card.
 pub const DEVICE_ID: u32 = 1;
@@ -144,7 +145,7 @@ impl VirtioDevice for Net {
         let backend = backend::Backend::new(tap, memory, queues, interrupt, &stop, &kick)
             .map_err(ActivateError::Backend)?;
         let thread = event_loop::spawn(
-            "virtio-net",
+            Filter::Seccomp(ThreadKind::Net),
             move || backend.run(&kick),
             move |_| flag.device_error(),
         )

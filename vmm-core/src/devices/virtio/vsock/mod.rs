@@ -18,7 +18,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
-use crate::devices::event_loop;
+use crate::devices::event_loop::{self, Filter};
+use crate::seccomp::ThreadKind;
 
 /// virtio device ID of vsock.
 pub const DEVICE_ID: u32 = 19;
@@ -120,7 +121,7 @@ impl VirtioDevice for Vsock {
         let backend = backend::Backend::new(socket, memory, queues, interrupt, &stop, &kick)
             .map_err(ActivateError::Backend)?;
         let thread = event_loop::spawn(
-            "vsock",
+            Filter::Seccomp(ThreadKind::Vsock),
             move || backend.run(&kick),
             move |_| flag.device_error(),
         )
