@@ -4,9 +4,13 @@
 //! The guest writes its console at will (a hostile one floods it), and the logs live under /run,
 //! a tmpfs shared with containerd and every other pod. So a log is two files that together never
 //! exceed the configured cap: `<name>` takes writes until the next one would pass half the cap,
-//! then it becomes `<name>.1` (replacing the older half) and a new `<name>` starts. What a user
-//! reads in an error message is only the tail, read from the ends of those files with a
-//! fixed-size buffer.
+//! then its content moves to `<name>.1` (replacing the older half) and `<name>` starts again
+//! empty. What a user reads in an error message is only the tail, read from the ends of those
+//! files with a fixed-size buffer.
+//!
+//! Both files are opened once, at creation; rotating copies between the open files and truncates
+//! (no path is looked up, renamed or opened again). The console is written from the vCPU that
+//! wrote the UART's register, and that keeps the calls it makes to ones on open files.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -27,10 +31,10 @@ fn rotated_path(path: &Path) -> PathBuf {
 /// A log of at most `max_bytes` on disk (both files together).
 #[derive(Debug)]
 pub struct CappedLog {
-    path: PathBuf,
-    rotated: PathBuf,
     /// `None` after a rotation failed: output is dropped rather than written past the cap.
     file: Option<File>,
+    /// `<name>.1`, the older half.
+    older: File,
     /// Bytes in `file`.
     len: u64,
     /// The most one file may hold: half the cap.
@@ -38,33 +42,35 @@ pub struct CappedLog {
 }
 
 impl CappedLog {
-    /// Creates (truncates) the log at `path` and removes a stale `<path>.1`. `max_bytes` is the
-    /// cap of both files together; odd bytes are not used.
+    /// Creates (truncates) the log at `path` and its older half `<path>.1` (a stale one from
+    /// an earlier run is emptied). `max_bytes` is the cap of both files together; odd bytes are
+    /// not used.
     pub fn create(path: &Path, max_bytes: u64) -> io::Result<Self> {
-        let path = path.to_owned();
-        let rotated = rotated_path(&path);
-        match std::fs::remove_file(&rotated) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let file = open_new(&path)?;
+        let older = open_new(&rotated_path(path))?;
+        let file = open_new(path)?;
         Ok(Self {
-            path,
-            rotated,
             file: Some(file),
+            older,
             len: 0,
             half: max_bytes / 2,
         })
     }
 
-    /// Moves the current half aside and starts a new one.
+    /// Moves the current half's content into the older one and starts the current one over.
     fn rotate(&mut self) -> io::Result<()> {
-        // Closed first: the file is gone from us whatever happens next, so a failure below
-        // leaves no file to write to and nothing is written past the cap.
-        self.file = None;
-        std::fs::rename(&self.path, &self.rotated)?;
-        self.file = Some(open_new(&self.path)?);
+        // Taken first: should anything below fail, there is no file to write to and nothing
+        // is written past the cap.
+        let Some(mut current) = self.file.take() else {
+            return Err(io::Error::other("the log could not be rotated"));
+        };
+        self.older.set_len(0)?;
+        self.older.seek(SeekFrom::Start(0))?;
+        current.seek(SeekFrom::Start(0))?;
+        // File to file: the kernel copies (copy_file_range), no buffer of half the cap here.
+        io::copy(&mut (&current).take(self.len), &mut self.older)?;
+        current.set_len(0)?;
+        current.seek(SeekFrom::Start(0))?;
+        self.file = Some(current);
         self.len = 0;
         Ok(())
     }
@@ -97,9 +103,11 @@ impl Write for CappedLog {
     }
 }
 
-/// A new, empty log file, owner-only; never through a symlink.
+/// A new, empty log file, owner-only; never through a symlink. Readable too: rotation copies
+/// from it.
 fn open_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -310,6 +318,35 @@ mod tests {
         assert_eq!(tail(&dir.log(), 25), "(the log is empty)");
         CappedLog::create(&dir.log(), 1024).expect("create");
         assert_eq!(tail(&dir.log(), 25), "(the log is empty)");
+    }
+
+    #[test]
+    fn test_console_rotation_keeps_writing_after_the_files_were_renamed_away() {
+        // The files are never looked up by name after creation: someone moving them (or a
+        // symlink planted at the name) changes nothing about where the output goes.
+        let dir = TempDir::new("moved");
+        let mut log = CappedLog::create(&dir.log(), 40).expect("create");
+        log.write_all(
+            b"first 0123456789
+",
+        )
+        .expect("write");
+        let moved = dir.0.join("moved.log");
+        std::fs::rename(dir.log(), &moved).expect("rename");
+        std::os::unix::fs::symlink("/etc/passwd", dir.log()).expect("symlink");
+        log.write_all(
+            b"second 012345678
+",
+        )
+        .expect("rotates");
+        assert_eq!(
+            std::fs::read_to_string(&moved).expect("moved"),
+            "second 012345678\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rotated_path(&dir.log())).expect("older"),
+            "first 0123456789\n"
+        );
     }
 
     #[test]
