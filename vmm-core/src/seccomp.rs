@@ -219,6 +219,25 @@ mod tests {
     }
 
     #[test]
+    fn test_the_vsock_thread_may_ioctl_only_fionbio() {
+        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
+        let rules: Vec<&serde_json::Value> = json["vsock"]["filter"]
+            .as_array()
+            .expect("a filter list")
+            .iter()
+            .filter(|rule| rule["syscall"] == "ioctl")
+            .collect();
+        assert_eq!(rules.len(), 1);
+        let args = rules[0]["args"]
+            .as_array()
+            .expect("ioctl has argument rules");
+        assert_eq!(args.len(), 1);
+        assert_eq!(args[0]["index"], 1);
+        assert_eq!(args[0]["op"], "eq");
+        assert_eq!(args[0]["val"], u64::from(libc::FIONBIO as u32));
+    }
+
+    #[test]
     fn test_no_filter_allows_what_no_device_thread_needs() {
         // What would turn a compromised back end into more than a broken device.
         for kind in ThreadKind::ALL {
