@@ -27,6 +27,18 @@ pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
+/// An error and its sources on one line (`a: b: c`), for log lines.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 pub use config::{ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig};
 pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 pub use exit::{ExitReason, ExitWatch};

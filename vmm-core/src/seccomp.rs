@@ -125,10 +125,7 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
         let mode = Mode::from_env().map_err(|e| e.to_string())?;
         compile(TargetArch::aarch64, mode)
             .map(|filters| (mode, filters))
-            .map_err(|e| match &e {
-                SeccompError::Compile(source) => format!("{e}: {source}"),
-                _ => e.to_string(),
-            })
+            .map_err(|e| crate::error_chain(&e))
     });
     let (mode, filters) = compiled
         .as_ref()
@@ -140,18 +137,6 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
         .get(kind.name())
         .ok_or(SeccompError::Missing(kind.name()))?;
     seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install(kind.name(), e))
-}
-
-/// An error with its causes, for a log line.
-pub fn describe(e: &SeccompError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// For the node test that a forbidden call kills the VMM: with

@@ -126,7 +126,7 @@ pub fn spawn(
                     return;
                 }
                 if let Err(e) = seccomp::confine(kind) {
-                    let why = crate::seccomp::describe(&e);
+                    let why = crate::error_chain(&e);
                     log::error!("{thread_name} thread does not start: {why}");
                     on_failure(why);
                     return;

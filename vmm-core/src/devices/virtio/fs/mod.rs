@@ -276,22 +276,10 @@ impl Fs {
         log::error!(
             "virtio-fs {}: {what}: {} ({}); the device is failed",
             self.tag(),
-            error_chain(e),
+            crate::error_chain(e),
             self.socket_path.display()
         );
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl VirtioDevice for Fs {
