@@ -132,8 +132,11 @@ echo "@@CMD-START uptime=$up" > /dev/ttyAMA0
 sh /accordion/cmd.sh < /dev/null >&3 2>&4 3>&- 4>&-
 rc=$?
 read -r up _ < /proc/uptime
-echo "@@CMD-END uptime=$up" > /dev/ttyAMA0
-echo "@@EXIT-CODE=$rc" > /dev/ttyAMA0
+# Through printk (level 2, shown despite `quiet`), not the tty: the kernel writes its console out
+# before it powers off, while bytes still queued in the tty's buffer can be lost, as the exit
+# code once was (the line ended mid-way, then "reboot: Power down").
+echo "<2>@@CMD-END uptime=$up" > /dev/kmsg
+echo "<2>@@EXIT-CODE=$rc" > /dev/kmsg
 sync
 poweroff -f
 "#;
