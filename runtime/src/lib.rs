@@ -14,14 +14,5 @@ pub mod resize;
 pub mod sandbox;
 pub mod shim;
 
-/// An error and its sources on one line: "outer: inner: innermost".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
+/// An error and its sources on one line: "outer: inner: innermost" (vmm-core's, one for both).
+pub use accordion_vmm::error_chain;

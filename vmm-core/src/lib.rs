@@ -27,8 +27,8 @@ pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
-/// An error and its sources on one line (`a: b: c`), for log lines.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line (`a: b: c`), for log lines and error messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
