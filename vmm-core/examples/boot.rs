@@ -1,6 +1,6 @@
 //! Boots a guest and exits with its status: the `@@EXIT-CODE=<rc>` the guest init prints, or,
 //! without one, a code for why the VM stopped (0 power-off, 120 reset/panic, 121 crash,
-//! 122 vCPU failure, 124 timeout).
+//! 122 vCPU, device or VMM process failure, 123 host shutdown, 124 timeout).
 //!
 //! boot --kernel IMAGE [--initrd CPIO] [--vcpus N] [--max-vcpus M] [--memory MIB]
 //!      [--cmdline ARGS] [--timeout SECS] [--vsock CID:SOCKET_PATH]
@@ -98,6 +98,7 @@ fn parse() -> Result<Args, String> {
                 config.vsock = Some(accordion_vmm::VsockConfig {
                     cid,
                     uds_path: path.into(),
+                    listener: None,
                 });
             }
             "-h" | "--help" => return Err(String::new()),
@@ -174,7 +175,14 @@ fn main() -> ExitCode {
         (None, Some(ExitReason::PowerOff)) => 0,
         (None, Some(ExitReason::Reset)) => 120,
         (None, Some(ExitReason::Crash)) => 121,
-        (None, Some(ExitReason::VcpuFailed { .. } | ExitReason::DevicesFailed { .. })) => 122,
+        (
+            None,
+            Some(
+                ExitReason::VcpuFailed { .. }
+                | ExitReason::DevicesFailed { .. }
+                | ExitReason::ProcessEnded { .. },
+            ),
+        ) => 122,
         (None, Some(ExitReason::Shutdown)) => 123,
         (None, None) => {
             vm.shutdown();

@@ -1,7 +1,10 @@
 //! What a caller asks for, checked before anything touches KVM.
 
+use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 
 use crate::arch::aarch64::layout;
 
@@ -21,23 +24,126 @@ pub const RESERVED_CMDLINE_LEN: usize = 64;
 /// the VM exits instead of hanging.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
+/// A file the VMM reads: by path (opened by `Vm::start`), or already open (a jailed VMM gets its
+/// files from its parent and cannot open any).
+pub enum InputFile {
+    /// Opened by `Vm::start` each time it reads the file.
+    Path(PathBuf),
+    /// Already open for reading; read with positioned reads or from its start, never reopened.
+    Open {
+        /// The open file.
+        file: File,
+        /// Only for error messages (e.g. the path the parent opened).
+        name: String,
+    },
+}
+
+impl InputFile {
+    /// What error messages call the file: its path, or the name it was given.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Path(path) => path.display().to_string(),
+            Self::Open { name, .. } => name.clone(),
+        }
+    }
+
+    /// The file to read: a `Path` opened now, an `Open` file borrowed. Its offset is not
+    /// reset: read it with positioned reads, or seek first.
+    pub(crate) fn open(&self) -> std::io::Result<OpenedFile<'_>> {
+        match self {
+            Self::Path(path) => File::open(path).map(OpenedFile::Owned),
+            Self::Open { file, .. } => Ok(OpenedFile::Borrowed(file)),
+        }
+    }
+}
+
+/// An `InputFile` ready to read (`InputFile::open`).
+pub(crate) enum OpenedFile<'a> {
+    /// Opened from a path; closed when dropped.
+    Owned(File),
+    /// The caller's open file.
+    Borrowed(&'a File),
+}
+
+impl std::ops::Deref for OpenedFile<'_> {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        match self {
+            Self::Owned(file) => file,
+            Self::Borrowed(file) => file,
+        }
+    }
+}
+
+impl std::fmt::Debug for InputFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(path) => f.debug_tuple("Path").field(path).finish(),
+            Self::Open { file, name } => f
+                .debug_struct("Open")
+                .field("fd", &file.as_raw_fd())
+                .field("name", name)
+                .finish(),
+        }
+    }
+}
+
+impl From<PathBuf> for InputFile {
+    fn from(path: PathBuf) -> Self {
+        Self::Path(path)
+    }
+}
+
+impl From<&PathBuf> for InputFile {
+    fn from(path: &PathBuf) -> Self {
+        Self::Path(path.clone())
+    }
+}
+
+impl From<&Path> for InputFile {
+    fn from(path: &Path) -> Self {
+        Self::Path(path.to_path_buf())
+    }
+}
+
+impl From<&str> for InputFile {
+    fn from(path: &str) -> Self {
+        Self::Path(path.into())
+    }
+}
+
+impl From<String> for InputFile {
+    fn from(path: String) -> Self {
+        Self::Path(path.into())
+    }
+}
+
 /// A hybrid vsock device: the host side is a Unix socket (Firecracker's convention).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct VsockConfig {
     /// Guest CID (3 or more; 0-2 are reserved).
     pub cid: u64,
-    /// Host Unix socket path.
+    /// Host Unix socket path. Guest-initiated connections to host port P go to `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// An already bound and listening socket for `uds_path` (a jailed VMM cannot bind it). When
+    /// set, `Vm::start` uses it instead of binding, and the device neither replaces a stale file
+    /// nor removes `uds_path` when dropped: the parent owns the path. Guest-initiated connections
+    /// still go to `<uds_path>_P`, which a jailed VMM cannot reach, so they are refused.
+    pub listener: Option<UnixListener>,
 }
 
 /// A virtio-fs device served by a virtiofsd (vhost-user) the caller has started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct FsConfig {
     /// What the guest mounts: `mount -t virtiofs <tag> <dir>` (1 to 36 bytes, unique per VM).
     pub tag: String,
     /// virtiofsd's vhost-user socket (`virtiofsd --socket-path`); it must be listening when
-    /// `Vm::start` runs.
+    /// `Vm::start` runs. With `stream` set it only names the socket in messages.
     pub socket_path: PathBuf,
+    /// An already connected vhost-user socket to virtiofsd (a jailed VMM cannot connect by
+    /// path); when set, `Vm::start` uses it instead of connecting to `socket_path`.
+    pub stream: Option<UnixStream>,
 }
 
 /// A virtio-net device whose host side is a tap the caller opened (devices::virtio::net::tap::Tap,
@@ -64,9 +170,9 @@ pub const MAX_NET_DEVICES: usize = (layout::VIRTIO_MMIO_SLOTS - FIRST_NET_SLOT) 
 /// A microVM to start.
 pub struct VmConfig {
     /// Raw arm64 `Image`.
-    pub kernel: PathBuf,
+    pub kernel: InputFile,
     /// Initramfs (newc cpio, optionally compressed).
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<InputFile>,
     /// Kernel command line.
     pub cmdline: String,
     /// Guest RAM in MiB.
@@ -83,6 +189,9 @@ pub struct VmConfig {
     pub fs: Vec<FsConfig>,
     /// virtio-net devices, in virtio-mmio slots `FIRST_NET_SLOT..` in this order.
     pub net: Vec<NetConfig>,
+    /// `/dev/kvm`, already open read-write with O_CLOEXEC (a jailed VMM cannot open it); when
+    /// set, `Vm::start` uses it instead of opening `/dev/kvm`.
+    pub kvm: Option<File>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -97,13 +206,14 @@ impl std::fmt::Debug for VmConfig {
             .field("vsock", &self.vsock)
             .field("fs", &self.fs)
             .field("net", &self.net)
+            .field("kvm_fd", &self.kvm.as_ref().map(AsRawFd::as_raw_fd))
             .finish_non_exhaustive()
     }
 }
 
 impl VmConfig {
     /// A 1-vCPU, 64-possible, 256 MiB VM booting `kernel`, console discarded.
-    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+    pub fn new(kernel: impl Into<InputFile>) -> Self {
         Self {
             kernel: kernel.into(),
             initrd: None,
@@ -115,6 +225,7 @@ impl VmConfig {
             vsock: None,
             fs: Vec::new(),
             net: Vec::new(),
+            kvm: None,
         }
     }
 
@@ -321,6 +432,7 @@ mod tests {
         FsConfig {
             tag: tag.into(),
             socket_path: "/run/virtiofsd.sock".into(),
+            stream: None,
         }
     }
 
@@ -399,6 +511,37 @@ mod tests {
     }
 
     #[test]
+    fn test_input_file_names_its_path_or_the_name_it_was_given() {
+        let by_path = InputFile::from("/k/Image");
+        let open = InputFile::Open {
+            file: File::open("/dev/null").unwrap(),
+            name: "kernel (fd 3)".into(),
+        };
+        assert!(matches!(&by_path, InputFile::Path(p) if p == Path::new("/k/Image")));
+        assert_eq!(by_path.name(), "/k/Image");
+        assert_eq!(open.name(), "kernel (fd 3)");
+    }
+
+    #[test]
+    fn test_debug_shows_open_files_as_fds() {
+        let c = VmConfig {
+            kvm: Some(File::open("/dev/null").unwrap()),
+            initrd: Some(InputFile::Open {
+                file: File::open("/dev/null").unwrap(),
+                name: "initrd".into(),
+            }),
+            ..config()
+        };
+        let text = format!("{c:?}");
+        assert!(
+            text.contains("Path(\"/opt/accordion/share/guest/Image\")"),
+            "{text}"
+        );
+        assert!(text.contains("Open { fd: "), "{text}");
+        assert!(text.contains("kvm_fd: Some("), "{text}");
+    }
+
+    #[test]
     fn test_zero_boot_vcpus_is_rejected() {
         let c = VmConfig {
             boot_vcpus: 0,
@@ -453,6 +596,7 @@ mod tests {
             vsock: Some(VsockConfig {
                 cid: 2,
                 uds_path: "/tmp/v.sock".into(),
+                listener: None,
             }),
             ..config()
         };

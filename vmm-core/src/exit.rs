@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Why the VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why the VM stopped. Serializable: a jailed VMM reports it to the runtime as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitReason {
     /// The guest powered off (PSCI SYSTEM_OFF).
     PowerOff,
@@ -26,6 +26,12 @@ pub enum ExitReason {
     DevicesFailed {
         /// What happened.
         error: String,
+    },
+    /// The VMM process (a jailed VMM run by the runtime) ended without saying why: it was killed
+    /// or crashed; `status` says how (e.g. "killed by SIGKILL").
+    ProcessEnded {
+        /// How the process ended.
+        status: String,
     },
 }
 
@@ -103,9 +109,9 @@ impl ExitLatch {
 pub struct ExitWatch(Arc<ExitLatch>);
 
 impl ExitWatch {
-    // Only the aarch64 backend builds VMs.
-    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    pub(crate) fn new(latch: Arc<ExitLatch>) -> Self {
+    /// A watch on `latch`: `Vm::exit_watch` makes one for its VM, and a caller that learns of the
+    /// exit some other way (a jailed VMM's report, its death) for a latch it trips itself.
+    pub fn new(latch: Arc<ExitLatch>) -> Self {
         Self(latch)
     }
 
@@ -157,6 +163,23 @@ mod tests {
             ExitReason::from_system_event(3, 9),
             ExitReason::VcpuFailed { vcpu: 3, .. }
         ));
+    }
+
+    #[test]
+    fn test_exit_reasons_round_trip_through_json() {
+        for reason in [
+            ExitReason::PowerOff,
+            ExitReason::VcpuFailed {
+                vcpu: 2,
+                error: "unknown exit".into(),
+            },
+            ExitReason::ProcessEnded {
+                status: "killed by SIGKILL".into(),
+            },
+        ] {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(serde_json::from_str::<ExitReason>(&json).unwrap(), reason);
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-pub use config::{ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig};
+pub use config::{ConfigError, FsConfig, InputFile, NetConfig, VmConfig, VsockConfig};
 pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 pub use exit::{ExitReason, ExitWatch};
 pub use vcpu::{VcpuEvent, VcpuState};

@@ -3,6 +3,8 @@
 //! Used by `accordion check`, the installer's refusal of unsuitable hosts, and the node's platform
 //! test. A probe never panics: each missing piece is a named error or a `false` in the report.
 
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm};
@@ -71,7 +73,18 @@ impl PlatformReport {
 
 /// Opens `/dev/kvm` and checks that it is a working KVM, not just an openable file.
 pub fn open_kvm() -> Result<Kvm, PlatformError> {
-    let kvm = Kvm::new().map_err(PlatformError::Open)?;
+    open_kvm_from(None)
+}
+
+/// Like `open_kvm`, but with `/dev/kvm` already open when `file` is given (a jailed VMM cannot
+/// open it; its parent passes it, read-write and O_CLOEXEC). It is checked the same way.
+pub fn open_kvm_from(file: Option<File>) -> Result<Kvm, PlatformError> {
+    let kvm = match file {
+        // SAFETY: `into_raw_fd` hands over a valid fd that nothing else owns, so `Kvm` may own and
+        // close it; an fd that is not /dev/kvm only makes the ioctls below fail.
+        Some(file) => unsafe { Kvm::from_raw_fd(file.into_raw_fd()) },
+        None => Kvm::new().map_err(PlatformError::Open)?,
+    };
     let version = kvm.get_api_version();
     if version != KVM_API_VERSION {
         return Err(PlatformError::ApiVersion(version));
@@ -165,6 +178,13 @@ mod tests {
             smccc_filter: true,
             timings: Vec::new(),
         }
+    }
+
+    #[test]
+    fn test_open_kvm_from_a_file_that_is_not_kvm_is_refused() {
+        let not_kvm = File::open("/dev/null").unwrap();
+        let result = open_kvm_from(Some(not_kvm));
+        assert!(matches!(result, Err(PlatformError::ApiVersion(-1))));
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn preflight(config: &VmConfig) -> Result<(KernelFile, BootPlacement), VmError> 
     let kernel = KernelFile::inspect(&config.kernel)?;
     let initrd_size = config
         .initrd
-        .as_deref()
+        .as_ref()
         .map(kernel::initrd_size)
         .transpose()?;
     let placement = kernel::place(
@@ -244,9 +244,9 @@ impl Vm {
         // Bad input stops in the first two steps, before any KVM object exists.
         let (kernel, placement) = preflight(&config)?;
         times.mark("checks");
-        let fs_devices = steps::connect_virtiofsd(&config)?;
+        let fs_devices = steps::connect_virtiofsd(&mut config)?;
         times.mark("vhost-user");
-        let kvm = crate::platform::open_kvm()?;
+        let kvm = crate::platform::open_kvm_from(config.kvm.take())?;
         check_kvm_vcpu_limit(config.max_vcpus, kvm.get_max_vcpus())?;
         let ram = steps::load_guest_ram(&config, &kernel, &placement)?;
         times.mark("guest RAM");
@@ -463,11 +463,13 @@ mod tests {
         let fs = |tag: &str| crate::config::FsConfig {
             tag: tag.into(),
             socket_path: "/run/fs.sock".into(),
+            stream: None,
         };
         let config = VmConfig {
             vsock: Some(crate::config::VsockConfig {
                 cid: 3,
                 uds_path: "/run/v.sock".into(),
+                listener: None,
             }),
             fs: vec![fs("a"), fs("b")],
             ..VmConfig::new("/nonexistent")

@@ -39,7 +39,7 @@ fn boot(kernel: &str, vcpus: u32, max_vcpus: u32, script: &str) -> Booted {
     let initrd = initrd_with(script, &name);
     let console = Console::default();
     let mut config = VmConfig::new(guest_dir().join(kernel));
-    config.initrd = Some(initrd.clone());
+    config.initrd = Some(initrd.clone().into());
     config.boot_vcpus = vcpus;
     config.max_vcpus = max_vcpus;
     config.console = Box::new(console.clone());
@@ -157,7 +157,7 @@ fn test_shutdown_of_a_running_guest_joins_its_threads_and_closes_its_fds() {
     let fds_before = open_fds();
     let console = Console::default();
     let mut config = VmConfig::new(guest_dir().join("Image"));
-    config.initrd = Some(initrd.clone());
+    config.initrd = Some(initrd.clone().into());
     config.boot_vcpus = 2;
     config.max_vcpus = 4;
     config.console = Box::new(console.clone());
@@ -260,7 +260,7 @@ fn test_garbage_kernel_and_oversized_initrd_fail_before_any_vm_exists() {
     let garbage_result = Vm::start(VmConfig::new(&garbage));
     let mut config = VmConfig::new(&kernel);
     config.memory_mib = 48;
-    config.initrd = Some(big_initrd);
+    config.initrd = Some(big_initrd.into());
     let big_result = Vm::start(config);
 
     std::fs::remove_dir_all(&dir).unwrap();

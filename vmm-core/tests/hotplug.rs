@@ -115,7 +115,7 @@ impl Guest {
         let initrd = initrd_with(GUEST_SCRIPT, &name);
         let console = Console::default();
         let mut config = VmConfig::new(guest_dir().join(kernel));
-        config.initrd = Some(initrd.clone());
+        config.initrd = Some(initrd.clone().into());
         config.boot_vcpus = 1;
         config.max_vcpus = MAX_VCPUS;
         config.console = Box::new(console.clone());

@@ -60,7 +60,7 @@ fn test_guest_on_a_tap_has_the_mac_and_mtu_answers_ping_and_streams_tcp() {
 
     let console = Console::default();
     let mut config = VmConfig::new(guest_dir().join("Image"));
-    config.initrd = Some(initrd_with(GUEST_SCRIPT, "net"));
+    config.initrd = Some(initrd_with(GUEST_SCRIPT, "net").into());
     config.console = Box::new(console.clone());
     config.net = vec![NetConfig {
         tap: tap.into_fd(),

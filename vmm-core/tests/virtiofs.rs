@@ -119,11 +119,12 @@ fn exited_by_itself(child: &mut Child) -> bool {
 
 fn vm_config(kernel: &str, initrd: PathBuf, socket: PathBuf, console: &Console) -> VmConfig {
     let mut config = VmConfig::new(guest_dir().join(kernel));
-    config.initrd = Some(initrd);
+    config.initrd = Some(initrd.into());
     config.console = Box::new(console.clone());
     config.fs = vec![FsConfig {
         tag: TAG.into(),
         socket_path: socket,
+        stream: None,
     }];
     config
 }

@@ -80,11 +80,12 @@ fn round_trips(kernel: &str) {
 
     let console = Console::default();
     let mut config = VmConfig::new(guest_dir().join(kernel));
-    config.initrd = Some(initrd_path);
+    config.initrd = Some(initrd_path.into());
     config.console = Box::new(console.clone());
     config.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         uds_path: uds.clone(),
+        listener: None,
     });
     let vm = Vm::start(config).unwrap();
 

@@ -102,8 +102,9 @@ enum Pending {
     EjectAwaited,
 }
 
-/// What one `set_target` changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What one `set_target` changed (serializable: it crosses the jailed VMM's process boundary as
+/// JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HotplugRequest {
     /// vCPUs newly plugged and announced to the guest.
     pub plugging: Vec<u32>,

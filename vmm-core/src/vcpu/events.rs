@@ -7,8 +7,9 @@ use std::sync::Mutex;
 
 use super::VcpuState;
 
-/// vCPU `index` entered `state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// vCPU `index` entered `state` (serializable: it crosses the jailed VMM's process boundary as
+/// JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VcpuEvent {
     /// vCPU index.
     pub index: u32,

@@ -2,8 +2,9 @@
 
 use crate::arch::aarch64::psci::TargetState;
 
-/// One possible vCPU's state, as `Vm::vcpu_states` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One possible vCPU's state, as `Vm::vcpu_states` reports it (serializable: it crosses the
+/// jailed VMM's process boundary as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VcpuState {
     /// Possible but not plugged: ACPI says present, not enabled; CPU_ON is denied; no thread.
     Unplugged,

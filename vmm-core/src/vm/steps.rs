@@ -22,14 +22,18 @@ use crate::exit::{ExitLatch, ExitReason};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::Vcpus;
 
-/// Connects to each virtiofsd, which must already listen: a missing one fails here, before
-/// KVM is touched.
-pub(super) fn connect_virtiofsd(config: &VmConfig) -> Result<Vec<Fs>, VmError> {
+/// Connects to each virtiofsd, which must already listen, or takes the connection the caller
+/// made: a missing or unresponsive one fails here, before KVM is touched.
+pub(super) fn connect_virtiofsd(config: &mut VmConfig) -> Result<Vec<Fs>, VmError> {
     config
         .fs
-        .iter()
+        .iter_mut()
         .map(|fs| {
-            Fs::connect(&fs.tag, &fs.socket_path).map_err(|source| VmError::Fs {
+            match fs.stream.take() {
+                Some(stream) => Fs::from_stream(&fs.tag, stream, &fs.socket_path),
+                None => Fs::connect(&fs.tag, &fs.socket_path),
+            }
+            .map_err(|source| VmError::Fs {
                 tag: fs.tag.clone(),
                 source,
             })
@@ -44,9 +48,9 @@ pub(super) fn load_guest_ram(
     placement: &BootPlacement,
 ) -> Result<GuestRam, VmError> {
     let ram = GuestRam::new(layout::RAM_BASE, config.memory_bytes())?;
-    kernel::load_kernel(&ram, kernel, placement)?;
-    if let Some(path) = &config.initrd {
-        kernel::load_initrd(&ram, path, placement)?;
+    kernel::load_kernel(&ram, &config.kernel, kernel, placement)?;
+    if let Some(initrd) = &config.initrd {
+        kernel::load_initrd(&ram, initrd, placement)?;
     }
     Ok(ram)
 }
@@ -145,8 +149,11 @@ pub(super) fn attach_virtio_devices(
     config: &mut VmConfig,
     fs_devices: Vec<Fs>,
 ) -> Result<(), VmError> {
-    if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(vsock.cid, &vsock.uds_path)?;
+    if let Some(vsock) = &mut config.vsock {
+        let device = match vsock.listener.take() {
+            Some(listener) => Vsock::from_listener(vsock.cid, &vsock.uds_path, listener)?,
+            None => Vsock::new(vsock.cid, &vsock.uds_path)?,
+        };
         devices.attach_virtio("virtio-vsock", VSOCK_SLOT, Box::new(device))?;
     }
     for (device, slot) in fs_devices.into_iter().zip(FIRST_FS_SLOT..) {

@@ -4,11 +4,10 @@
 //! Everything here is checked from the files' sizes and the 64-byte header before any guest
 //! memory or KVM object exists, so bad input fails fast with a typed error.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
 
 use super::layout::{BOOT_BLOCK_SIZE, KERNEL_ALIGN};
+use crate::config::InputFile;
 
 /// Size of the arm64 Image header.
 pub const HEADER_SIZE: usize = 64;
@@ -19,18 +18,19 @@ const LEGACY_TEXT_OFFSET: u64 = 0x8_0000;
 /// Where the initrd starts relative to the kernel's end (keeps it out of the kernel's 2 MiB blocks).
 const INITRD_ALIGN: u64 = 0x20_0000;
 
-/// Errors about the kernel or initrd files and whether they fit in RAM.
+/// Errors about the kernel or initrd files and whether they fit in RAM. Files are named by
+/// `InputFile::name`.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The kernel file could not be read.
     #[error("Cannot read kernel {0}")]
-    KernelRead(PathBuf, #[source] std::io::Error),
+    KernelRead(String, #[source] std::io::Error),
     /// The kernel is not an arm64 Image (too short or wrong magic).
     #[error("Kernel {0} is not an arm64 Image (no \"ARM\\x64\" header magic)")]
-    NotAnImage(PathBuf),
+    NotAnImage(String),
     /// The initrd file could not be read.
     #[error("Cannot read initrd {0}")]
-    InitrdRead(PathBuf, #[source] std::io::Error),
+    InitrdRead(String, #[source] std::io::Error),
     /// The kernel (with its BSS) does not fit in RAM below the boot block.
     #[error("Kernel needs {needed} bytes of RAM but only {available} are usable")]
     KernelTooLarge {
@@ -94,8 +94,8 @@ impl ImageHeader {
 /// A kernel file checked to be an arm64 Image.
 #[derive(Debug, Clone)]
 pub struct KernelFile {
-    /// Where it is.
-    pub path: PathBuf,
+    /// What messages call it (`InputFile::name`).
+    pub name: String,
     /// Its header.
     pub header: ImageHeader,
     /// File size in bytes.
@@ -103,20 +103,18 @@ pub struct KernelFile {
 }
 
 impl KernelFile {
-    /// Opens `path` and checks its header.
-    pub fn inspect(path: &Path) -> Result<Self, KernelError> {
-        let read_err = |e| KernelError::KernelRead(path.to_path_buf(), e);
-        let mut file = File::open(path).map_err(read_err)?;
+    /// Opens `kernel` (or borrows it, when already open) and checks its header. Positioned reads
+    /// leave an open file's offset alone, so `load_kernel` can read the same file afterwards.
+    pub fn inspect(kernel: &InputFile) -> Result<Self, KernelError> {
+        let name = kernel.name();
+        let read_err = |e| KernelError::KernelRead(name.clone(), e);
+        let file = kernel.open().map_err(read_err)?;
         let file_size = file.metadata().map_err(read_err)?.len();
-        let mut head = Vec::with_capacity(HEADER_SIZE);
-        file.by_ref()
-            .take(HEADER_SIZE as u64)
-            .read_to_end(&mut head)
-            .map_err(read_err)?;
+        let head = read_head(&file).map_err(read_err)?;
         let header =
-            ImageHeader::parse(&head).ok_or_else(|| KernelError::NotAnImage(path.to_path_buf()))?;
+            ImageHeader::parse(&head).ok_or_else(|| KernelError::NotAnImage(name.clone()))?;
         Ok(Self {
-            path: path.to_path_buf(),
+            name,
             header,
             file_size,
         })
@@ -127,6 +125,22 @@ impl KernelFile {
     pub fn footprint(&self) -> u64 {
         self.header.image_size.max(self.file_size)
     }
+}
+
+/// Up to `HEADER_SIZE` bytes from the start of `file` (fewer only if the file is shorter).
+fn read_head(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; HEADER_SIZE];
+    let mut filled = 0;
+    while filled < HEADER_SIZE {
+        match file.read_at(&mut head[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    head.truncate(filled);
+    Ok(head)
 }
 
 /// Where everything goes in RAM.
@@ -181,45 +195,56 @@ pub fn place(
     })
 }
 
-/// Size of the initrd file at `path`.
-pub fn initrd_size(path: &Path) -> Result<u64, KernelError> {
-    std::fs::metadata(path)
-        .map(|m| m.len())
-        .map_err(|e| KernelError::InitrdRead(path.to_path_buf(), e))
+/// Size of the initrd file.
+pub fn initrd_size(initrd: &InputFile) -> Result<u64, KernelError> {
+    let size = match initrd {
+        InputFile::Path(path) => std::fs::metadata(path),
+        InputFile::Open { file, .. } => file.metadata(),
+    };
+    size.map(|m| m.len())
+        .map_err(|e| KernelError::InitrdRead(initrd.name(), e))
 }
 
-/// Copies the kernel Image into RAM with linux-loader's arm64 Image loader.
+/// Copies the kernel Image (`file`, which `kernel` describes) into RAM with linux-loader's arm64
+/// Image loader. The loader seeks from the start, so an already open file may have been read.
 #[cfg(target_arch = "aarch64")]
 pub fn load_kernel(
     ram: &crate::memory::GuestRam,
+    file: &InputFile,
     kernel: &KernelFile,
     placement: &BootPlacement,
 ) -> Result<(), KernelError> {
     use linux_loader::loader::{pe::PE, KernelLoader};
     use vm_memory::GuestAddress;
 
-    let mut file =
-        File::open(&kernel.path).map_err(|e| KernelError::KernelRead(kernel.path.clone(), e))?;
+    let opened = file
+        .open()
+        .map_err(|e| KernelError::KernelRead(kernel.name.clone(), e))?;
     let base = placement.kernel_load - kernel.header.text_offset;
-    let result = PE::load(ram.memory(), Some(GuestAddress(base)), &mut file, None)
+    let result = PE::load(ram.memory(), Some(GuestAddress(base)), &mut &*opened, None)
         .map_err(KernelError::Load)?;
     // The loader derives the address from the same header; a mismatch is a loader bug.
     debug_assert_eq!(result.kernel_load.0, placement.kernel_load);
     Ok(())
 }
 
-/// Copies the initrd into RAM at its planned address.
+/// Copies the initrd into RAM at its planned address, from the file's start (an already open
+/// file is rewound first).
 pub fn load_initrd(
     ram: &crate::memory::GuestRam,
-    path: &Path,
+    initrd: &InputFile,
     placement: &BootPlacement,
 ) -> Result<(), KernelError> {
+    use std::io::Seek;
     use vm_memory::{Bytes, GuestAddress};
 
     let Some((addr, size)) = placement.initrd else {
         return Ok(());
     };
-    let mut file = File::open(path).map_err(|e| KernelError::InitrdRead(path.to_path_buf(), e))?;
+    let read_err = |e| KernelError::InitrdRead(initrd.name(), e);
+    let opened = initrd.open().map_err(read_err)?;
+    let mut file: &std::fs::File = &opened;
+    file.rewind().map_err(read_err)?;
     let len =
         usize::try_from(size).map_err(|_| KernelError::InitrdTooLarge { size, available: 0 })?;
     ram.memory()
@@ -246,7 +271,7 @@ pub(crate) mod tests {
     fn kernel_file(image_size: u64, file_size: u64) -> KernelFile {
         let header = ImageHeader::parse(&synthetic_image(image_size, 64)).unwrap();
         KernelFile {
-            path: PathBuf::from("Image"),
+            name: "Image".into(),
             header,
             file_size,
         }
@@ -323,12 +348,19 @@ pub(crate) mod tests {
         image[0x1000] = 0xab;
         std::fs::write(&kernel_path, &image).unwrap();
         std::fs::write(&initrd_path, b"070701initrd").unwrap();
-        let kernel = KernelFile::inspect(&kernel_path).unwrap();
+        // The kernel by path, the initrd already open (as a jailed VMM gets it).
+        let kernel_input = InputFile::from(kernel_path.as_path());
+        let initrd_input = InputFile::Open {
+            file: std::fs::File::open(&initrd_path).unwrap(),
+            name: "initrd".into(),
+        };
+        let kernel = KernelFile::inspect(&kernel_input).unwrap();
         let ram = crate::memory::GuestRam::new(RAM_BASE, 32 << 20).unwrap();
-        let placement = place(RAM_BASE, 32 << 20, &kernel, Some(12)).unwrap();
+        let initrd_size = initrd_size(&initrd_input).unwrap();
+        let placement = place(RAM_BASE, 32 << 20, &kernel, Some(initrd_size)).unwrap();
 
-        load_kernel(&ram, &kernel, &placement).unwrap();
-        load_initrd(&ram, &initrd_path, &placement).unwrap();
+        load_kernel(&ram, &kernel_input, &kernel, &placement).unwrap();
+        load_initrd(&ram, &initrd_input, &placement).unwrap();
 
         std::fs::remove_dir_all(&dir).unwrap();
         let mut head = [0u8; 64];
@@ -342,10 +374,63 @@ pub(crate) mod tests {
         assert_eq!(&initrd, b"070701initrd");
     }
 
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn test_open_kernel_is_loaded_after_inspection_without_reopening() {
+        let path = std::env::temp_dir().join(format!("accordion-open-{}", std::process::id()));
+        let mut image = synthetic_image(2 << 20, 1 << 20);
+        image[0x2000] = 0xcd;
+        std::fs::write(&path, &image).unwrap();
+        let input = InputFile::Open {
+            file: std::fs::File::open(&path).unwrap(),
+            name: "fd 3".into(),
+        };
+        // Gone from the file system: only the open file can be read.
+        std::fs::remove_file(&path).unwrap();
+        let kernel = KernelFile::inspect(&input).unwrap();
+        let ram = crate::memory::GuestRam::new(RAM_BASE, 32 << 20).unwrap();
+        let placement = place(RAM_BASE, 32 << 20, &kernel, None).unwrap();
+
+        load_kernel(&ram, &input, &kernel, &placement).unwrap();
+
+        assert_eq!(kernel.file_size, 1 << 20);
+        let mut byte = [0u8];
+        ram.read(RAM_BASE + 0x2000, &mut byte).unwrap();
+        assert_eq!(byte[0], 0xcd);
+    }
+
+    #[test]
+    fn test_initrd_already_open_is_read_from_its_start() {
+        use std::io::Read;
+        let path = std::env::temp_dir().join(format!("accordion-initrd-{}", std::process::id()));
+        std::fs::write(&path, b"070701initrd").unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Someone read part of it: the offset must not matter.
+        file.read_exact(&mut [0u8; 4]).unwrap();
+        let input = InputFile::Open {
+            file,
+            name: "initrd".into(),
+        };
+        let ram = crate::memory::GuestRam::new(RAM_BASE, 32 << 20).unwrap();
+        let placement = BootPlacement {
+            kernel_load: RAM_BASE,
+            kernel_end: RAM_BASE + (1 << 20),
+            initrd: Some((RAM_BASE + (2 << 20), initrd_size(&input).unwrap())),
+            boot_block: RAM_BASE + (30 << 20),
+        };
+
+        load_initrd(&ram, &input, &placement).unwrap();
+
+        let mut initrd = [0u8; 12];
+        ram.read(RAM_BASE + (2 << 20), &mut initrd).unwrap();
+        assert_eq!(&initrd, b"070701initrd");
+    }
+
     #[test]
     fn test_inspect_missing_kernel_is_a_read_error() {
-        let err = KernelFile::inspect(Path::new("/nonexistent/Image")).unwrap_err();
-        assert!(matches!(err, KernelError::KernelRead(..)));
+        let err = KernelFile::inspect(&"/nonexistent/Image".into()).unwrap_err();
+        assert!(matches!(err, KernelError::KernelRead(name, _) if name == "/nonexistent/Image"));
     }
 
     #[test]
@@ -354,8 +439,21 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("garbage");
         std::fs::write(&path, vec![0x5a; 4096]).unwrap();
-        let err = KernelFile::inspect(&path).unwrap_err();
+        let err = KernelFile::inspect(&path.as_path().into()).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(matches!(err, KernelError::NotAnImage(p) if p == path));
+        assert!(matches!(err, KernelError::NotAnImage(name) if name == path.display().to_string()));
+    }
+
+    #[test]
+    fn test_inspect_open_garbage_kernel_names_it() {
+        let path = std::env::temp_dir().join(format!("accordion-short-{}", std::process::id()));
+        std::fs::write(&path, b"MZ").unwrap();
+        let input = InputFile::Open {
+            file: std::fs::File::open(&path).unwrap(),
+            name: "kernel fd".into(),
+        };
+        std::fs::remove_file(&path).unwrap();
+        let err = KernelFile::inspect(&input).unwrap_err();
+        assert!(matches!(err, KernelError::NotAnImage(name) if name == "kernel fd"));
     }
 }

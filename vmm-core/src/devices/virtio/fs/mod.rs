@@ -120,9 +120,16 @@ impl Fs {
     /// Connects to the virtiofsd listening on `socket_path` and negotiates what can be negotiated
     /// before the guest shows up (ownership, protocol features). `tag` is what the guest mounts.
     pub fn connect(tag: &str, socket_path: &Path) -> Result<Self, FsError> {
-        let tag_bytes = encode_tag(tag)?;
+        encode_tag(tag)?;
         let stream = UnixStream::connect(socket_path)
             .map_err(|e| FsError::Connect(socket_path.to_path_buf(), e))?;
+        Self::from_stream(tag, stream, socket_path)
+    }
+
+    /// Like `connect`, on `stream`, already connected to virtiofsd (a jailed VMM gets it from its
+    /// parent); `socket_path` only names the socket in messages.
+    pub fn from_stream(tag: &str, stream: UnixStream, socket_path: &Path) -> Result<Self, FsError> {
+        let tag_bytes = encode_tag(tag)?;
         // A back end that stops answering must not hang the vCPU thread doing the activation.
         for timeout in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
             timeout(&stream, Some(BACKEND_TIMEOUT)).map_err(FsError::Resource)?;

@@ -66,6 +66,16 @@ fn test_connect_to_a_peer_that_hangs_up_fails_in_the_handshake() {
 }
 
 #[test]
+fn test_from_stream_speaks_vhost_user_on_the_given_connection() {
+    let (stream, peer) = UnixStream::pair().unwrap();
+    drop(peer);
+    let path = Path::new("/jail/has/no/virtiofsd.sock");
+    let result = Fs::from_stream("share", stream, path);
+    // No connect(2): the handshake itself fails on the closed connection.
+    assert!(matches!(result, Err(FsError::Request("SET_OWNER", _))));
+}
+
+#[test]
 fn test_forwarder_turns_a_call_into_used_ring_status_and_an_edge() {
     let (interrupt, line) = interrupt();
     let calls = vec![

@@ -41,6 +41,8 @@ pub enum VsockError {
 pub struct Vsock {
     cid: u64,
     uds_path: PathBuf,
+    /// Whether the device bound `uds_path` and so removes it when dropped.
+    owns_path: bool,
     listener: Option<UnixListener>,
     kick: Arc<EventFd>,
     stop: Arc<EventFd>,
@@ -53,6 +55,19 @@ impl Vsock {
         let _ = std::fs::remove_file(uds_path);
         let listener = UnixListener::bind(uds_path)
             .map_err(|e| VsockError::Listen(uds_path.to_path_buf(), e))?;
+        let mut device = Self::from_listener(cid, uds_path, listener)?;
+        device.owns_path = true;
+        Ok(device)
+    }
+
+    /// A device for guest CID `cid` on `listener`, already bound to `uds_path` and listening (a
+    /// jailed VMM gets it from its parent). The device leaves `uds_path` alone: its owner removes
+    /// it. Guest-initiated connections still go to `<uds_path>_<port>`.
+    pub fn from_listener(
+        cid: u64,
+        uds_path: &Path,
+        listener: UnixListener,
+    ) -> Result<Self, VsockError> {
         let eventfd = || {
             EventFd::new(EFD_NONBLOCK)
                 .map(Arc::new)
@@ -61,6 +76,7 @@ impl Vsock {
         Ok(Self {
             cid,
             uds_path: uds_path.to_path_buf(),
+            owns_path: false,
             listener: Some(listener),
             kick: eventfd()?,
             stop: eventfd()?,
@@ -147,7 +163,9 @@ impl VirtioDevice for Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.stop_thread();
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
@@ -183,6 +201,20 @@ mod tests {
         drop(device);
         assert!(connectable);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn test_a_listener_from_the_caller_is_used_and_its_path_left_alone() {
+        let path = socket_path("given");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let device = Vsock::from_listener(3, &path, listener).unwrap();
+        let connectable = std::os::unix::net::UnixStream::connect(&path).is_ok();
+        drop(device);
+        let left = path.exists();
+        let _ = std::fs::remove_file(&path);
+        assert!(connectable);
+        assert!(left);
     }
 
     #[test]
