@@ -15,6 +15,12 @@ use seccompiler::{BpfProgram, TargetArch};
 /// The filters, as data (seccompiler's JSON format), for the architecture Accordion runs on.
 pub const FILTERS_JSON: &str = include_str!("../seccomp/aarch64.json");
 
+/// The filter every thread of a jailed VMM process runs under, below its thread kind's own: a
+/// deny-list of what no VMM thread does (run a program, trace, mount, change ids or namespaces,
+/// BPF, io_uring, keyrings, modules…), so a thread without an allow-list of its own yet (the
+/// vCPUs, the device manager) still cannot make them.
+pub const PROCESS_FILTER: &str = "vmm";
+
 /// A thread kind with a filter of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
@@ -116,6 +122,17 @@ pub fn compile(arch: TargetArch, mode: Mode) -> Result<HashMap<String, BpfProgra
 /// where VMs do not run (hosts other than aarch64) and in this crate's unit tests, which run
 /// under qemu-user on x86_64 (qemu refuses seccomp there); the node tests run the real thing.
 pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
+    install(kind.name())
+}
+
+/// Installs [`PROCESS_FILTER`] on the calling thread, which every thread it starts inherits: the
+/// jailed VMM process calls it once, before it starts the VM. Not in `record` mode, which
+/// records what the device threads call.
+pub fn confine_process() -> Result<(), SeccompError> {
+    install(PROCESS_FILTER)
+}
+
+fn install(name: &'static str) -> Result<(), SeccompError> {
     if cfg!(test) || host_arch().is_none() {
         return Ok(());
     }
@@ -130,13 +147,11 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
     let (mode, filters) = compiled
         .as_ref()
         .map_err(|why| SeccompError::Setup(why.clone()))?;
-    if *mode == Mode::Off {
+    if *mode == Mode::Off || (*mode == Mode::Record && name == PROCESS_FILTER) {
         return Ok(());
     }
-    let filter = filters
-        .get(kind.name())
-        .ok_or(SeccompError::Missing(kind.name()))?;
-    seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install(kind.name(), e))
+    let filter = filters.get(name).ok_or(SeccompError::Missing(name))?;
+    seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install(name, e))
 }
 
 /// For the node test that a forbidden call kills the VMM: with
@@ -237,6 +252,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn test_the_process_filter_kills_the_escape_calls_and_keeps_what_threads_need() {
+        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
+        let filter = &json[PROCESS_FILTER];
+        assert_eq!(filter["mismatch_action"], "allow");
+        assert_eq!(filter["match_action"], "kill_process");
+        let denied: Vec<&str> = filter["filter"]
+            .as_array()
+            .expect("a filter list")
+            .iter()
+            .map(|rule| rule["syscall"].as_str().expect("a syscall name"))
+            .collect();
+        for escape in [
+            "execve",
+            "execveat",
+            "ptrace",
+            "mount",
+            "pivot_root",
+            "unshare",
+            "setns",
+            "setuid",
+            "setresuid",
+            "capset",
+            "bpf",
+            "userfaultfd",
+            "io_uring_setup",
+            "init_module",
+            "open_by_handle_at",
+            "process_vm_writev",
+            "pidfd_getfd",
+        ] {
+            assert!(denied.contains(&escape), "the vmm filter allows {escape}");
+        }
+        // What the VMM's threads do (start threads, kick vCPUs, name themselves, confine).
+        for needed in [
+            "clone", "clone3", "tgkill", "prctl", "seccomp", "ioctl", "mmap",
+        ] {
+            assert!(!denied.contains(&needed), "the vmm filter kills {needed}");
+        }
+        let compiled = compile(TargetArch::aarch64, Mode::Kill).expect("compiles");
+        assert!(compiled.contains_key(PROCESS_FILTER));
+        let logged = compile(TargetArch::aarch64, Mode::Log).expect("compiles");
+        assert!(logged.contains_key(PROCESS_FILTER));
     }
 
     #[test]
