@@ -232,6 +232,10 @@ pub struct HostConfig {
     pub memory_overhead_mib: u64,
     /// pids.max of a sandbox's host cgroup: every thread of the VMM and virtiofsd counts.
     pub pids_max: u64,
+    /// The host uids (and gids) jailed VMM processes run as: `vmm_ids` of them from
+    /// `vmm_id_base`, one per running sandbox (docs/security.md, "The VMM's jail").
+    pub vmm_id_base: u32,
+    pub vmm_ids: u32,
 }
 
 impl Default for HostConfig {
@@ -239,9 +243,16 @@ impl Default for HostConfig {
         Self {
             memory_overhead_mib: 96,
             pids_max: 1024,
+            vmm_id_base: crate::vmm_process::jail::ID_BASE,
+            vmm_ids: crate::vmm_process::jail::ID_COUNT,
         }
     }
 }
+
+/// The most `host.vmm_ids`: more sandboxes than a node runs, and lock files the lease scan reads.
+pub const MAX_VMM_IDS: u32 = 65_536;
+/// The lowest `host.vmm_id_base`: below it are the ids distributions give users and services.
+pub const MIN_VMM_ID_BASE: u32 = 65_536;
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -360,6 +371,24 @@ impl Config {
                 ),
             ));
         }
+        let ids_end = u64::from(h.vmm_id_base) + u64::from(h.vmm_ids);
+        if h.vmm_id_base < MIN_VMM_ID_BASE || ids_end > u64::from(u32::MAX) {
+            return Err(bad(
+                "host.vmm_id_base",
+                h.vmm_id_base.to_string(),
+                format!(
+                    "must be at least {MIN_VMM_ID_BASE}, with host.vmm_ids ids above it below {}",
+                    u32::MAX
+                ),
+            ));
+        }
+        if h.vmm_ids == 0 || h.vmm_ids > MAX_VMM_IDS {
+            return Err(bad(
+                "host.vmm_ids",
+                h.vmm_ids.to_string(),
+                format!("must be 1 to {MAX_VMM_IDS}"),
+            ));
+        }
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.agent_ready_secs", t.agent_ready_secs),
@@ -437,6 +466,8 @@ stop_grace_secs = 3
 [host]
 memory_overhead_mib = 128
 pids_max = 2048
+vmm_id_base = 100000
+vmm_ids = 10
 "#,
         )
         .expect("full file");
@@ -449,7 +480,9 @@ pids_max = 2048
             c.host,
             HostConfig {
                 memory_overhead_mib: 128,
-                pids_max: 2048
+                pids_max: 2048,
+                vmm_id_base: 100_000,
+                vmm_ids: 10,
             }
         );
         assert_eq!(c.console_max_bytes(), 1024 * 1024);
@@ -481,6 +514,9 @@ pids_max = 2048
                 "host.memory_overhead_mib",
             ),
             ("[host]\npids_max = 100\n", "host.pids_max"),
+            ("[host]\nvmm_id_base = 0\n", "host.vmm_id_base"),
+            ("[host]\nvmm_id_base = 4294967290\n", "host.vmm_id_base"),
+            ("[host]\nvmm_ids = 0\n", "host.vmm_ids"),
             (
                 "[vcpus]\nmax = 512\n[host]\npids_max = 600\n",
                 "host.pids_max",

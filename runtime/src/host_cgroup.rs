@@ -227,6 +227,11 @@ impl HostCgroup {
         Ok(())
     }
 
+    /// Moves process `pid` (a child this process started) into the cgroup.
+    pub fn add(&self, pid: u32) -> Result<(), HostCgroupError> {
+        self.write("cgroup.procs", &pid.to_string())
+    }
+
     /// Sets cpu.max to `millis` millicores (`None`: no limit).
     pub fn set_cpu(&self, millis: Option<u64>) -> Result<(), HostCgroupError> {
         self.write("cpu.max", &cpu_max_line(millis))

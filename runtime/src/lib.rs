@@ -13,6 +13,7 @@ pub mod pidfd;
 pub mod resize;
 pub mod sandbox;
 pub mod shim;
+pub mod vmm_process;
 
 /// An error and its sources on one line: "outer: inner: innermost" (vmm-core's, one for both).
 pub use accordion_vmm::error_chain;

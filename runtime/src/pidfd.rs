@@ -65,6 +65,44 @@ impl PidFd {
     }
 }
 
+impl PidFd {
+    /// Reaps the process once it has exited and says how it ended ("exited with status 0",
+    /// "killed by SIGSYS"). ECHILD: it is not this process's child, or was reaped already;
+    /// WouldBlock: it still runs.
+    pub fn reap(&self) -> io::Result<String> {
+        /// waitid's idtype for a pidfd (Linux 5.4).
+        const P_PIDFD: libc::idtype_t = 3;
+        // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes one siginfo_t, which lives for the call.
+        let rc = unsafe {
+            libc::waitid(
+                P_PIDFD,
+                self.0.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: waitid filled a SIGCHLD siginfo (or left the zeroes: nothing exited yet).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(match info.si_code {
+            libc::CLD_EXITED => format!("exited with status {status}"),
+            libc::CLD_KILLED | libc::CLD_DUMPED => match nix::sys::signal::Signal::try_from(status)
+            {
+                Ok(signal) => format!("killed by {}", signal.as_str()),
+                Err(_) => format!("killed by signal {status}"),
+            },
+            _ => "ended".into(),
+        })
+    }
+}
+
 impl AsFd for PidFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
@@ -97,5 +135,36 @@ mod tests {
         assert!(fd.exited().unwrap());
         let again = fd.send_signal(nix::sys::signal::Signal::SIGKILL);
         assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::ESRCH));
+    }
+
+    #[test]
+    fn test_reap_says_how_a_child_ended() {
+        if !supported() {
+            return;
+        }
+        // Reaped through the pidfd, which is what is tested.
+        #[allow(clippy::zombie_processes)]
+        let killed = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = PidFd::open(killed.id()).unwrap();
+        assert_eq!(fd.reap().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        fd.send_signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+        while !fd.exited().unwrap() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fd.reap().unwrap(), "killed by SIGKILL");
+        assert_eq!(fd.reap().unwrap_err().raw_os_error(), Some(libc::ECHILD));
+        #[allow(clippy::zombie_processes)]
+        let exited = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let fd = PidFd::open(exited.id()).unwrap();
+        while !fd.exited().unwrap() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fd.reap().unwrap(), "exited with status 3");
     }
 }

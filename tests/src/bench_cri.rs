@@ -113,10 +113,12 @@ pub(crate) fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// Host memory of the pod's processes: the shim's RSS outside guest RAM (memfd) plus virtiofsd's.
+/// Host memory of the pod's processes: the shim's and its VMM's RSS outside guest RAM (memfd)
+/// plus virtiofsd's.
 fn host_rss_kb() -> u64 {
     let shim: u64 = process_pids("containerd-shim-accordion-v2")
         .into_iter()
+        .chain(crate::vmm_pids())
         .map(|p| crate::smaps_kb(p).0)
         .sum();
     let fsd: u64 = process_pids("virtiofsd")
@@ -169,7 +171,7 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
     );
     println!("  accordion / runc = {:.2}x", acc / rc);
     println!(
-        "  host RSS per sandbox (shim + virtiofsd, guest RAM excluded): median {:.0} KiB",
+        "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {:.0} KiB",
         quantile(rss, 0.5)
     );
     let threads: Vec<_> = (0..concurrent)

@@ -76,19 +76,13 @@ pub fn wait_for<T, E>(limit: Duration, mut check: impl FnMut() -> Result<T, E>) 
     }
 }
 
-/// Pids of running processes whose executable is named `name`.
+/// Pids of running processes whose executable is named `name`, VMM processes (the same binary
+/// run as `__accordion-vmm`) aside: see [`crate::vmm_pids`].
 pub fn process_pids(name: &str) -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| {
-                    std::fs::read_link(format!("/proc/{pid}/exe"))
-                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == name))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut pids: Vec<u32> = crate::pids_of_executable(name)
+        .into_iter()
+        .filter(|&pid| !crate::is_vmm(pid))
+        .collect();
     pids.sort_unstable();
     pids
 }
@@ -101,6 +95,9 @@ pub fn leftovers() -> Vec<String> {
         for pid in process_pids(name) {
             left.push(format!("{name} process {pid}"));
         }
+    }
+    for pid in crate::vmm_pids() {
+        left.push(format!("vmm process {pid}"));
     }
     for entry in crate::run_dir_entries() {
         left.push(format!("/run/accordion/{entry}"));

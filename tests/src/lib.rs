@@ -98,19 +98,44 @@ pub fn run_dir_entries() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Pids of running `accordion` processes (sandbox owners and CLIs).
+/// Pids of running `accordion` processes (sandbox owners and CLIs; VMM processes aside).
 pub fn accordion_pids() -> Vec<u32> {
+    pids_of_executable("accordion")
+        .into_iter()
+        .filter(|&pid| !is_vmm(pid))
+        .collect()
+}
+
+/// Pids of running processes whose executable is named `name`.
+pub fn pids_of_executable(name: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
                 .filter(|pid| {
                     std::fs::read_link(format!("/proc/{pid}/exe"))
-                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "accordion"))
+                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == name))
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether `pid` is a VMM process: the shim's or the CLI's binary run as `__accordion-vmm`.
+pub fn is_vmm(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(b"__accordion-vmm".as_slice()))
+}
+
+/// Pids of running VMM processes.
+pub fn vmm_pids() -> Vec<u32> {
+    let mut pids: Vec<u32> = ["accordion", "containerd-shim-accordion-v2"]
+        .into_iter()
+        .flat_map(pids_of_executable)
+        .filter(|&pid| is_vmm(pid))
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Asserts `out` exited with `code`, showing its output when it did not.
@@ -180,4 +205,95 @@ pub fn smaps_kb(pid: u32) -> (u64, u64) {
         }
     }
     (other, guest)
+}
+
+/// The pid of sandbox `name`'s VMM process, from `accordion status`.
+pub fn vmm_pid(name: &str) -> u32 {
+    let status = sandbox_status(name);
+    status
+        .get("vmm process")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no vmm process in the status of {name}: {status:?}"))
+}
+
+/// `Key:` of /proc/PID/status (or of a task's), split on whitespace.
+pub fn proc_status_field(status: &str, key: &str) -> Vec<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} in {status}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts what the kernel says of VMM process `pid`: no capability, no_new_privs, a non-root
+/// host uid and gid, every namespace its own, a root holding nothing of the host, and every thread
+/// under seccomp (docs/security.md, "The VMM's jail").
+pub fn assert_vmm_jailed(pid: u32) {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc.join("status")).expect("vmm status");
+    assert_eq!(
+        proc_status_field(&status, "CapEff:"),
+        ["0000000000000000"],
+        "{status}"
+    );
+    assert_eq!(
+        proc_status_field(&status, "CapPrm:"),
+        ["0000000000000000"],
+        "{status}"
+    );
+    assert_eq!(
+        proc_status_field(&status, "CapBnd:"),
+        ["0000000000000000"],
+        "{status}"
+    );
+    assert_eq!(proc_status_field(&status, "NoNewPrivs:"), ["1"], "{status}");
+    for key in ["Uid:", "Gid:"] {
+        for id in proc_status_field(&status, key) {
+            let id: u32 = id.parse().expect("numeric id");
+            assert!(
+                id >= 2_000_000_000,
+                "{key} {id}: not the leased id; {status}"
+            );
+        }
+    }
+    for ns in ["mnt", "pid", "net", "user", "ipc", "uts", "cgroup"] {
+        let host = std::fs::read_link(format!("/proc/1/ns/{ns}")).expect("host ns");
+        let vmm = std::fs::read_link(proc.join("ns").join(ns)).expect("vmm ns");
+        assert_ne!(host, vmm, "the vmm shares the host's {ns} namespace");
+    }
+    let root: Vec<_> = std::fs::read_dir(proc.join("root"))
+        .expect("vmm root")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(root.is_empty(), "the vmm's root holds {root:?}");
+    let mut confined = Vec::new();
+    for task in std::fs::read_dir(proc.join("task"))
+        .expect("vmm threads")
+        .flatten()
+    {
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let comm = comm.trim().to_string();
+        assert_eq!(
+            proc_status_field(&status, "CapEff:"),
+            ["0000000000000000"],
+            "{comm}"
+        );
+        assert_eq!(proc_status_field(&status, "NoNewPrivs:"), ["1"], "{comm}");
+        if ["vsock", "virtio-net", "virtio-fs-irq"].contains(&comm.as_str()) {
+            assert_eq!(proc_status_field(&status, "Seccomp:"), ["2"], "{comm}");
+            confined.push(comm);
+        }
+    }
+    assert!(
+        confined.iter().any(|c| c == "vsock"),
+        "no vsock thread in {confined:?}"
+    );
 }

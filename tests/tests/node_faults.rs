@@ -212,6 +212,49 @@ fn test_guest_kernel_panic_reports_every_process_exited_within_2s_and_the_pod_is
 }
 
 #[test]
+fn test_the_vmm_process_killed_reports_every_process_exited_within_2s_and_the_pod_is_removable() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let pod = Pod::run("vmmkill");
+    let c = pod.container("main", 1, "exec sleep 3600");
+    let shims = process_pids("containerd-shim-accordion-v2");
+    let cgroup = host_cgroup(shims[0]);
+    let vmms = accordion_tests::vmm_pids();
+    assert_eq!(vmms.len(), 1, "one vmm: {vmms:?}");
+    assert_eq!(
+        host_cgroup(vmms[0]),
+        cgroup,
+        "the vmm runs in the pod's cgroup"
+    );
+
+    let killed_at = SystemTime::now();
+    let out = std::process::Command::new("kill")
+        .args(["-9", &vmms[0].to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (exited_at, code) = wait_exited(&c);
+    let delay = seconds_between(killed_at, exited_at);
+    assert!(
+        delay < EXIT_REPORTED_WITHIN.as_secs_f64(),
+        "exit reported {delay:.2} s after the kill"
+    );
+    assert_eq!(code, 255);
+    assert!(
+        containerd_log()
+            .lines()
+            .any(|l| l.contains(&pod.id) && l.contains("its VMM process")),
+        "no reason in the shim's log"
+    );
+    // The shim outlives its VMM: containerd deletes the dead sandbox's task through it, and the
+    // pod is removed as usual, leaving nothing.
+    pod.remove();
+    assert!(!cgroup.exists(), "host cgroup {cgroup:?} left");
+}
+
+#[test]
 fn test_virtiofsd_killed_under_a_running_container_reports_it_exited_not_hung() {
     if !can_run() || !containerd_ready() {
         return;
@@ -300,10 +343,12 @@ fn test_shim_killed_during_a_resize_then_pod_removal_leaves_nothing() {
             ])
         }
     });
-    // In flight: the guest has turned a new vCPU on (its thread, `vcpu1`…, runs in the shim),
-    // and the resize to four is not acknowledged until all four are online.
+    // In flight: the guest has turned a new vCPU on (its thread, `vcpu1`…, runs in the shim's
+    // VMM process), and the resize to four is not acknowledged until all four are online.
+    let vmms = accordion_tests::vmm_pids();
+    assert_eq!(vmms.len(), 1, "one vmm: {vmms:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while vcpu_threads(shims[0]) < 2 {
+    while vcpu_threads(vmms[0]) < 2 {
         assert!(Instant::now() < deadline, "the resize never started");
         std::thread::sleep(Duration::from_millis(2));
     }

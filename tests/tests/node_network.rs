@@ -150,9 +150,9 @@ impl Drop for KeptNetns {
     }
 }
 
-/// What a shim holds open that network setup could leak: (taps, network namespaces, netlink
+/// What a shim or its VMM process holds open that network setup could leak: (taps, network namespaces, netlink
 /// sockets).
-fn shim_network_fds(pid: u32) -> (usize, usize, usize) {
+fn network_fds(pid: u32) -> (usize, usize, usize) {
     let netlink: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/net/netlink"))
         .unwrap_or_default()
         .lines()
@@ -259,11 +259,17 @@ fn test_two_pods_on_the_cni_bridge_have_their_ips_and_talk_tcp() {
     let qdiscs = text(&in_netns(&netns_a, &["tc", "qdisc", "show", "dev", "eth0"]).stdout);
     assert!(qdiscs.contains("ingress"), "{qdiscs}");
 
-    // Each shim holds exactly its pod's tap: no namespace file, no netlink socket left open.
+    // Each pod's VMM process holds exactly its pod's tap, and its shim none (it handed the tap
+    // over): no namespace file, no netlink socket left open in either.
     let shims = process_pids("containerd-shim-accordion-v2");
     assert_eq!(shims.len(), 2, "{shims:?}");
     for pid in shims {
-        assert_eq!(shim_network_fds(pid), (1, 0, 0), "shim {pid}");
+        assert_eq!(network_fds(pid), (0, 0, 0), "shim {pid}");
+    }
+    let vmms = accordion_tests::vmm_pids();
+    assert_eq!(vmms.len(), 2, "{vmms:?}");
+    for pid in vmms {
+        assert_eq!(network_fds(pid), (1, 0, 0), "vmm {pid}");
     }
 
     a.remove();

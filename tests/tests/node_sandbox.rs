@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use accordion_tests::{
-    accordion, accordion_pids, accordion_with_stdin, assert_code, can_run, one_vm, run_dir_entries,
-    sandbox_status, start_sandbox, text,
+    accordion, accordion_pids, accordion_with_stdin, assert_code, assert_vmm_jailed, can_run,
+    one_vm, run_dir_entries, sandbox_status, start_sandbox, text, vmm_pid,
 };
 
 /// Stops `name` and checks nothing of it is left: no state directory, and its process (which
@@ -180,4 +180,70 @@ fn test_killed_sandbox_process_leaves_state_that_stop_and_run_clean() {
     start_sandbox("orphan", "Image");
     assert_eq!(sandbox_status("orphan")["state"], "running");
     stop_and_check_clean("orphan");
+}
+
+/// Open descriptors and threads of process `pid`.
+fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+    )
+}
+
+#[test]
+fn test_the_vmm_runs_jailed_resizes_leak_nothing_and_its_death_is_reported() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    start_sandbox("jailed", "Image");
+    let owner: u32 = sandbox_status("jailed")["pid"].parse().expect("pid");
+    let vmm = vmm_pid("jailed");
+    assert_ne!(owner, vmm);
+    assert_vmm_jailed(vmm);
+    let cgroup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert_eq!(
+        cgroup(vmm),
+        cgroup(owner),
+        "the vmm is charged where its owner is"
+    );
+
+    let resize = |n: &str| {
+        let out = accordion(&["resize", "jailed", "--vcpus", n]);
+        assert_code(&out, 0);
+    };
+    // One cycle first: threads and descriptors that live from the first resize on are not leaks.
+    resize("2");
+    resize("1");
+    let before = (fds_and_threads(owner), fds_and_threads(vmm));
+    for _ in 0..50 {
+        resize("2");
+        resize("1");
+    }
+    let after = (fds_and_threads(owner), fds_and_threads(vmm));
+    assert_eq!(
+        before, after,
+        "(owner, vmm) (fds, threads) before and after 50 resize cycles"
+    );
+
+    // A VMM killed from outside: the sandbox is dead, says why, and stops cleanly.
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &vmm.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = sandbox_status("jailed");
+        if s["state"] == "dead" {
+            let reason = s.get("exit reason").cloned().unwrap_or_default();
+            assert!(reason.contains("SIGKILL"), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not dead: {s:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!std::path::Path::new(&format!("/proc/{vmm}")).exists());
+    stop_and_check_clean("jailed");
 }

@@ -36,7 +36,7 @@ pub enum Bench {
     /// Pods through containerd's CRI (accordion-cri): RunPodSandbox + CreateContainer +
     /// StartContainer until the container's first output, accordion vs runc alternately (medians
     /// over --runs); --concurrent accordion pods started at once (p50, p99 ÷ single); host RSS
-    /// per sandbox (shim + virtiofsd, guest RAM excluded).
+    /// per sandbox (shim + VMM + virtiofsd, guest RAM excluded).
     Pod {
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -53,6 +53,14 @@ pub enum Bench {
     /// Pod-to-pod networking on the CNI bridge: round trip (ping) and TCP throughput (nc), two
     /// accordion pods against two runc pods in the same node (medians over --runs).
     Net {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The VMM's jail against the development switch that turns it off (ACCORDION_JAIL=off), in
+    /// one node run with containerd: process start → agent answered and ran a command, resize
+    /// 1→4 and 4→1 acknowledged, pod start through CRI beside runc, and host RSS per sandbox
+    /// (shim + VMM + virtiofsd, guest RAM excluded), --runs times each, jail on then off.
+    Jail {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
@@ -159,6 +167,43 @@ fn hotplug_script(runs: usize, kernel: &str) -> String {
     s
 }
 
+/// The node script of `bench jail`: each measurement with the jail on, then with it off (for
+/// the pods, containerd restarts with ACCORDION_JAIL=off in its environment, which its shims
+/// inherit). Each mode has its own results file and report.
+fn jail_script(runs: usize) -> String {
+    let k = "/opt/accordion/share/guest/Image";
+    let mut s = String::new();
+    for mode in ["on", "off"] {
+        let out = format!("/root/bench-jail-{mode}.txt");
+        s.push_str(&format!(
+            "echo '== jail {mode}'
+: > {out}
+"
+        ));
+        if mode == "off" {
+            s.push_str(
+                "export ACCORDION_JAIL=off
+                 ACCORDION_NODE_QUIET=1 /accordion/containerd.sh stop &&                  ACCORDION_NODE_QUIET=1 /accordion/containerd.sh start || exit 1
+",
+            );
+        }
+        s.push_str(&format!(
+            "accordion-bench run --label agent-up --marker @@AGENT-UP --runs {runs} --out {out} --              accordion run --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP
+             accordion run -d --name hp --kernel {k} --vcpus 1 --max-vcpus 8 >/dev/null || exit 1
+             accordion resize hp --vcpus 4 >/dev/null && accordion resize hp --vcpus 1 >/dev/null || exit 1
+             for i in $(seq {runs}); do
+               accordion resize hp --vcpus 4 | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT resize-1to4 \\1/p' >> {out}
+               accordion resize hp --vcpus 1 | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT resize-4to1 \\1/p' >> {out}
+             done
+             accordion stop hp >/dev/null
+             accordion-bench pod --runs {runs} --concurrent 0 --out {out} || echo 'pod bench failed'
+             accordion-bench report {out}
+"
+        ));
+    }
+    s
+}
+
 /// A node run with containerd whose command is `script` (the CRI benchmarks).
 fn cri_bench(script: String, what: &str) -> XResult<i32> {
     let opts = NodeOpts {
@@ -188,6 +233,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             format!("accordion-bench resize --runs {runs} --out /root/bench.txt"),
             "resize",
         ),
+        Bench::Jail { runs } => cri_bench(jail_script(runs), "jail"),
         Bench::Net { runs } => cri_bench(
             format!("accordion-bench net --runs {runs} --out /root/bench.txt"),
             "net",
@@ -269,6 +315,21 @@ pub fn run(b: Bench) -> XResult<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_jail_script_measures_the_jail_then_the_same_with_it_off() {
+        let script = jail_script(2);
+        let (on, off) = script.split_once("echo '== jail off'").expect("two modes");
+        assert!(!on.contains("ACCORDION_JAIL"));
+        assert!(off.starts_with("\n: > /root/bench-jail-off.txt\nexport ACCORDION_JAIL=off\n"));
+        // containerd restarts with the switch, so the pods' shims have it too.
+        assert!(off.contains("/accordion/containerd.sh start"));
+        for part in [on, off] {
+            assert!(part.contains("--label agent-up --marker @@AGENT-UP --runs 2"));
+            assert!(part.contains(r"LAT resize-1to4 \1/p'"));
+            assert!(part.contains("accordion-bench pod --runs 2 --concurrent 0"));
+        }
+    }
 
     #[test]
     fn test_hotplug_script_extracts_each_resize_latency() {

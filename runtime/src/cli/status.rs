@@ -106,6 +106,7 @@ fn render_confinement(c: &cpb::Confinement, line: &mut impl FnMut(&str, String))
         [] => "none".to_string(),
         v => v.join(" "),
     };
+    line("vmm process", c.pid.to_string());
     line(
         "vmm ids",
         format!(

@@ -169,8 +169,8 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
         .collect();
     let mut status = cpb::StatusResponse {
         vcpus_plugged_list: format_cpulist(&plugged),
-        // The VM runs in this process.
-        confinement: Some(confinement_of(std::process::id())),
+        // The VM runs in the sandbox's VMM process.
+        confinement: sandbox.vmm_pid().map(confinement_of),
         recent_resizes,
         name: sandbox.name().to_owned(),
         state: "running".into(),
@@ -238,9 +238,11 @@ pub fn confinement_of(pid: u32) -> cpb::Confinement {
             unknown_namespaces: c.unknown_namespaces,
             cgroup: c.cgroup,
             error: String::new(),
+            pid,
         },
         Err(e) => cpb::Confinement {
             error: format!("reading /proc/{pid}: {e}"),
+            pid,
             ..Default::default()
         },
     }

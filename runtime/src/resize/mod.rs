@@ -9,6 +9,8 @@
 
 pub mod policy;
 
+use crate::vmm_process::channel::SetVcpusRefusal;
+use crate::vmm_process::SetVcpusError;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -38,7 +40,7 @@ pub enum ResizeError {
     NotRunning(String),
     /// The VMM refused the change.
     #[error("The VMM refused the change")]
-    Vmm(#[source] accordion_vmm::CpuHotplugError),
+    Vmm(#[source] crate::vmm_process::SetVcpusError),
     /// The agent could not be asked, or went away while we waited.
     #[error("Lost the guest agent while resizing to {target} ({state})")]
     Agent {
@@ -197,7 +199,7 @@ impl Resizer {
             });
         }
         sandbox.set_vcpus(target).map_err(|e| match e {
-            accordion_vmm::CpuHotplugError::InvalidTarget { target, max } => {
+            SetVcpusError::Refused(SetVcpusRefusal::InvalidTarget { target, max }) => {
                 ResizeError::InvalidTarget { target, max }
             }
             other => ResizeError::Vmm(other),

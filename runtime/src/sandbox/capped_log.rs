@@ -56,6 +56,26 @@ impl CappedLog {
         })
     }
 
+    /// The two open files (current, older) and the cap, to hand to another process, which
+    /// continues the log with [`CappedLog::from_files`].
+    pub fn into_files(self) -> io::Result<(File, File, u64)> {
+        let current = self
+            .file
+            .ok_or_else(|| io::Error::other("the log could not be rotated"))?;
+        Ok((current, self.older, self.half * 2))
+    }
+
+    /// Continues a log from its two open files (as [`CappedLog::into_files`] gave them).
+    pub fn from_files(mut current: File, older: File, max_bytes: u64) -> io::Result<Self> {
+        let len = current.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            file: Some(current),
+            older,
+            len,
+            half: max_bytes / 2,
+        })
+    }
+
     /// Moves the current half's content into the older one and starts the current one over.
     fn rotate(&mut self) -> io::Result<()> {
         // Taken first: should anything below fail, there is no file to write to and nothing

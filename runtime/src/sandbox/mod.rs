@@ -17,11 +17,13 @@ use std::os::unix::ffi::OsStringExt;
 
 // A state directory is removed only when nothing is mounted under it (a pod's share is).
 use accordion_share::remove_dir_unless_mounted;
-use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState, Vm, VmConfig, VsockConfig};
+use accordion_vmm::{ExitReason, FsConfig, NetConfig, VcpuState};
 
 use self::capped_log::CappedLog;
 use self::owner::OwnerLock;
 use crate::host_cgroup::{self, HostCgroup};
+use crate::vmm_process::channel::{JailSpec, SetVcpusRefusal, StartSpec};
+use crate::vmm_process::{IdLease, SetVcpusError, StartFds, VmProcess, VmmError};
 
 /// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces, and the
 /// host processes serving them (virtiofsd), which the sandbox keeps until its VM is down.
@@ -67,6 +69,9 @@ pub const CONSOLE_LOG: &str = "console.log";
 /// The host cgroup's directory, for the cleanup of a sandbox whose owner died.
 pub(crate) const CGROUP_FILE: &str = "cgroup";
 
+/// How long the VMM process may take to start the VM.
+const VMM_START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The guest CID of every sandbox: each VM has its own vsock device, so CIDs need not differ.
 const GUEST_CID: u64 = 3;
 
@@ -83,8 +88,10 @@ pub enum SandboxError {
     HostCgroup(#[from] crate::host_cgroup::HostCgroupError),
     #[error("Cannot prepare the sandbox's devices")]
     Prepare(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("Cannot open {0}")]
+    Input(PathBuf, #[source] std::io::Error),
     #[error("Cannot start the VM")]
-    Vm(#[from] accordion_vmm::VmError),
+    Vmm(#[from] VmmError),
     #[error("The guest agent did not come up; last console lines:\n{console_tail}")]
     Agent {
         console_tail: String,
@@ -171,8 +178,8 @@ pub struct BootTimings {
 pub struct Sandbox {
     name: String,
     dir: PathBuf,
-    /// `None` once stopped.
-    vm: Mutex<Option<Vm>>,
+    /// The VMM process; `None` once stopped.
+    vm: Mutex<Option<VmProcess>>,
     /// Why it stopped, once `stop` ran.
     stopped: Mutex<Option<ExitReason>>,
     agent: AgentClient,
@@ -238,26 +245,18 @@ impl Sandbox {
         let console = CappedLog::create(&dir.join(CONSOLE_LOG), spec.console_max_bytes)
             .map_err(|e| SandboxError::StateDir(dir.join(CONSOLE_LOG), e))?;
         let vsock_path = dir.join("vsock.sock");
-
-        let mut config = VmConfig::new(&spec.kernel);
-        config.initrd = Some(spec.initrd.clone());
-        if !spec.extra_cmdline.trim().is_empty() {
-            config.cmdline = format!("{} {}", config.cmdline, spec.extra_cmdline.trim());
-        }
-        config.boot_vcpus = spec.vcpus;
-        config.max_vcpus = spec.max_vcpus;
-        config.memory_mib = spec.memory_mib;
-        config.console = Box::new(console);
-        config.vsock = Some(VsockConfig {
-            cid: GUEST_CID,
-            uds_path: vsock_path.clone(),
-        });
         let devices = prepare(&dir).map_err(SandboxError::Prepare)?;
-        config.fs = devices.fs;
-        config.net = devices.net;
         // Whatever fails from here drops the companions first (virtiofsd), then the cgroup.
         let companions = CompanionsOnDrop(devices.companions);
-        let vm = Vm::start(config)?;
+        let vm = start_vmm(
+            spec,
+            &dir,
+            cgroup_cleanup.0.as_ref(),
+            console,
+            &vsock_path,
+            devices.fs,
+            devices.net,
+        )?;
         let vm_started = t0.elapsed();
 
         // Connect while watching the VM: a guest that dies must not cost the whole deadline.
@@ -288,7 +287,7 @@ impl Sandbox {
             agent_ready: t0.elapsed(),
         };
         cleanup.0 = None;
-        match crate::confinement::Confinement::of(std::process::id()) {
+        match crate::confinement::Confinement::of(vm.pid()) {
             Ok(c) => log::info!(
                 "sandbox {}: the VM runs confined by: {}",
                 spec.name,
@@ -342,7 +341,7 @@ impl Sandbox {
         self.memory_mib
     }
 
-    fn vm(&self) -> std::sync::MutexGuard<'_, Option<Vm>> {
+    fn vm(&self) -> std::sync::MutexGuard<'_, Option<VmProcess>> {
         self.vm.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -361,18 +360,26 @@ impl Sandbox {
 
     /// The VMM's view of every possible vCPU (empty once stopped).
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
-        self.vm().as_ref().map(Vm::vcpu_states).unwrap_or_default()
+        self.vm()
+            .as_ref()
+            .map(VmProcess::vcpu_states)
+            .unwrap_or_default()
     }
 
     /// Asks the VMM for `target` plugged vCPUs; does not wait for the guest (see `resize`).
-    pub fn set_vcpus(
-        &self,
-        target: u32,
-    ) -> Result<accordion_vmm::HotplugRequest, accordion_vmm::CpuHotplugError> {
+    pub fn set_vcpus(&self, target: u32) -> Result<accordion_vmm::HotplugRequest, SetVcpusError> {
         match self.vm().as_ref() {
             Some(vm) => vm.set_vcpus(target),
-            None => Err(accordion_vmm::CpuHotplugError::InvalidTarget { target, max: 0 }),
+            None => Err(SetVcpusError::Refused(SetVcpusRefusal::InvalidTarget {
+                target,
+                max: 0,
+            })),
         }
+    }
+
+    /// The VMM process's pid, while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vm().as_ref().map(VmProcess::pid)
     }
 
     /// Resizes to `target` vCPUs and waits up to `timeout` for the guest to acknowledge it.
@@ -418,7 +425,7 @@ impl Sandbox {
 
     /// A handle that waits for the VM to stop (for a death watch); None once stopped.
     pub fn exit_watch(&self) -> Option<accordion_vmm::ExitWatch> {
-        self.vm().as_ref().map(Vm::exit_watch)
+        self.vm().as_ref().map(VmProcess::exit_watch)
     }
 
     /// The last finished resizes, oldest first.
@@ -516,6 +523,113 @@ impl Drop for Sandbox {
         );
         remove_dir_unless_mounted(&self.dir);
     }
+}
+
+/// Where the VMM processes' host ids are leased: beside the run root (`/run/accordion-ids`), so
+/// it is not taken for a sandbox.
+fn lease_dir() -> PathBuf {
+    let root = run_root();
+    let mut name = root.file_name().unwrap_or_default().to_owned();
+    name.push("-ids");
+    root.with_file_name(name)
+}
+
+/// `ACCORDION_JAIL=off` runs the VMM process unconfined: a development switch (to compare, or
+/// to debug the VMM with the host's tools), never set in CI (docs/security.md).
+fn jail_enabled() -> bool {
+    std::env::var("ACCORDION_JAIL").as_deref() != Ok("off")
+}
+
+/// Opens what the VM needs and starts its VMM process, jailed (vmm_process/jail.rs).
+fn start_vmm(
+    spec: &SandboxSpec,
+    dir: &Path,
+    cgroup: Option<&HostCgroup>,
+    console: CappedLog,
+    vsock_path: &Path,
+    fs: Vec<FsConfig>,
+    net: Vec<NetConfig>,
+) -> Result<VmProcess, SandboxError> {
+    let open = |path: &Path| {
+        std::fs::File::open(path).map_err(|e| SandboxError::Input(path.to_owned(), e))
+    };
+    let kvm_path = Path::new("/dev/kvm");
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm_path)
+        .map_err(|e| SandboxError::Input(kvm_path.to_owned(), e))?;
+    let (current, older, _) = console
+        .into_files()
+        .map_err(|e| SandboxError::StateDir(dir.join(CONSOLE_LOG), e))?;
+    let vsock = std::os::unix::net::UnixListener::bind(vsock_path)
+        .map_err(|e| SandboxError::StateDir(vsock_path.to_owned(), e))?;
+    let mut streams = Vec::with_capacity(fs.len());
+    for device in &fs {
+        let stream = match device.stream.as_ref() {
+            Some(stream) => stream.try_clone(),
+            None => std::os::unix::net::UnixStream::connect(&device.socket_path),
+        };
+        streams.push(stream.map_err(|e| SandboxError::Input(device.socket_path.clone(), e))?);
+    }
+    let mut cmdline = accordion_vmm::config::DEFAULT_CMDLINE.to_string();
+    if !spec.extra_cmdline.trim().is_empty() {
+        cmdline = format!("{cmdline} {}", spec.extra_cmdline.trim());
+    }
+    let memory_bytes = spec.memory_mib.saturating_mul(1 << 20);
+    let lease = if jail_enabled() {
+        let (base, count) = (spec.host.vmm_id_base, spec.host.vmm_ids);
+        Some(IdLease::take(&lease_dir(), base, count).map_err(VmmError::from)?)
+    } else {
+        None
+    };
+    let jail = lease.as_ref().map(|lease| JailSpec {
+        root: dir.to_string_lossy().into_owned(),
+        uid: lease.id,
+        gid: lease.id,
+        // The vCPU fds, the device threads' eventfds and epolls, vsock's connections: a few
+        // hundred at 128 vCPUs.
+        nofile: 4096,
+        // Threads count: a vCPU each, the device threads, the channel.
+        nproc: u64::from(spec.max_vcpus) + 64,
+        // Guest RAM is a memfd of that size; the console's halves are smaller.
+        fsize: memory_bytes
+            .max(spec.console_max_bytes)
+            .saturating_add(1 << 20),
+    });
+    let start = StartSpec {
+        name: spec.name.clone(),
+        kernel_name: spec.kernel.display().to_string(),
+        initrd_name: spec.initrd.display().to_string(),
+        cmdline,
+        memory_mib: spec.memory_mib,
+        boot_vcpus: spec.vcpus,
+        max_vcpus: spec.max_vcpus,
+        vsock_cid: GUEST_CID,
+        vsock_path: vsock_path.display().to_string(),
+        fs_tags: fs.iter().map(|d| d.tag.clone()).collect(),
+        net: net.iter().map(|d| (d.mac, d.mtu)).collect(),
+        console_max_bytes: spec.console_max_bytes,
+        initrd: true,
+        jail,
+        log_level: log::max_level() as usize,
+    };
+    let fds = StartFds {
+        kvm,
+        kernel: open(&spec.kernel)?,
+        initrd: Some(open(&spec.initrd)?),
+        console: (current, older),
+        vsock,
+        fs: streams,
+        taps: net.into_iter().map(|d| d.tap).collect(),
+    };
+    Ok(VmProcess::start(
+        start,
+        fds,
+        lease,
+        cgroup,
+        VMM_START_TIMEOUT,
+    )?)
 }
 
 /// Creates the sandbox's host cgroup with its limits, records where it is (for cleanup after a

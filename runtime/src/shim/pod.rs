@@ -256,7 +256,7 @@ impl Pod {
         net_mode: &PodNetworkMode,
         placement: &Placement,
     ) -> Result<Pod, PodError> {
-        // Before virtiofsd is spawned: it inherits the score.
+        // Before virtiofsd and the VMM process are spawned: they inherit the score.
         if let Some(score) = placement.oom_score_adj {
             crate::host_cgroup::set_oom_score_adj(None, score)?;
         }
@@ -305,6 +305,7 @@ impl Pod {
                 fs: vec![FsConfig {
                     tag: SHARE_TAG.into(),
                     socket_path,
+                    stream: None,
                 }],
                 net,
                 companions,
@@ -395,7 +396,7 @@ impl Pod {
             .take()
     }
 
-    /// Raises the OOM score adjustment of the pod's host processes (this one and virtiofsd's) to
+    /// Raises the OOM score adjustment of the pod's host processes (this one, its VMM process and virtiofsd) to
     /// `score` when it is higher than what they have: the VM holds every container, so it is as
     /// expendable as the most expendable of them (runc gives each container its own).
     pub fn raise_oom_score_adj(&self, score: i64) -> Result<(), PodError> {
@@ -407,6 +408,10 @@ impl Pod {
             return Ok(());
         }
         crate::host_cgroup::set_oom_score_adj(None, score)?;
+        // The VMM process, which holds guest RAM: the one the OOM killer should find.
+        if let Some(vmm) = self.sandbox.vmm_pid() {
+            crate::host_cgroup::set_oom_score_adj(Some(vmm), score)?;
+        }
         set_oom_score_adj_of_virtiofsd(self.virtiofsd_pid, score)?;
         *current = Some(score);
         Ok(())

@@ -990,6 +990,7 @@ fn describe_exit(reason: &accordion_vmm::ExitReason) -> String {
         R::Shutdown => "the host stopped it".into(),
         R::VcpuFailed { vcpu, error } => format!("vCPU {vcpu} failed: {error}"),
         R::DevicesFailed { error } => format!("its device manager failed: {error}"),
+        R::ProcessEnded { status } => format!("its VMM process {status}"),
     }
 }
 
