@@ -156,7 +156,7 @@ async fn run_foreground(args: RunArgs, config: Config) -> i32 {
     };
     // The control socket serves while the command runs (`accordion ps/status/exec/stop` see it).
     let t_stop;
-    let (code, exec_time, reason) = match server::serve(Arc::clone(&sandbox), exec).await {
+    let (code, exec_time, reason) = match server::serve(Arc::clone(&sandbox), exec, || {}).await {
         Ok((Ended::WorkDone((result, exec_time)), reason)) => {
             t_stop = Instant::now();
             let code = match result {
@@ -262,12 +262,22 @@ fn daemon(spec: SandboxSpec, ready: OwnedFd) -> i32 {
         };
         // Our stderr (logs, a panic) goes to the state directory from now on.
         detach_stdio(Some(&sandbox.dir().join("host.log")));
-        let _ = ready.write_all(b"ready\n");
-        drop(ready);
-        match server::serve(sandbox, std::future::pending::<()>()).await {
+        // "ready" once the control socket listens: the caller's next command may use it.
+        let mut ready = Some(ready);
+        let listening = || {
+            if let Some(mut ready) = ready.take() {
+                let _ = ready.write_all(b"ready\n");
+            }
+        };
+        match server::serve(sandbox, std::future::pending::<()>(), listening).await {
             Ok(_) => 0,
             Err(e) => {
-                eprintln!("accordion run: {}", super::error_chain(&e));
+                let message = super::error_chain(&e);
+                // Not listening yet: the caller is still waiting for our word.
+                if let Some(mut ready) = ready.take() {
+                    let _ = writeln!(ready, "{message}");
+                }
+                eprintln!("accordion run: {message}");
                 1
             }
         }

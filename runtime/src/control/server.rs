@@ -62,10 +62,12 @@ struct ControlService {
 }
 
 /// Serves `sandbox`'s control socket while `work` runs; stops the sandbox (removing its state
-/// directory) before returning. Returns why it ended and why the VM stopped.
+/// directory) before returning. Returns why it ended and why the VM stopped. `listening` runs
+/// once the socket accepts connections, so whoever it tells may use the socket at once.
 pub async fn serve<W: Future>(
     sandbox: Arc<Sandbox>,
     work: W,
+    listening: impl FnOnce(),
 ) -> Result<(Ended<W::Output>, ExitReason), ControlError> {
     let path = sandbox.dir().join(crate::sandbox::CONTROL_SOCKET);
     let serve_err = |source| ControlError::Serve {
@@ -76,6 +78,7 @@ pub async fn serve<W: Future>(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(serve_err)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(serve_err)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(serve_err)?;
+    listening();
 
     let (stop_tx, mut stop_rx) = mpsc::channel(4);
     let service = ControlServer::new(ControlService {
