@@ -7,17 +7,18 @@
 # the node collects them and prints `seccomp: <thread> <number>` lines at the end. This maps the numbers to names (asm-generic, which
 # arm64 uses) and prints `<thread kind> <syscall>` lines, sorted and unique.
 #
-# Usage: scripts/seccomp-record.sh [node-test filter, default: vmm] > vmm-core/seccomp/recorded-aarch64.txt
+# Usage: scripts/seccomp-record.sh [node-test filter, default: every test] > vmm-core/seccomp/recorded-aarch64.txt
 set -euo pipefail
+ok=0
 cd "$(dirname "$0")/.."
-filter="${1:-vmm}"
+filter="${1:-}"
 table=/usr/include/asm-generic/unistd.h
 [ -f "$table" ] || { echo "seccomp-record: $table is missing (apt install linux-libc-dev)" >&2; exit 1; }
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+log=$(mktemp /tmp/seccomp-record.XXXXXX)
+trap '[ "$ok" = 1 ] && rm -f "$log"' EXIT
 ACCORDION_SECCOMP=record ACCORDION_REQUIRE_KVM=1 \
-    cargo xtask node-test --filter "$filter" --memory 4G --timeout 1500 >"$log" 2>&1 || {
-    echo "seccomp-record: the node run failed; its output:" >&2
+    cargo xtask node-test --containerd --filter "$filter" --memory 6G --timeout 2400 >"$log" 2>&1 || {
+    echo "seccomp-record: the node run failed; its output is kept in $log; the end:" >&2
     tail -50 "$log" >&2
     exit 1
 }
@@ -32,5 +33,13 @@ sed -n '/^=== seccomp log/,$p' "$log" |
                 }
             }
         }
-        { print $1, ($2 in names ? names[$2] : "unknown-" $2) }' |
+        {
+            # Thread names to kinds: vcpu<N> are vCPUs; the VMM process main thread
+            # (accordion-vmm) and its exit reporter run under the control filter.
+            kind = $1
+            if (kind ~ /^vcpu[0-9]+$/) kind = "vcpu"
+            if (kind == "accordion-vmm" || kind == "vmm-exit") kind = "vmm-control"
+            print kind, ($2 in names ? names[$2] : "unknown-" $2)
+        }' |
     sort -u
+ok=1

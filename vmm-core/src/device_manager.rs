@@ -23,6 +23,7 @@ use crate::devices::event_loop::{self, EventLoop, Filter, Woken};
 use crate::devices::irq::{IrqError, IrqLine};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::seccomp::ThreadKind;
 
 /// Errors from attaching devices or starting the device manager's thread.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +158,7 @@ impl<'vm> DeviceManager<'vm> {
         let on_failure = Arc::new(on_failure);
         let on_panic = on_failure.clone();
         let thread = event_loop::spawn(
-            Filter::None("device-manager"),
+            Filter::Seccomp(ThreadKind::DeviceManager),
             move || {
                 if let Err(e) = serve(&events, &requests, &transports) {
                     log::error!("device manager: {e}");

@@ -244,10 +244,11 @@ fn run(cmd: Cmd) -> XResult<i32> {
             // every binary (e.g. `--nocapture`) come from ACCORDION_TEST_ARGS.
             // ACCORDION_SECCOMP=log|record (scripts/seccomp-record.sh): the kernel's seccomp log
             // lines are collected from /proc/kmsg while the tests run (dmesg's ring would
-            // wrap), unthrottled, and printed deduplicated as `seccomp: <thread> <syscall nr>`.
+            // wrap), unthrottled and kept off the serial console (which would crawl), and
+            // printed deduplicated as `seccomp: <thread> <syscall nr>`.
             let script = "fail=0; n=0\n\
                  case \"$ACCORDION_SECCOMP\" in log|record)\n\
-                   echo 0 > /proc/sys/kernel/printk_ratelimit\n\
+                   echo 0 > /proc/sys/kernel/printk_ratelimit; echo 3 > /proc/sys/kernel/printk\n\
                    while read -r line; do case $line in *type=1326*) echo \"$line\" >> /tmp/seccomp.log;; esac; done < /proc/kmsg &\n\
                    kmsg=$!;;\n\
                  esac\n\

@@ -86,6 +86,9 @@ fn run(channel: &Arc<Channel>) -> Result<(), Failure> {
     // Every thread from here on (the VM's) runs under the process filter, below its own.
     accordion_vmm::seccomp::confine_process().map_err(|e| failed(id)(&e))?;
     let vm = Arc::new(Vm::start(config).map_err(|e| failed(id)(&e))?);
+    // This thread and the exit reporter it starts: the channel, resizes, shutdown.
+    accordion_vmm::seccomp::confine(accordion_vmm::seccomp::ThreadKind::Control)
+        .map_err(|e| failed(id)(&e))?;
     reply(channel, id, Reply::Started);
 
     // The VM's end is the process's end: say why, then exit (the shim reaps the rest).

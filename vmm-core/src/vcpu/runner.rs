@@ -30,6 +30,7 @@ use crate::arch::aarch64::regs;
 use crate::devices::cpu_hotplug::{CpuHotplugError, CpuSlots};
 use crate::exit::ExitReason;
 use crate::machine::Machine;
+use crate::seccomp::{self, ThreadKind};
 
 /// MPIDR affinity fields; CPU_ON names its target by these.
 const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
@@ -201,10 +202,12 @@ impl Vcpus {
             let _ = old.join();
         }
         let thread_machine = Arc::clone(machine);
+        // A vCPU started by a vCPU (PSCI CPU_ON) inherits the vCPU filter already.
+        let confined = seccomp::confined_as() == Some(ThreadKind::Vcpu);
         let spawned = Instant::now();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_thread(thread_machine, index, fd, spawned))
+            .spawn(move || vcpu_thread(thread_machine, index, fd, spawned, confined))
             .map_err(|e| VcpuError::Spawn(index, e))?;
         log::debug!(
             "vCPU {index}: thread spawn call took {} us",
@@ -296,16 +299,39 @@ impl Vcpus {
     }
 }
 
-fn vcpu_thread(machine: Arc<Machine>, index: usize, mut fd: VcpuFd, spawned: Instant) {
+fn vcpu_thread(
+    machine: Arc<Machine>,
+    index: usize,
+    mut fd: VcpuFd,
+    spawned: Instant,
+    confined: bool,
+) {
     log::debug!(
         "vCPU {index}: thread running {} us after its spawn",
         spawned.elapsed().as_micros()
     );
-    let armed = kick::arm(fd.get_kvm_run() as *mut kvm_run);
-    // The launcher holds our slot until our handle is stored, so from here on kicks reach us.
-    drop(machine.vcpus.lock(index));
-    let outcome = run_loop(&machine, index, &mut fd);
-    drop(armed);
+    let filtered = match confined {
+        true => Ok(()),
+        false => seccomp::confine(ThreadKind::Vcpu),
+    };
+    let outcome = match filtered {
+        Ok(()) => {
+            let armed = kick::arm(fd.get_kvm_run() as *mut kvm_run);
+            // The launcher holds our slot until our handle is stored, so from here on kicks
+            // reach us.
+            drop(machine.vcpus.lock(index));
+            let outcome = run_loop(&machine, index, &mut fd);
+            drop(armed);
+            outcome
+        }
+        Err(e) => {
+            let error = crate::error_chain(&e);
+            log::error!("vCPU {index}: {error}");
+            drop(machine.vcpus.lock(index));
+            machine.request_exit(ExitReason::VcpuFailed { vcpu: index, error });
+            Outcome::VmExit
+        }
+    };
     let mut slot = machine.vcpus.lock(index);
     slot.fd = Some(fd);
     if outcome == Outcome::PoweredOff {
