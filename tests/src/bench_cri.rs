@@ -174,6 +174,9 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
         "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {:.0} KiB",
         quantile(rss, 0.5)
     );
+    if concurrent == 0 {
+        return Ok(());
+    }
     let threads: Vec<_> = (0..concurrent)
         .map(|i| std::thread::spawn(move || start_pod(&format!("conc-{i}"), "accordion", 100_000)))
         .collect();

@@ -167,40 +167,56 @@ fn hotplug_script(runs: usize, kernel: &str) -> String {
     s
 }
 
-/// The node script of `bench jail`: each measurement with the jail on, then with it off (for
-/// the pods, containerd restarts with ACCORDION_JAIL=off in its environment, which its shims
-/// inherit). Each mode has its own results file and report.
+/// The node script of `bench jail`: the jail on and off (ACCORDION_JAIL=off) alternately, sample
+/// by sample, for the agent's readiness and resizes (one `accordion run -d` sandbox per mode, so
+/// the machine's drift falls on both alike); then pods with it on, and again after containerd
+/// restarts with the switch in its environment, which its shims inherit. Each mode has its own
+/// results file and report.
 fn jail_script(runs: usize) -> String {
     let k = "/opt/accordion/share/guest/Image";
-    let mut s = String::new();
-    for mode in ["on", "off"] {
-        let out = format!("/root/bench-jail-{mode}.txt");
+    let out = |mode: &str| format!("/root/bench-jail-{mode}.txt");
+    let (on, off) = (out("on"), out("off"));
+    let agent_up = |env: &str, out: &str| {
+        format!(
+            "  {env}accordion-bench run --label agent-up --marker @@AGENT-UP --runs 1 --out {out} -- \\\n\
+             accordion run --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP\n"
+        )
+    };
+    let resize = |mode: &str, to: u32, label: &str| {
+        format!(
+            "  accordion resize hp-{mode} --vcpus {to} | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT {label} \\1/p' >> {}\n",
+            out(mode)
+        )
+    };
+    let mut s = format!(
+        ": > {on}\n: > {off}\necho '== agent-up and resizes, jail on and off alternately'\n"
+    );
+    s.push_str(&format!("for i in $(seq {runs}); do\n"));
+    s.push_str(&agent_up("", &on));
+    s.push_str(&agent_up("ACCORDION_JAIL=off ", &off));
+    s.push_str("done\n");
+    for (mode, env) in [("on", ""), ("off", "ACCORDION_JAIL=off ")] {
         s.push_str(&format!(
-            "echo '== jail {mode}'
-: > {out}
-"
-        ));
-        if mode == "off" {
-            s.push_str(
-                "export ACCORDION_JAIL=off
-                 ACCORDION_NODE_QUIET=1 /accordion/containerd.sh stop &&                  ACCORDION_NODE_QUIET=1 /accordion/containerd.sh start || exit 1
-",
-            );
-        }
-        s.push_str(&format!(
-            "accordion-bench run --label agent-up --marker @@AGENT-UP --runs {runs} --out {out} --              accordion run --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP
-             accordion run -d --name hp --kernel {k} --vcpus 1 --max-vcpus 8 >/dev/null || exit 1
-             accordion resize hp --vcpus 4 >/dev/null && accordion resize hp --vcpus 1 >/dev/null || exit 1
-             for i in $(seq {runs}); do
-               accordion resize hp --vcpus 4 | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT resize-1to4 \\1/p' >> {out}
-               accordion resize hp --vcpus 1 | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT resize-4to1 \\1/p' >> {out}
-             done
-             accordion stop hp >/dev/null
-             accordion-bench pod --runs {runs} --concurrent 0 --out {out} || echo 'pod bench failed'
-             accordion-bench report {out}
-"
+            "{env}accordion run -d --name hp-{mode} --kernel {k} --vcpus 1 --max-vcpus 8 >/dev/null || exit 1\n\
+             accordion resize hp-{mode} --vcpus 4 >/dev/null && accordion resize hp-{mode} --vcpus 1 >/dev/null || exit 1\n"
         ));
     }
+    s.push_str(&format!("for i in $(seq {runs}); do\n"));
+    for mode in ["on", "off"] {
+        s.push_str(&resize(mode, 4, "resize-1to4"));
+        s.push_str(&resize(mode, 1, "resize-4to1"));
+    }
+    s.push_str("done\naccordion stop hp-on >/dev/null; accordion stop hp-off >/dev/null\n");
+    s.push_str(&format!(
+        "echo '== pods, jail on'\n\
+         accordion-bench pod --runs {runs} --concurrent 0 --out {on} || echo 'pod bench failed'\n\
+         echo '== pods, jail off (containerd restarted with ACCORDION_JAIL=off)'\n\
+         export ACCORDION_JAIL=off\n\
+         ACCORDION_NODE_QUIET=1 /accordion/containerd.sh stop && ACCORDION_NODE_QUIET=1 /accordion/containerd.sh start || exit 1\n\
+         accordion-bench pod --runs {runs} --concurrent 0 --out {off} || echo 'pod bench failed'\n\
+         echo '== jail on'\naccordion-bench report {on}\n\
+         echo '== jail off'\naccordion-bench report {off}\n"
+    ));
     s
 }
 
@@ -317,18 +333,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_jail_script_measures_the_jail_then_the_same_with_it_off() {
+    fn test_jail_script_alternates_the_jail_on_and_off_and_reports_each() {
         let script = jail_script(2);
-        let (on, off) = script.split_once("echo '== jail off'").expect("two modes");
-        assert!(!on.contains("ACCORDION_JAIL"));
-        assert!(off.starts_with("\n: > /root/bench-jail-off.txt\nexport ACCORDION_JAIL=off\n"));
-        // containerd restarts with the switch, so the pods' shims have it too.
-        assert!(off.contains("/accordion/containerd.sh start"));
-        for part in [on, off] {
-            assert!(part.contains("--label agent-up --marker @@AGENT-UP --runs 2"));
-            assert!(part.contains(r"LAT resize-1to4 \1/p'"));
-            assert!(part.contains("accordion-bench pod --runs 2 --concurrent 0"));
-        }
+        let (alternating, pods) = script.split_once("echo '== pods, jail on'").expect("pods");
+        // Each sample of the agent's readiness: on, then off.
+        let on = "  accordion-bench run --label agent-up --marker @@AGENT-UP --runs 1 --out /root/bench-jail-on.txt";
+        let off = "  ACCORDION_JAIL=off accordion-bench run --label agent-up --marker @@AGENT-UP --runs 1 --out /root/bench-jail-off.txt";
+        let (i, j) = (
+            alternating.find(on).expect("on"),
+            alternating.find(off).expect("off"),
+        );
+        assert!(i < j && alternating[..i].ends_with("for i in $(seq 2); do\n"));
+        assert!(alternating.contains("ACCORDION_JAIL=off accordion run -d --name hp-off"));
+        assert!(alternating.contains(
+            r"accordion resize hp-off --vcpus 4 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-1to4 \1/p' >> /root/bench-jail-off.txt"
+        ));
+        assert!(alternating.contains(
+            r"accordion resize hp-on --vcpus 1 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-4to1 \1/p' >> /root/bench-jail-on.txt"
+        ));
+        // Pods: on first; off after containerd restarted with the switch (its shims inherit it).
+        let (pods_on, pods_off) = pods.split_once("export ACCORDION_JAIL=off").expect("off");
+        assert!(pods_on
+            .contains("accordion-bench pod --runs 2 --concurrent 0 --out /root/bench-jail-on.txt"));
+        assert!(pods_off.contains("/accordion/containerd.sh start"));
+        assert!(pods_off.contains(
+            "accordion-bench pod --runs 2 --concurrent 0 --out /root/bench-jail-off.txt"
+        ));
+        assert!(pods_off.contains("accordion-bench report /root/bench-jail-on.txt"));
+        assert!(pods_off.contains("accordion-bench report /root/bench-jail-off.txt"));
     }
 
     #[test]
