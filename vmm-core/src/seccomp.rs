@@ -169,11 +169,17 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The kind whose filter the calling thread installed with [`confine`], if any: a thread it
-/// starts runs under that filter already (filters stack, so installing it again would only
-/// lengthen every system call's path).
+/// The kind whose filter the calling thread runs under ([`confine`] or [`inherited`]), if any: a
+/// thread it starts runs under that filter already (filters stack, so installing it again would
+/// only lengthen every system call's path, and the filter need not allow installing one).
 pub fn confined_as() -> Option<ThreadKind> {
     CONFINED.with(Cell::get)
+}
+
+/// Records that the calling thread runs under `kind`'s filter, inherited from its creator, so
+/// that the threads it starts know it too.
+pub fn inherited(kind: ThreadKind) {
+    CONFINED.with(|c| c.set(Some(kind)));
 }
 
 /// Installs [`PROCESS_FILTER`] and [`CLONE3_FILTER`] on the calling thread, which every thread
@@ -319,10 +325,17 @@ mod tests {
                 assert!(allowed.iter().any(|a| a == call), "{kind:?} lacks {call}");
             }
         }
-        // Device threads install their own filter under the device manager's.
+        // Device threads install their own filter under the device manager's: seccompiler
+        // sets no_new_privs, then calls seccomp.
         assert!(allowed(ThreadKind::DeviceManager)
             .iter()
             .any(|a| a == "seccomp"));
+        let mut prctl = arg_values(ThreadKind::DeviceManager, "prctl", 0);
+        prctl.sort_unstable();
+        assert_eq!(
+            prctl,
+            vec![libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64]
+        );
     }
 
     #[test]

@@ -311,7 +311,10 @@ fn vcpu_thread(
         spawned.elapsed().as_micros()
     );
     let filtered = match confined {
-        true => Ok(()),
+        true => {
+            seccomp::inherited(ThreadKind::Vcpu);
+            Ok(())
+        }
         false => seccomp::confine(ThreadKind::Vcpu),
     };
     let outcome = match filtered {
