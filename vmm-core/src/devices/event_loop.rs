@@ -105,11 +105,11 @@ impl EventLoop {
 }
 
 /// Starts a device thread running `body`, named for its kind, under the kind's seccomp filter
-/// (`seccomp::confine`; [`Filter::None`] for a thread without a filter of its own). Should the filter not
-/// install, or `body` panic, that is logged with the thread's name and `on_failure` runs (a
-/// device flags DEVICE_NEEDS_RESET, the device manager stops the VM), so the guest and the host
-/// see a failed device, never a silent one. Release builds abort on panic (Cargo.toml): there
-/// the whole VMM stops and its supervisor reports it.
+/// (`seccomp::confine`; [`Filter::None`] for a thread without a filter of its own). Should the
+/// filter not install, or `body` panic, that is logged with the thread's name and `on_failure`
+/// runs (a device flags DEVICE_NEEDS_RESET, the device manager stops the VM), so the guest and
+/// the host see a failed device, never a silent one. Release builds abort on panic (Cargo.toml):
+/// there the whole VMM stops and its supervisor reports it.
 pub fn spawn(
     filter: Filter,
     body: impl FnOnce() + Send + 'static,
