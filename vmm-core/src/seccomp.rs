@@ -165,7 +165,7 @@ pub fn compile(arch: TargetArch, mode: Mode) -> Result<HashMap<String, BpfProgra
 /// under qemu-user on x86_64 (qemu refuses seccomp there); the node tests run the real thing.
 pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
     install(kind.name())?;
-    CONFINED.with(|c| c.set(Some(kind)));
+    inherited(kind);
     Ok(())
 }
 
@@ -176,8 +176,8 @@ pub fn confined_as() -> Option<ThreadKind> {
     CONFINED.with(Cell::get)
 }
 
-/// Records that the calling thread runs under `kind`'s filter, inherited from its creator, so
-/// that the threads it starts know it too.
+/// Records that the calling thread runs under `kind`'s filter (installed, or inherited from its
+/// creator), so that the threads it starts know it too.
 pub fn inherited(kind: ThreadKind) {
     CONFINED.with(|c| c.set(Some(kind)));
 }
@@ -241,12 +241,18 @@ mod tests {
     /// What each thread kind was seen calling in a node run (scripts/seccomp-record.sh).
     const RECORDED: &str = include_str!("../seccomp/recorded-aarch64.txt");
 
-    /// The syscalls `kind`'s filter allows, from the JSON.
-    fn allowed(kind: ThreadKind) -> Vec<String> {
+    /// The rules of `kind`'s filter, as written in the JSON.
+    fn filter_rules(kind: ThreadKind) -> Vec<serde_json::Value> {
         let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
         json[kind.name()]["filter"]
             .as_array()
             .expect("a filter list")
+            .clone()
+    }
+
+    /// The syscalls `kind`'s filter allows, from the JSON.
+    fn allowed(kind: ThreadKind) -> Vec<String> {
+        filter_rules(kind)
             .iter()
             .map(|rule| {
                 rule["syscall"]
@@ -349,29 +355,15 @@ mod tests {
 
     #[test]
     fn test_the_vsock_thread_may_ioctl_only_fionbio() {
-        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
-        let rules: Vec<&serde_json::Value> = json["vsock"]["filter"]
-            .as_array()
-            .expect("a filter list")
-            .iter()
-            .filter(|rule| rule["syscall"] == "ioctl")
-            .collect();
-        assert_eq!(rules.len(), 1);
-        let args = rules[0]["args"]
-            .as_array()
-            .expect("ioctl has argument rules");
-        assert_eq!(args.len(), 1);
-        assert_eq!(args[0]["index"], 1);
-        assert_eq!(args[0]["op"], "eq");
-        assert_eq!(args[0]["val"], u64::from(libc::FIONBIO as u32));
+        assert_eq!(
+            arg_values(ThreadKind::Vsock, "ioctl", 1),
+            vec![u64::from(libc::FIONBIO as u32)]
+        );
     }
 
     /// `kind`'s rules as JSON values (syscall and arguments), for comparing filters.
     fn rules(kind: ThreadKind) -> Vec<serde_json::Value> {
-        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
-        json[kind.name()]["filter"]
-            .as_array()
-            .expect("a filter list")
+        filter_rules(kind)
             .iter()
             .map(|rule| serde_json::json!([rule["syscall"], strip_comments(&rule["args"])]))
             .collect()
@@ -389,10 +381,7 @@ mod tests {
 
     /// The `val`s of `kind`'s rules for `syscall` on argument `index`.
     fn arg_values(kind: ThreadKind, syscall: &str, index: u64) -> Vec<u64> {
-        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).expect("json");
-        json[kind.name()]["filter"]
-            .as_array()
-            .expect("a filter list")
+        filter_rules(kind)
             .iter()
             .filter(|rule| rule["syscall"] == syscall)
             .map(|rule| {

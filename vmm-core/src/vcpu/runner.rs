@@ -310,12 +310,11 @@ fn vcpu_thread(
         "vCPU {index}: thread running {} us after its spawn",
         spawned.elapsed().as_micros()
     );
-    let filtered = match confined {
-        true => {
-            seccomp::inherited(ThreadKind::Vcpu);
-            Ok(())
-        }
-        false => seccomp::confine(ThreadKind::Vcpu),
+    let filtered = if confined {
+        seccomp::inherited(ThreadKind::Vcpu);
+        Ok(())
+    } else {
+        seccomp::confine(ThreadKind::Vcpu)
     };
     let outcome = match filtered {
         Ok(()) => {
