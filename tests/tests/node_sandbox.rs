@@ -202,6 +202,20 @@ fn test_the_vmm_runs_jailed_resizes_leak_nothing_and_its_death_is_reported() {
     let vmm = vmm_pid("jailed");
     assert_ne!(owner, vmm);
     assert_vmm_jailed(vmm);
+    // The jail's own cost is reported, and is part of creating the VM.
+    let boot = sandbox_status("jailed")["boot"].clone();
+    let number_after = |key: &str| -> f64 {
+        let rest = boot
+            .split(key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{key} in {boot:?}"));
+        rest.split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{boot:?}"))
+    };
+    let (created, jail) = (number_after("VM created "), number_after("(jail "));
+    assert!(jail > 0.0 && jail < created, "{boot:?}");
     let cgroup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
     assert_eq!(
         cgroup(vmm),

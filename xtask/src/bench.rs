@@ -179,7 +179,7 @@ fn jail_script(runs: usize) -> String {
     let agent_up = |env: &str, out: &str| {
         format!(
             "  {env}accordion-bench run --label agent-up --marker @@AGENT-UP --runs 1 --out {out} -- \\\n\
-             accordion run --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP\n"
+             accordion run --timings --kernel {k} --vcpus 1 --max-vcpus 8 -- echo @@AGENT-UP\n"
         )
     };
     let resize = |mode: &str, to: u32, label: &str| {

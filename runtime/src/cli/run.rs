@@ -184,8 +184,11 @@ async fn run_foreground(args: RunArgs, config: Config) -> i32 {
         }
     };
     if args.timings {
+        let jail = boot
+            .jail_setup
+            .map_or_else(String::new, |d| format!(" (jail {:.1} ms)", super::ms(d)));
         eprintln!(
-            "accordion run: VM started {:.1} ms, agent ready {:.1} ms, command {:.1} ms, stop {:.1} ms ({reason:?})",
+            "accordion run: VM started {:.1} ms{jail}, agent ready {:.1} ms, command {:.1} ms, stop {:.1} ms ({reason:?})",
             super::ms(boot.vm_started),
             super::ms(boot.agent_ready),
             super::ms(exec_time),

@@ -70,10 +70,14 @@ fn render(s: &cpb::StatusResponse) -> String {
             0 => "n/a".to_string(),
             ms => format!("{ms} ms"),
         };
+        let jail = match b.jail_setup_us {
+            0 => String::new(),
+            us => format!(" (jail {:.1} ms)", us as f64 / 1e3),
+        };
         line(
             "boot",
             format!(
-                "VM created {} ms, guest init {init}, agent ready {} ms",
+                "VM created {} ms{jail}, guest init {init}, agent ready {} ms",
                 b.vm_created_ms, b.agent_ready_ms
             ),
         );
@@ -138,7 +142,7 @@ mod tests {
 
     #[test]
     fn test_render_shows_cpus_agent_and_boot() {
-        let s = cpb::StatusResponse {
+        let mut s = cpb::StatusResponse {
             name: "b1".into(),
             state: "running".into(),
             vcpus_plugged: 1,
@@ -151,6 +155,7 @@ mod tests {
                 vm_created_ms: 5,
                 kernel_started_ms: 0,
                 agent_ready_ms: 900,
+                jail_setup_us: 0,
             }),
             ..Default::default()
         };
@@ -158,6 +163,10 @@ mod tests {
         assert!(text.contains("vcpus: 1 online in the guest, 1 plugged, 1 running, 8 possible\n"));
         assert!(text.contains("agent version: 0.1.0\n"));
         assert!(text.contains("boot: VM created 5 ms, guest init n/a, agent ready 900 ms\n"));
+        if let Some(boot) = &mut s.boot {
+            boot.jail_setup_us = 12_345;
+        }
+        assert!(render(&s).contains("boot: VM created 5 ms (jail 12.3 ms), guest init n/a,"));
         assert!(!text.contains("exit reason"));
         assert!(!text.contains("vmm "));
     }

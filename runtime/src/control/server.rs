@@ -188,6 +188,7 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
                 .guest_init_time()
                 .map_or(0, |d| (timings.vm_started + d).as_millis() as u64),
             agent_ready_ms: timings.agent_ready.as_millis() as u64,
+            jail_setup_us: timings.jail_setup.map_or(0, |d| d.as_micros() as u64),
         }),
         ..Default::default()
     };

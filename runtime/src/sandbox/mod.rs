@@ -169,6 +169,8 @@ pub struct BootTimings {
     pub vm_started: Duration,
     /// The agent answered Health.
     pub agent_ready: Duration,
+    /// Of `vm_started`, the VMM's jail (None when it runs unjailed).
+    pub jail_setup: Option<Duration>,
 }
 
 /// A running sandbox. Dropping it forces the VM down and removes its state directory.
@@ -285,6 +287,7 @@ impl Sandbox {
         let timings = BootTimings {
             vm_started,
             agent_ready: t0.elapsed(),
+            jail_setup: vm.jail_setup(),
         };
         cleanup.0 = None;
         match crate::confinement::Confinement::of(vm.pid()) {

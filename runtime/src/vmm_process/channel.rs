@@ -115,8 +115,9 @@ pub enum Message {
 pub enum Reply {
     /// It entered its user namespace: the shim writes the id maps now (to Start).
     UserNamespaceReady,
-    /// The VM runs (to Start or IdsMapped).
-    Started,
+    /// The VM runs (to Start or IdsMapped); with the time the process spent jailing itself
+    /// (from entering its namespaces' root to its last rlimit), if it did.
+    Started(Option<Duration>),
     /// The request failed; after Start or IdsMapped the process exits.
     Failed(String),
     SetVcpus(Result<HotplugRequest, SetVcpusRefusal>),

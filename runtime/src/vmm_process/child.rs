@@ -69,7 +69,8 @@ fn run(channel: &Arc<Channel>) -> Result<(), Failure> {
     log::set_max_level(log_filter(spec.log_level));
     let _ = log::set_boxed_logger(Box::new(ChannelLogger(Arc::clone(channel))));
     let mut inputs = Inputs::new(fds, &spec).map_err(|m| Failure(id, m))?;
-    let id = match &spec.jail {
+    let jail_start = std::time::Instant::now();
+    let (id, jailed) = match &spec.jail {
         Some(j) => {
             jail::enter(Path::new(&j.root)).map_err(|e| failed(id)(&e))?;
             reply(channel, id, Reply::UserNamespaceReady);
@@ -78,9 +79,9 @@ fn run(channel: &Arc<Channel>) -> Result<(), Failure> {
                 return Err(Failure(next.id, "expected IdsMapped".into()));
             }
             jail::confine(j.nofile, j.nproc, j.fsize).map_err(|e| failed(next.id)(&e))?;
-            next.id
+            (next.id, Some(jail_start.elapsed()))
         }
-        None => id,
+        None => (id, None),
     };
     let config = inputs.config(&spec).map_err(|m| Failure(id, m))?;
     // Every thread from here on (the VM's) runs under the process filter, below its own.
@@ -89,7 +90,7 @@ fn run(channel: &Arc<Channel>) -> Result<(), Failure> {
     // This thread and the exit reporter it starts: the channel, resizes, shutdown.
     accordion_vmm::seccomp::confine(accordion_vmm::seccomp::ThreadKind::Control)
         .map_err(|e| failed(id)(&e))?;
-    reply(channel, id, Reply::Started);
+    reply(channel, id, Reply::Started(jailed));
 
     // The VM's end is the process's end: say why, then exit (the shim reaps the rest).
     let waiter = {

@@ -114,6 +114,7 @@ pub struct VmProcess {
     exit: Arc<ExitLatch>,
     reader: Mutex<Option<JoinHandle<()>>>,
     max_vcpus: u32,
+    jail_setup: Option<Duration>,
     _lease: Option<IdLease>,
 }
 
@@ -135,7 +136,9 @@ impl VmProcess {
     ) -> Result<VmProcess, VmmError> {
         let (ours, theirs) = Channel::pair().map_err(VmmError::Spawn)?;
         let jail = spec.jail.clone();
+        let cloning = Instant::now();
         let pid = clone_vmm(&spec.name, &theirs, jail.is_some())?;
+        let cloned = cloning.elapsed();
         drop(theirs);
         // The process cannot have been reaped yet: it has not read its first message.
         let pidfd = Arc::new(PidFd::open(pid).map_err(VmmError::Watch)?);
@@ -157,7 +160,7 @@ impl VmProcess {
                 return Err(VmmError::Watch(e));
             }
         };
-        let vmm = VmProcess {
+        let mut vmm = VmProcess {
             pid,
             pidfd,
             channel,
@@ -166,6 +169,7 @@ impl VmProcess {
             exit,
             reader: Mutex::new(Some(reader)),
             max_vcpus: spec.max_vcpus,
+            jail_setup: None,
             _lease: lease,
         };
         // From here, an error drops `vmm`, which kills and reaps the process.
@@ -190,10 +194,20 @@ impl VmProcess {
             (_, reply) => reply,
         };
         match reply {
-            Reply::Started => Ok(vmm),
+            Reply::Started(jailed) => {
+                // Cloning into the namespaces is the jail's too (the kernel builds them there).
+                vmm.jail_setup = jailed.map(|d| d + cloned);
+                Ok(vmm)
+            }
             Reply::Failed(message) => Err(VmmError::Refused(message)),
             _ => Err(VmmError::Unexpected("Start")),
         }
+    }
+
+    /// How long jailing the process took (creating its namespaces, its empty root, the id maps,
+    /// dropping capabilities, rlimits); None when it runs unjailed.
+    pub fn jail_setup(&self) -> Option<Duration> {
+        self.jail_setup
     }
 
     /// The process's pid (in the host's pid namespace).

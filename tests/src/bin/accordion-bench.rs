@@ -23,6 +23,19 @@ struct Sample {
     /// Resident guest RAM (the memfd mapping; 0 for a VMM whose RAM is anonymous).
     guest_kb: u64,
     total_kb: u64,
+    /// From `accordion run --timings`: the VM's creation and, of it, the VMM's jail.
+    vm_started_ms: Option<f64>,
+    jail_ms: Option<f64>,
+}
+
+/// The number after the first `key` in `text` (`key` ends where the number starts).
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    text.split(key)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn one_run(marker: &str, cmd: &[String], timeout: Duration) -> Result<Sample, String> {
@@ -61,10 +74,9 @@ fn one_run(marker: &str, cmd: &[String], timeout: Duration) -> Result<Sample, St
     }
     let _ = child.wait();
     let err = err_reader.join().unwrap_or_default();
-    sample.boot_timer_ms = err
-        .split("boot timer ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next().and_then(|v| v.parse().ok()));
+    sample.boot_timer_ms = number_after(&err, "boot timer ");
+    sample.vm_started_ms = number_after(&err, "accordion run: VM started ");
+    sample.jail_ms = number_after(&err, " ms (jail ");
     if found {
         Ok(sample)
     } else {
@@ -145,6 +157,11 @@ fn run(args: &[String]) -> Result<(), String> {
             s.boot_timer_ms
         );
         writeln!(file, "{line}").map_err(|e| e.to_string())?;
+        for (what, ms) in [("vm-started", s.vm_started_ms), ("jail-setup", s.jail_ms)] {
+            if let Some(ms) = ms {
+                writeln!(file, "LAT {label}-{what} {ms:.1}").map_err(|e| e.to_string())?;
+            }
+        }
     }
     if failed == runs {
         return Err(format!("{label}: every run failed"));
@@ -369,5 +386,28 @@ fn main() -> ExitCode {
             eprintln!("accordion-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number_after;
+
+    #[test]
+    fn test_timings_are_read_from_what_accordion_run_prints() {
+        let jailed = "accordion run: VM started 412.3 ms (jail 17.9 ms), agent ready 2803.1 ms, \
+                      command 40.2 ms, stop 310.0 ms (Shutdown)\n";
+        assert_eq!(
+            number_after(jailed, "accordion run: VM started "),
+            Some(412.3)
+        );
+        assert_eq!(number_after(jailed, " ms (jail "), Some(17.9));
+        let unjailed = "accordion run: VM started 398.0 ms, agent ready 2650.0 ms, command 1.0 ms";
+        assert_eq!(
+            number_after(unjailed, "accordion run: VM started "),
+            Some(398.0)
+        );
+        assert_eq!(number_after(unjailed, " ms (jail "), None);
+        assert_eq!(number_after("boot timer n/a", "boot timer "), None);
     }
 }
