@@ -114,18 +114,26 @@ pub(crate) fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 }
 
 /// Host memory of the pod's processes: the shim's and its VMM's RSS outside guest RAM (memfd)
-/// plus virtiofsd's.
-fn host_rss_kb() -> u64 {
-    let shim: u64 = process_pids("containerd-shim-accordion-v2")
-        .into_iter()
-        .chain(crate::vmm_pids())
-        .map(|p| crate::smaps_kb(p).0)
-        .sum();
-    let fsd: u64 = process_pids("virtiofsd")
-        .into_iter()
-        .map(|p| crate::smaps_kb(p).0)
-        .sum();
-    shim + fsd
+/// plus virtiofsd's. Each of the three must be running and readable: a process that is gone
+/// would count as 0 KiB and flatter the figure.
+fn host_rss_kb() -> Result<u64, String> {
+    let mut total = 0;
+    for (what, pids) in [
+        ("shim", process_pids("containerd-shim-accordion-v2")),
+        ("vmm", crate::vmm_pids()),
+        ("virtiofsd", process_pids("virtiofsd")),
+    ] {
+        if pids.is_empty() {
+            return Err(format!("host RSS: no {what} process is running"));
+        }
+        for pid in pids {
+            match crate::smaps_kb(pid) {
+                Some((kb, _)) if kb > 0 => total += kb,
+                _ => return Err(format!("host RSS: {what} {pid} ended before its sample")),
+            }
+        }
+    }
+    Ok(total)
 }
 
 pub(crate) fn record(out: &mut impl Write, label: &str, value: f64) -> Result<(), String> {
@@ -152,7 +160,7 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
         let (p, t) = start_pod(&format!("acc-{i}"), "accordion", 100_000)?;
         record(&mut out, "pod-start-accordion", ms(t))?;
         single.push(ms(t));
-        rss.push(host_rss_kb() as f64);
+        rss.push(host_rss_kb()? as f64);
         remove_pod(&p)?;
         let (p, t) = start_pod(&format!("runc-{i}"), "runc", 100_000)?;
         record(&mut out, "pod-start-runc", ms(t))?;
@@ -193,7 +201,7 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
             Err(e) => failed.push(e),
         }
     }
-    let rss_all = host_rss_kb();
+    let rss_all = host_rss_kb()?;
     for p in &pods {
         remove_pod(p)?;
     }

@@ -181,11 +181,15 @@ pub fn sandbox_status(name: &str) -> HashMap<String, String> {
 
 /// (resident KiB outside memfd mappings, resident KiB of memfd mappings) from /proc/PID/smaps.
 /// Accordion's guest RAM is a memfd; binaries on the node's initramfs are shmem too, so the status
-/// file's RssShmem cannot tell them apart, smaps can.
-pub fn smaps_kb(pid: u32) -> (u64, u64) {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (0, 0);
-    };
+/// file's RssShmem cannot tell them apart, smaps can. None when the process is gone (its smaps
+/// unreadable): a sample of nothing, not 0 KiB.
+pub fn smaps_kb(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(smaps_text_kb(&text))
+}
+
+/// [`smaps_kb`] of a smaps text.
+pub fn smaps_text_kb(text: &str) -> (u64, u64) {
     let (mut other, mut guest, mut in_memfd) = (0, 0, false);
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
@@ -296,4 +300,26 @@ pub fn assert_vmm_jailed(pid: u32) {
         confined.iter().any(|c| c == "vsock"),
         "no vsock thread in {confined:?}"
     );
+}
+
+#[cfg(test)]
+mod smaps_tests {
+    use super::{smaps_kb, smaps_text_kb};
+
+    #[test]
+    fn test_guest_ram_is_told_apart_and_a_gone_process_is_no_sample() {
+        let text = "\
+aaaac0000000-aaaac0200000 r-xp 00000000 00:02 12 /usr/bin/containerd-shim-accordion-v2
+Size:               2048 kB
+Rss:                1536 kB
+ffff40000000-ffff60000000 rw-s 00000000 00:01 7 /memfd:accordion-guest-ram (deleted)
+Size:             524288 kB
+Rss:               65536 kB
+ffff70000000-ffff70100000 rw-p 00000000 00:00 0
+Rss:                 512 kB
+";
+        assert_eq!(smaps_text_kb(text), (2048, 65536));
+        assert_eq!(smaps_kb(u32::MAX), None);
+        assert!(smaps_kb(std::process::id()).is_some_and(|(kb, _)| kb > 0));
+    }
 }

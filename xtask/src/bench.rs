@@ -152,11 +152,10 @@ fn hotplug_script(runs: usize, kernel: &str) -> String {
          accordion run -d --name hp --kernel {k} --vcpus 1 --max-vcpus 8 >/dev/null || exit 1\n\
          accordion resize hp --vcpus 4 >/dev/null && accordion resize hp --vcpus 1 >/dev/null || exit 1\n"
     ));
-    // `accordion resize` prints the server-side latency: request received → guest acknowledged.
+    // `accordion resize`'s server-side latency (request received → guest acknowledged), kept
+    // only once `accordion status` shows the guest at the target.
     let step = |to: u32, label: &str| {
-        format!(
-            "  accordion resize hp --vcpus {to} | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT {label} \\1/p' >> $OUT\n"
-        )
+        format!("  accordion-bench vcpus --name hp --vcpus {to} --label {label} --out $OUT\n")
     };
     s.push_str(&format!("for i in $(seq {runs}); do\n"));
     s.push_str(&step(4, "resize-1to4"));
@@ -184,7 +183,7 @@ fn jail_script(runs: usize) -> String {
     };
     let resize = |mode: &str, to: u32, label: &str| {
         format!(
-            "  accordion resize hp-{mode} --vcpus {to} | sed -n 's/.* in \\([0-9.]*\\) ms$/LAT {label} \\1/p' >> {}\n",
+            "  accordion-bench vcpus --name hp-{mode} --vcpus {to} --label {label} --out {}\n",
             out(mode)
         )
     };
@@ -209,13 +208,13 @@ fn jail_script(runs: usize) -> String {
     s.push_str("done\naccordion stop hp-on >/dev/null; accordion stop hp-off >/dev/null\n");
     s.push_str(&format!(
         "echo '== pods, jail on'\n\
-         accordion-bench pod --runs {runs} --concurrent 0 --out {on} || echo 'pod bench failed'\n\
+         accordion-bench pod --runs {runs} --concurrent 0 --out {on} || echo 'FAIL pods the pod bench failed' >> {on}\n\
          echo '== pods, jail off (containerd restarted with ACCORDION_JAIL=off)'\n\
          export ACCORDION_JAIL=off\n\
          ACCORDION_NODE_QUIET=1 /accordion/containerd.sh stop && ACCORDION_NODE_QUIET=1 /accordion/containerd.sh start || exit 1\n\
-         accordion-bench pod --runs {runs} --concurrent 0 --out {off} || echo 'pod bench failed'\n\
-         echo '== jail on'\naccordion-bench report {on}\n\
-         echo '== jail off'\naccordion-bench report {off}\n"
+         accordion-bench pod --runs {runs} --concurrent 0 --out {off} || echo 'FAIL pods the pod bench failed' >> {off}\n\
+         echo '== jail on'\naccordion-bench report {on}; on=$?\n\
+         echo '== jail off'\naccordion-bench report {off} && exit $on\n"
     ));
     s
 }
@@ -346,10 +345,10 @@ mod tests {
         assert!(i < j && alternating[..i].ends_with("for i in $(seq 2); do\n"));
         assert!(alternating.contains("ACCORDION_JAIL=off accordion run -d --name hp-off"));
         assert!(alternating.contains(
-            r"accordion resize hp-off --vcpus 4 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-1to4 \1/p' >> /root/bench-jail-off.txt"
+            "accordion-bench vcpus --name hp-off --vcpus 4 --label resize-1to4 --out /root/bench-jail-off.txt\n"
         ));
         assert!(alternating.contains(
-            r"accordion resize hp-on --vcpus 1 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-4to1 \1/p' >> /root/bench-jail-on.txt"
+            "accordion-bench vcpus --name hp-on --vcpus 1 --label resize-4to1 --out /root/bench-jail-on.txt\n"
         ));
         // Pods: on first; off after containerd restarted with the switch (its shims inherit it).
         let (pods_on, pods_off) = pods.split_once("export ACCORDION_JAIL=off").expect("off");
@@ -359,16 +358,18 @@ mod tests {
         assert!(pods_off.contains(
             "accordion-bench pod --runs 2 --concurrent 0 --out /root/bench-jail-off.txt"
         ));
-        assert!(pods_off.contains("accordion-bench report /root/bench-jail-on.txt"));
-        assert!(pods_off.contains("accordion-bench report /root/bench-jail-off.txt"));
+        // Either report's failed samples fail the run.
+        assert!(pods_off.contains("accordion-bench report /root/bench-jail-on.txt; on=$?\n"));
+        assert!(pods_off.ends_with("accordion-bench report /root/bench-jail-off.txt && exit $on\n"));
     }
 
     #[test]
     fn test_hotplug_script_extracts_each_resize_latency() {
         let script = hotplug_script(3, "Image");
         assert!(script.contains(
-            r"accordion resize hp --vcpus 4 | sed -n 's/.* in \([0-9.]*\) ms$/LAT resize-1to4 \1/p' >> $OUT"
+            "  accordion-bench vcpus --name hp --vcpus 4 --label resize-1to4 --out $OUT\n"
         ));
+        assert!(script.ends_with("accordion-bench report $OUT\n"));
         assert!(script.contains("for i in $(seq 3); do"));
         assert!(script.contains("--kernel /opt/accordion/share/guest/Image "));
     }

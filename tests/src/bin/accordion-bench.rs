@@ -6,6 +6,11 @@
 //! timer N ms` on stderr) when it prints one. `accordion-bench report FILE` prints medians and the
 //! ratios the benchmark is about. `accordion-bench latency --label L --runs N --out FILE -- cmd…`
 //! times N whole runs of a short command (e.g. `accordion exec NAME -- true`), for medians and p99.
+//! `accordion-bench vcpus --name S --vcpus N --label L --out FILE` resizes sandbox S and records
+//! the acknowledged latency `accordion resize` reports, once the guest is seen at the target.
+//!
+//! A sample that fails is written as `FAIL label reason` and never dropped: `report` prints each
+//! label's failures beside its median and exits non-zero when any sample failed.
 
 use std::collections::BTreeMap;
 
@@ -56,15 +61,21 @@ fn one_run(marker: &str, cmd: &[String], timeout: Duration) -> Result<Sample, St
         s
     });
     let mut sample = Sample::default();
-    let mut found = false;
+    let (mut found, mut rss_gone) = (false, false);
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if !found && line.contains(marker) {
             sample.marker_ms = start.elapsed().as_secs_f64() * 1e3;
-            let (vmm, guest) = smaps_kb(pid);
-            sample.vmm_kb = vmm;
-            sample.guest_kb = guest;
-            sample.total_kb = vmm + guest;
+            // The process printed the marker and its stdout is still open, so it is alive unless
+            // it exited right after; then there is no sample, rather than one of 0 KiB.
+            match smaps_kb(pid) {
+                Some((vmm, guest)) if vmm > 0 => {
+                    sample.vmm_kb = vmm;
+                    sample.guest_kb = guest;
+                    sample.total_kb = vmm + guest;
+                }
+                _ => rss_gone = true,
+            }
             found = true;
         }
         if start.elapsed() > timeout {
@@ -77,7 +88,9 @@ fn one_run(marker: &str, cmd: &[String], timeout: Duration) -> Result<Sample, St
     sample.boot_timer_ms = number_after(&err, "boot timer ");
     sample.vm_started_ms = number_after(&err, "accordion run: VM started ");
     sample.jail_ms = number_after(&err, " ms (jail ");
-    if found {
+    if rss_gone {
+        Err(format!("process {pid} ended before its RSS was sampled"))
+    } else if found {
         Ok(sample)
     } else {
         Err(format!(
@@ -137,6 +150,7 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{label} run {}: FAILED: {e}", n + 1);
+                fail(&mut file, &label, &e)?;
                 failed += 1;
                 continue;
             }
@@ -208,6 +222,7 @@ fn latency(args: &[String]) -> Result<(), String> {
         .append(true)
         .open(&out)
         .map_err(|e| format!("{out}: {e}"))?;
+    let mut failed = 0;
     for n in 0..runs {
         let start = Instant::now();
         let status = Command::new(&cmd[0])
@@ -217,21 +232,124 @@ fn latency(args: &[String]) -> Result<(), String> {
             .status()
             .map_err(|e| format!("cannot start {}: {e}", cmd[0]))?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        if !status.success() {
-            return Err(format!("{label} run {}: {status}", n + 1));
+        if status.success() {
+            writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string())?;
+        } else {
+            eprintln!("{label} run {}: FAILED: {status}", n + 1);
+            fail(&mut file, &label, &status.to_string())?;
+            failed += 1;
         }
-        writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string())?;
+    }
+    if failed > 0 {
+        return Err(format!("{label}: {failed} of {runs} runs failed"));
     }
     Ok(())
+}
+
+/// Records a failed sample: `FAIL label reason`, on one line.
+fn fail(file: &mut impl Write, label: &str, reason: &str) -> Result<(), String> {
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    writeln!(file, "FAIL {label} {reason}").map_err(|e| e.to_string())
+}
+
+/// The latency `accordion resize` reports ("…) in 212.4 ms").
+fn resize_latency(stdout: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .find_map(|l| l.rsplit_once(" in ")?.1.strip_suffix(" ms")?.parse().ok())
+}
+
+/// The guest's online CPU count in `accordion status`'s "vcpus: N online in the guest, …".
+fn guest_online(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| {
+        l.strip_prefix("vcpus: ")?
+            .split_once(" online in the guest")?
+            .0
+            .parse()
+            .ok()
+    })
+}
+
+/// One timed resize: `accordion resize`'s acknowledged latency, then (untimed) `accordion
+/// status` must show the guest at the target. Anything else is a failed sample.
+fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
+    let out = Command::new("accordion")
+        .args(["resize", name, "--vcpus", &target.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run accordion resize: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "accordion resize {name} --vcpus {target}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let ms = resize_latency(&stdout).ok_or(format!("no latency in {:?}", stdout.trim()))?;
+    let status = Command::new("accordion")
+        .args(["status", name])
+        .output()
+        .map_err(|e| format!("cannot run accordion status: {e}"))?;
+    match guest_online(&String::from_utf8_lossy(&status.stdout)) {
+        Some(n) if n == target => Ok(ms),
+        Some(n) => Err(format!(
+            "acknowledged {target} vCPUs, but the guest shows {n} online"
+        )),
+        None => Err(format!("accordion status {name} shows no guest CPU count")),
+    }
+}
+
+/// `vcpus --name S --vcpus N --label L --out FILE`.
+fn vcpus(args: &[String]) -> Result<(), String> {
+    let (mut name, mut target, mut label) = (String::new(), 0u32, String::new());
+    let mut out = String::from("/root/bench.txt");
+    let mut i = 0;
+    while i < args.len() {
+        let v = args
+            .get(i + 1)
+            .cloned()
+            .ok_or(format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--name" => name = v,
+            "--vcpus" => target = v.parse().map_err(|_| "bad --vcpus")?,
+            "--label" => label = v,
+            "--out" => out = v,
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    if name.is_empty() || label.is_empty() || target == 0 {
+        return Err("usage: accordion-bench vcpus --name S --vcpus N --label L [--out F]".into());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .map_err(|e| format!("{out}: {e}"))?;
+    match vcpus_sample(&name, target) {
+        Ok(ms) => writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string()),
+        Err(e) => {
+            fail(&mut file, &label, &e)?;
+            Err(format!("{label}: {e}"))
+        }
+    }
 }
 
 fn report(path: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let mut by: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut failed: BTreeMap<String, usize> = BTreeMap::new();
     for l in text.lines() {
         let f: Vec<String> = l.split_whitespace().map(str::to_string).collect();
-        if f.len() == 6 {
+        if f.len() >= 2 && f[0] == "FAIL" {
+            *failed.entry(f[1].clone()).or_default() += 1;
+        } else if f.len() == 6 {
             by.entry(f[0].clone()).or_default().push(f);
         } else if f.len() == 3 && f[0] == "LAT" {
             if let Ok(ms) = f[2].parse() {
@@ -247,15 +365,17 @@ fn report(path: &str) -> Result<(), String> {
                 .collect(),
         )
     };
+    let failures = |label: &str| failed.get(label).copied().unwrap_or(0);
     println!(
-        "{:<14} {:>5} {:>16} {:>16} {:>14}",
-        "config", "runs", "to marker (ms)", "boot timer (ms)", "VMM RSS (KiB, no guest RAM)"
+        "{:<14} {:>5} {:>6} {:>16} {:>16} {:>14}",
+        "config", "runs", "failed", "to marker (ms)", "boot timer (ms)", "RSS outside memfd (KiB)"
     );
     for (label, rows) in &by {
         let rss = col(label, 3).unwrap_or(0.0);
         println!(
-            "{label:<14} {:>5} {:>16.0} {:>16} {:>14.0}",
+            "{label:<14} {:>5} {:>6} {:>16.0} {:>16} {:>14.0}",
             rows.len(),
+            failures(label),
             col(label, 1).unwrap_or(f64::NAN),
             col(label, 2).map_or("-".to_string(), |v| format!("{v:.0}")),
             rss
@@ -309,8 +429,9 @@ fn report(path: &str) -> Result<(), String> {
             format!(", {:.1}% of a cold boot ({c:.0} ms)", 100.0 * med / c)
         });
         println!(
-            "(f) {label}: {} runs, median {med:.1} ms, p99 {:.1} ms{share}",
+            "(f) {label}: {} runs, {} failed, median {med:.1} ms, p99 {:.1} ms{share}",
             v.len(),
+            failures(label),
             quantile(v.clone(), 0.99).unwrap_or(f64::NAN)
         );
     }
@@ -318,6 +439,17 @@ fn report(path: &str) -> Result<(), String> {
         println!(
             "(d) accordion VMM RSS after boot, 1-of-128, guest RAM excluded: {vmm:.0} KiB (guest RAM resident: {guest:.0} KiB)"
         );
+    }
+    println!(
+        "RSS outside memfd: the started process at the marker. For `boot` that is the VMM without \
+         its guest RAM (a memfd); QEMU's guest RAM is anonymous memory and is included; for \
+         `accordion run` it is the CLI client, not the VMM."
+    );
+    let total: usize = failed.values().sum();
+    if total > 0 {
+        let list: Vec<String> = failed.iter().map(|(l, n)| format!("{l} {n}")).collect();
+        // A label whose every sample failed has no median line above: say so here.
+        return Err(format!("{total} samples failed ({})", list.join(", ")));
     }
     Ok(())
 }
@@ -368,6 +500,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("latency") => latency(&args[1..]),
+        Some("vcpus") => vcpus(&args[1..]),
         Some("pod") => cri_bench(&args[1..], true),
         Some("resize") => cri_bench(&args[1..], false),
         Some("net") => net_bench(&args[1..]),
@@ -376,7 +509,7 @@ fn main() -> ExitCode {
             .ok_or("usage: accordion-bench report FILE".to_string())
             .and_then(|p| report(p)),
         _ => Err(
-            "usage: accordion-bench run … | latency … | pod … | resize … | net … | report FILE"
+            "usage: accordion-bench run … | latency … | vcpus … | pod … | resize … | net … | report FILE"
                 .into(),
         ),
     };
@@ -391,7 +524,42 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::number_after;
+    use super::{fail, guest_online, number_after, report, resize_latency};
+
+    #[test]
+    fn test_a_resize_sample_needs_a_latency_and_the_guest_count_comes_from_status() {
+        assert_eq!(
+            resize_latency("hp: 4 vCPUs online (CPUs 0-3) in 212.4 ms\n"),
+            Some(212.4)
+        );
+        assert_eq!(
+            resize_latency("hp: already 4 vCPUs online (CPUs 0-3)\n"),
+            None
+        );
+        let status = "state: running\npid: 412\n\
+                      vcpus: 3 online in the guest, 4 plugged, 4 running, 8 possible\n\
+                      guest cpus online: 0-2\n";
+        assert_eq!(guest_online(status), Some(3));
+        assert_eq!(guest_online("state: dead\n"), None);
+    }
+
+    #[test]
+    fn test_failed_samples_are_counted_and_fail_the_report() {
+        let path = std::env::temp_dir().join(format!("bench-report-{}", std::process::id()));
+        let mut text = Vec::new();
+        // A reason of six words must not pass for a boot sample's six fields.
+        fail(&mut text, "acc-1of1", "marker never appeared\nstderr: boom").unwrap();
+        fail(&mut text, "resize-1to4", "the guest shows 3 online").unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.starts_with("FAIL acc-1of1 marker never appeared stderr: boom\n"));
+        let good = "acc-1of1 812.0 640.5 3100 20480 23580\nLAT resize-1to4 210.30\n";
+        std::fs::write(&path, format!("{good}{text}")).unwrap();
+        let e = report(path.to_str().unwrap()).unwrap_err();
+        assert_eq!(e, "2 samples failed (acc-1of1 1, resize-1to4 1)");
+        std::fs::write(&path, good).unwrap();
+        assert_eq!(report(path.to_str().unwrap()), Ok(()));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn test_timings_are_read_from_what_accordion_run_prints() {
