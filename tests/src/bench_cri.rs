@@ -243,6 +243,19 @@ pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
     let (p, _) = start_pod("resize", "accordion", 100_000)?;
     let mut up = Vec::new();
     let mut down = Vec::new();
+    // Untimed, after each sample: the guest must show the CPUs the update asked for.
+    let check = |target: u32| -> Result<(), String> {
+        let out = Command::new("accordion")
+            .args(["status", &p.id])
+            .output()
+            .map_err(|e| format!("cannot run accordion status: {e}"))?;
+        match crate::guest_online(&String::from_utf8_lossy(&out.stdout)) {
+            Some(n) if n == target => Ok(()),
+            n => Err(format!(
+                "UpdateContainerResources to {target} CPUs returned, but the guest shows {n:?} online"
+            )),
+        }
+    };
     let update = |quota: &str| -> Result<f64, String> {
         let t0 = Instant::now();
         cri(&[
@@ -257,15 +270,17 @@ pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
     };
     for _ in 0..runs {
         let t = update("400000")?;
+        check(4)?;
         record(&mut out, "update-1to4", t)?;
         up.push(t);
         let t = update("100000")?;
+        check(1)?;
         record(&mut out, "update-4to1", t)?;
         down.push(t);
     }
     remove_pod(&p)?;
     let c = quantile(cold.clone(), 0.5);
-    println!("bench resize: UpdateContainerResources until it returns (guest acknowledged), accordion-cri");
+    println!("bench resize: UpdateContainerResources until it returns (guest acknowledged; each sample then checked with accordion status), accordion-cri");
     println!("  cold pod start (RunPodSandbox → first output): median {c:.0} ms over 5");
     for (label, v) in [("1→4 CPUs", up), ("4→1 CPUs", down)] {
         let (m, p99) = (quantile(v.clone(), 0.5), quantile(v.clone(), 0.99));

@@ -179,6 +179,17 @@ pub fn sandbox_status(name: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The guest's online CPU count in `accordion status`'s "vcpus: N online in the guest, …".
+pub fn guest_online(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| {
+        l.strip_prefix("vcpus: ")?
+            .split_once(" online in the guest")?
+            .0
+            .parse()
+            .ok()
+    })
+}
+
 /// (resident KiB outside memfd mappings, resident KiB of memfd mappings) from /proc/PID/smaps.
 /// Accordion's guest RAM is a memfd; binaries on the node's initramfs are shmem too, so the status
 /// file's RssShmem cannot tell them apart, smaps can. None when the process is gone (its smaps

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use accordion_tests::smaps_kb;
+use accordion_tests::{guest_online, smaps_kb};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -261,17 +261,6 @@ fn resize_latency(stdout: &str) -> Option<f64> {
     stdout
         .lines()
         .find_map(|l| l.rsplit_once(" in ")?.1.strip_suffix(" ms")?.parse().ok())
-}
-
-/// The guest's online CPU count in `accordion status`'s "vcpus: N online in the guest, …".
-fn guest_online(status: &str) -> Option<u32> {
-    status.lines().find_map(|l| {
-        l.strip_prefix("vcpus: ")?
-            .split_once(" online in the guest")?
-            .0
-            .parse()
-            .ok()
-    })
 }
 
 /// One timed resize: `accordion resize`'s acknowledged latency, then (untimed) `accordion
