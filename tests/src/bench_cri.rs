@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::containerd::{process_pids, TEST_IMAGE};
+use crate::{goal_line, Target};
 
 pub(crate) fn cri(args: &[&str]) -> Result<String, String> {
     let out = Command::new("accordion-cri")
@@ -178,11 +179,20 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
         quantile(runc, 0.99)
     );
     println!("  accordion / runc = {:.2}x", acc / rc);
+    let rss = quantile(rss, 0.5);
     println!(
-        "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {:.0} KiB",
-        quantile(rss, 0.5)
+        "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {rss:.0} KiB"
     );
+    let goals = [
+        goal_line("pod-start-vs-runc", acc / rc, Target::AtMost(2.0)),
+        goal_line(
+            "host-rss-per-sandbox-mib",
+            rss / 1024.0,
+            Target::AtMost(20.0),
+        ),
+    ];
     if concurrent == 0 {
+        println!("{}", goals.join("\n"));
         return Ok(());
     }
     let threads: Vec<_> = (0..concurrent)
@@ -216,6 +226,7 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
     for e in &failed {
         println!("  failed: {e}");
     }
+    println!("{}", goals.join("\n"));
     if !failed.is_empty() {
         return Err(format!(
             "{} of {concurrent} concurrent pods failed",

@@ -118,6 +118,19 @@ pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
             acc_rtt / runc_rtt,
             acc_rate / runc_rate
         );
+        println!(
+            "{}\n{}",
+            crate::goal_line(
+                "net-throughput-vs-runc",
+                acc_rate / runc_rate,
+                crate::Target::AtLeast(0.8)
+            ),
+            crate::goal_line(
+                "net-rtt-vs-runc",
+                acc_rtt / runc_rtt,
+                crate::Target::AtMost(3.0)
+            )
+        );
     }
     Ok(())
 }

@@ -179,6 +179,25 @@ pub fn sandbox_status(name: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// A benchmark's target for one figure.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// The line every benchmark ends with, one per goal it measures, for scripts:
+/// `goal <name> <measured> <target> met|unmet` (docs/BENCHMARKS.md). A figure that could not be
+/// measured (NaN) is unmet.
+pub fn goal_line(name: &str, measured: f64, target: Target) -> String {
+    let (target, met) = match target {
+        Target::AtLeast(t) => (format!(">={t}"), measured >= t),
+        Target::AtMost(t) => (format!("<={t}"), measured <= t),
+    };
+    let met = if met { "met" } else { "unmet" };
+    format!("goal {name} {measured:.2} {target} {met}")
+}
+
 /// The guest's online CPU count in `accordion status`'s "vcpus: N online in the guest, …".
 pub fn guest_online(status: &str) -> Option<u32> {
     status.lines().find_map(|l| {
@@ -315,7 +334,23 @@ pub fn assert_vmm_jailed(pid: u32) {
 
 #[cfg(test)]
 mod smaps_tests {
-    use super::{smaps_kb, smaps_text_kb};
+    use super::{goal_line, smaps_kb, smaps_text_kb, Target};
+
+    #[test]
+    fn test_goal_lines_have_one_fixed_form() {
+        assert_eq!(
+            goal_line("net-throughput-vs-runc", 0.843, Target::AtLeast(0.8)),
+            "goal net-throughput-vs-runc 0.84 >=0.8 met"
+        );
+        assert_eq!(
+            goal_line("pod-start-vs-runc", 2.31, Target::AtMost(2.0)),
+            "goal pod-start-vs-runc 2.31 <=2 unmet"
+        );
+        assert_eq!(
+            goal_line("boot-vs-qemu", f64::NAN, Target::AtLeast(2.0)),
+            "goal boot-vs-qemu NaN >=2 unmet"
+        );
+    }
 
     #[test]
     fn test_guest_ram_is_told_apart_and_a_gone_process_is_no_sample() {

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use accordion_tests::{guest_online, smaps_kb};
+use accordion_tests::{goal_line, guest_online, smaps_kb, Target};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -429,11 +429,41 @@ fn report(path: &str) -> Result<(), String> {
             "(d) accordion VMM RSS after boot, 1-of-128, guest RAM excluded: {vmm:.0} KiB (guest RAM resident: {guest:.0} KiB)"
         );
     }
+    // The goals of issue-level targets this file has figures for (docs/BENCHMARKS.md).
+    let lat_median = |label: &str| lat.get(label).and_then(|v| quantile(v.clone(), 0.5));
+    let mut goals = Vec::new();
+    if let (Some(q), Some(a)) = (col("qemu-1of1", 1), col("acc-1of1", 1)) {
+        goals.push(goal_line("boot-vs-qemu", q / a, Target::AtLeast(2.0)));
+    }
+    if let (Some(many), Some(one)) = (col("acc-1of128", 1), col("acc-1of1", 1)) {
+        goals.push(goal_line(
+            "boot-1of128-vs-1of1",
+            many / one,
+            Target::AtMost(1.1),
+        ));
+    }
+    if let (Some(r), Some(c)) = (lat_median("resize-1to4"), cold) {
+        goals.push(goal_line(
+            "resize-1to4-vs-cold-boot",
+            r / c,
+            Target::AtMost(0.08),
+        ));
+    }
+    if let (Some(j), Some(a)) = (lat_median("agent-up-jail-setup"), col("agent-up", 1)) {
+        goals.push(goal_line(
+            "jail-setup-vs-agent-up",
+            j / a,
+            Target::AtMost(0.05),
+        ));
+    }
     println!(
         "RSS outside memfd: the started process at the marker. For `boot` that is the VMM without \
          its guest RAM (a memfd); QEMU's guest RAM is anonymous memory and is included; for \
          `accordion run` it is the CLI client, not the VMM."
     );
+    for g in &goals {
+        println!("{g}");
+    }
     let total: usize = failed.values().sum();
     if total > 0 {
         let list: Vec<String> = failed.iter().map(|(l, n)| format!("{l} {n}")).collect();
