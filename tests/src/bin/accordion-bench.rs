@@ -108,45 +108,74 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    let mut label = String::new();
-    let mut marker = String::from("@@EXIT-CODE");
-    let mut runs = 5usize;
-    let mut out = String::from("/root/bench.txt");
-    let mut i = 0;
-    while i < args.len() && args[i] != "--" {
-        let v = args
-            .get(i + 1)
-            .cloned()
-            .ok_or(format!("{} needs a value", args[i]))?;
-        match args[i].as_str() {
-            "--label" => label = v,
-            "--marker" => marker = v,
-            "--runs" => runs = v.parse().map_err(|_| "bad --runs")?,
-            "--out" => out = v,
-            other => return Err(format!("unknown option {other}")),
+/// A subcommand's `--key value` options, up to `--`, and the command after it.
+struct Options {
+    values: BTreeMap<String, String>,
+    command: Vec<String>,
+}
+
+impl Options {
+    /// Parses `args`, accepting only the options in `known`.
+    fn parse(args: &[String], known: &[&str]) -> Result<Options, String> {
+        let mut values = BTreeMap::new();
+        let mut i = 0;
+        while i < args.len() && args[i] != "--" {
+            if !known.contains(&args[i].as_str()) {
+                return Err(format!("unknown option {}", args[i]));
+            }
+            let value = args
+                .get(i + 1)
+                .ok_or(format!("{} needs a value", args[i]))?;
+            values.insert(args[i].clone(), value.clone());
+            i += 2;
         }
-        i += 2;
+        let command = args
+            .get(i + 1..)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default();
+        Ok(Options { values, command })
     }
-    let cmd: Vec<String> = args
-        .get(i + 1..)
-        .map(<[String]>::to_vec)
-        .unwrap_or_default();
+
+    fn text(&self, key: &str, default: &str) -> String {
+        self.values
+            .get(key)
+            .map_or(default, String::as_str)
+            .to_string()
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
+        self.values
+            .get(key)
+            .map_or(Ok(default), |v| v.parse().map_err(|_| format!("bad {key}")))
+    }
+
+    /// `--out`, opened for appending samples.
+    fn out(&self) -> Result<std::fs::File, String> {
+        let out = self.text("--out", "/root/bench.txt");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .map_err(|e| format!("{out}: {e}"))
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let o = Options::parse(args, &["--label", "--marker", "--runs", "--out"])?;
+    let (label, marker) = (o.text("--label", ""), o.text("--marker", "@@EXIT-CODE"));
+    let runs: usize = o.number("--runs", 5)?;
+    let cmd = &o.command;
     if cmd.is_empty() || label.is_empty() {
         return Err(
             "usage: accordion-bench run --label L [--marker S] [--runs N] [--out F] -- cmd…".into(),
         );
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out)
-        .map_err(|e| format!("{out}: {e}"))?;
+    let mut file = o.out()?;
     let mut failed = 0;
     for n in 0..runs {
         // One failed run (e.g. past the timeout on a loaded machine) is reported, not fatal: the
         // other configurations' medians still matter.
-        let s = match one_run(&marker, &cmd, Duration::from_secs(1200)) {
+        let s = match one_run(&marker, cmd, Duration::from_secs(1200)) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{label} run {}: FAILED: {e}", n + 1);
@@ -195,33 +224,14 @@ fn quantile(mut v: Vec<f64>, q: f64) -> Option<f64> {
 
 /// `latency`: N timed runs of a command that must succeed; one `LAT label ms` line per run.
 fn latency(args: &[String]) -> Result<(), String> {
-    let (mut label, mut runs, mut out) = (String::new(), 50usize, String::from("/root/bench.txt"));
-    let mut i = 0;
-    while i < args.len() && args[i] != "--" {
-        let v = args
-            .get(i + 1)
-            .cloned()
-            .ok_or(format!("{} needs a value", args[i]))?;
-        match args[i].as_str() {
-            "--label" => label = v,
-            "--runs" => runs = v.parse().map_err(|_| "bad --runs")?,
-            "--out" => out = v,
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
-    let cmd: Vec<String> = args
-        .get(i + 1..)
-        .map(<[String]>::to_vec)
-        .unwrap_or_default();
+    let o = Options::parse(args, &["--label", "--runs", "--out"])?;
+    let label = o.text("--label", "");
+    let runs: usize = o.number("--runs", 50)?;
+    let cmd = &o.command;
     if cmd.is_empty() || label.is_empty() {
         return Err("usage: accordion-bench latency --label L [--runs N] [--out F] -- cmd…".into());
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out)
-        .map_err(|e| format!("{out}: {e}"))?;
+    let mut file = o.out()?;
     let mut failed = 0;
     for n in 0..runs {
         let start = Instant::now();
@@ -295,31 +305,13 @@ fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
 
 /// `vcpus --name S --vcpus N --label L --out FILE`.
 fn vcpus(args: &[String]) -> Result<(), String> {
-    let (mut name, mut target, mut label) = (String::new(), 0u32, String::new());
-    let mut out = String::from("/root/bench.txt");
-    let mut i = 0;
-    while i < args.len() {
-        let v = args
-            .get(i + 1)
-            .cloned()
-            .ok_or(format!("{} needs a value", args[i]))?;
-        match args[i].as_str() {
-            "--name" => name = v,
-            "--vcpus" => target = v.parse().map_err(|_| "bad --vcpus")?,
-            "--label" => label = v,
-            "--out" => out = v,
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
+    let o = Options::parse(args, &["--name", "--vcpus", "--label", "--out"])?;
+    let (name, label) = (o.text("--name", ""), o.text("--label", ""));
+    let target: u32 = o.number("--vcpus", 0)?;
     if name.is_empty() || label.is_empty() || target == 0 {
         return Err("usage: accordion-bench vcpus --name S --vcpus N --label L [--out F]".into());
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out)
-        .map_err(|e| format!("{out}: {e}"))?;
+    let mut file = o.out()?;
     match vcpus_sample(&name, target) {
         Ok(ms) => writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string()),
         Err(e) => {
@@ -475,20 +467,9 @@ fn report(path: &str) -> Result<(), String> {
 
 /// `pod --runs N --concurrent M --out FILE` / `resize --runs N --out FILE`.
 fn cri_bench(args: &[String], pod: bool) -> Result<(), String> {
-    let (mut runs, mut concurrent, mut out) = (5usize, 10usize, String::from("/root/bench.txt"));
-    let mut i = 0;
-    while i < args.len() {
-        let value = args
-            .get(i + 1)
-            .ok_or(format!("{} needs a value", args[i]))?;
-        match args[i].as_str() {
-            "--runs" => runs = value.parse().map_err(|_| "bad --runs")?,
-            "--concurrent" => concurrent = value.parse().map_err(|_| "bad --concurrent")?,
-            "--out" => out = value.clone(),
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
+    let o = Options::parse(args, &["--runs", "--concurrent", "--out"])?;
+    let (runs, concurrent) = (o.number("--runs", 5)?, o.number("--concurrent", 10)?);
+    let out = o.text("--out", "/root/bench.txt");
     if pod {
         accordion_tests::bench_cri::pod(runs, concurrent, &out)
     } else {
@@ -498,20 +479,8 @@ fn cri_bench(args: &[String], pod: bool) -> Result<(), String> {
 
 /// `net --runs N --out FILE`.
 fn net_bench(args: &[String]) -> Result<(), String> {
-    let (mut runs, mut out) = (5usize, String::from("/root/bench.txt"));
-    let mut i = 0;
-    while i < args.len() {
-        let value = args
-            .get(i + 1)
-            .ok_or(format!("{} needs a value", args[i]))?;
-        match args[i].as_str() {
-            "--runs" => runs = value.parse().map_err(|_| "bad --runs")?,
-            "--out" => out = value.clone(),
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
-    accordion_tests::bench_net::net(runs, &out)
+    let o = Options::parse(args, &["--runs", "--out"])?;
+    accordion_tests::bench_net::net(o.number("--runs", 5)?, &o.text("--out", "/root/bench.txt"))
 }
 
 fn main() -> ExitCode {
@@ -543,7 +512,26 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{fail, guest_online, number_after, report, resize_latency};
+    use super::{fail, guest_online, number_after, report, resize_latency, Options};
+
+    #[test]
+    fn test_options_stop_at_the_command_and_refuse_what_they_do_not_know() {
+        let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+        let o = Options::parse(
+            &args("--label acc --runs 3 -- accordion run --runs 9 -- true"),
+            &["--label", "--runs"],
+        )
+        .unwrap();
+        assert_eq!(o.text("--label", ""), "acc");
+        assert_eq!(o.number::<usize>("--runs", 5), Ok(3));
+        assert_eq!(o.number::<usize>("--out", 5), Ok(5));
+        assert_eq!(o.command, args("accordion run --runs 9 -- true"));
+        let e = |a: &str| Options::parse(&args(a), &["--runs"]).err();
+        assert_eq!(e("--marker x"), Some("unknown option --marker".into()));
+        assert_eq!(e("--runs"), Some("--runs needs a value".into()));
+        let bad = Options::parse(&args("--runs many"), &["--runs"]).unwrap();
+        assert_eq!(bad.number::<usize>("--runs", 5), Err("bad --runs".into()));
+    }
 
     #[test]
     fn test_a_resize_sample_needs_a_latency_and_the_guest_count_comes_from_status() {
