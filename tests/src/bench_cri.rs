@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::containerd::{process_pids, TEST_IMAGE};
-use crate::{goal_line, Target};
+use crate::{goal_line, record_failure, Target};
 
 pub(crate) fn cri(args: &[&str]) -> Result<String, String> {
     let out = Command::new("accordion-cri")
@@ -156,32 +156,56 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
     let mut single = Vec::new();
     let mut runc = Vec::new();
     let mut rss = Vec::new();
+    // Failed samples per figure: recorded, counted, never dropped.
+    let (mut acc_failed, mut runc_failed, mut rss_failed) = (0, 0, 0);
     for i in 0..runs {
         // Alternate, so drift in the node affects both alike.
-        let (p, t) = start_pod(&format!("acc-{i}"), "accordion", 100_000)?;
-        record(&mut out, "pod-start-accordion", ms(t))?;
-        single.push(ms(t));
-        rss.push(host_rss_kb()? as f64);
-        remove_pod(&p)?;
-        let (p, t) = start_pod(&format!("runc-{i}"), "runc", 100_000)?;
-        record(&mut out, "pod-start-runc", ms(t))?;
-        runc.push(ms(t));
-        remove_pod(&p)?;
+        match start_pod(&format!("acc-{i}"), "accordion", 100_000) {
+            Ok((p, t)) => {
+                record(&mut out, "pod-start-accordion", ms(t))?;
+                single.push(ms(t));
+                match host_rss_kb() {
+                    Ok(kb) => rss.push(kb as f64),
+                    Err(e) => {
+                        record_failure(&mut out, "host-rss", &e)?;
+                        rss_failed += 1;
+                    }
+                }
+                remove_pod(&p)?;
+            }
+            Err(e) => {
+                record_failure(&mut out, "pod-start-accordion", &e)?;
+                acc_failed += 1;
+            }
+        }
+        match start_pod(&format!("runc-{i}"), "runc", 100_000) {
+            Ok((p, t)) => {
+                record(&mut out, "pod-start-runc", ms(t))?;
+                runc.push(ms(t));
+                remove_pod(&p)?;
+            }
+            Err(e) => {
+                record_failure(&mut out, "pod-start-runc", &e)?;
+                runc_failed += 1;
+            }
+        }
     }
     let (acc, rc) = (quantile(single.clone(), 0.5), quantile(runc.clone(), 0.5));
     println!("bench pod: RunPodSandbox + CreateContainer + StartContainer → first output (accordion-cri)");
     println!(
-        "  accordion: median {acc:.0} ms over {runs} (p99 {:.0} ms)",
+        "  accordion: median {acc:.0} ms over {}, {acc_failed} failed (p99 {:.0} ms)",
+        single.len(),
         quantile(single, 0.99)
     );
     println!(
-        "  runc:      median {rc:.0} ms over {runs} (p99 {:.0} ms)",
+        "  runc:      median {rc:.0} ms over {}, {runc_failed} failed (p99 {:.0} ms)",
+        runc.len(),
         quantile(runc, 0.99)
     );
     println!("  accordion / runc = {:.2}x", acc / rc);
     let rss = quantile(rss, 0.5);
     println!(
-        "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {rss:.0} KiB"
+        "  host RSS per sandbox (shim + VMM + virtiofsd, guest RAM excluded): median {rss:.0} KiB, {rss_failed} failed"
     );
     let goals = [
         goal_line("pod-start-vs-runc", acc / rc, Target::AtMost(2.0)),
@@ -191,9 +215,10 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
             Target::AtMost(20.0),
         ),
     ];
+    let single_failed = acc_failed + runc_failed + rss_failed;
     if concurrent == 0 {
         println!("{}", goals.join("\n"));
-        return Ok(());
+        return failures(single_failed);
     }
     let threads: Vec<_> = (0..concurrent)
         .map(|i| std::thread::spawn(move || start_pod(&format!("conc-{i}"), "accordion", 100_000)))
@@ -233,7 +258,15 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
             failed.len()
         ));
     }
-    Ok(())
+    failures(single_failed)
+}
+
+/// A benchmark with failed samples fails, after printing its figures.
+pub(crate) fn failures(failed: usize) -> Result<(), String> {
+    match failed {
+        0 => Ok(()),
+        n => Err(format!("{n} samples failed")),
+    }
 }
 
 /// `accordion-bench resize --runs N --out FILE`: UpdateContainerResources 1→4 and 4→1 CPUs until
@@ -245,11 +278,19 @@ pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
         .open(out_path)
         .map_err(|e| format!("{out_path}: {e}"))?;
     let mut cold = Vec::new();
+    let mut failed = 0;
     for i in 0..5 {
-        let (p, t) = start_pod(&format!("cold-{i}"), "accordion", 100_000)?;
-        record(&mut out, "cold-pod-start", ms(t))?;
-        cold.push(ms(t));
-        remove_pod(&p)?;
+        match start_pod(&format!("cold-{i}"), "accordion", 100_000) {
+            Ok((p, t)) => {
+                record(&mut out, "cold-pod-start", ms(t))?;
+                cold.push(ms(t));
+                remove_pod(&p)?;
+            }
+            Err(e) => {
+                record_failure(&mut out, "cold-pod-start", &e)?;
+                failed += 1;
+            }
+        }
     }
     let (p, _) = start_pod("resize", "accordion", 100_000)?;
     let mut up = Vec::new();
@@ -280,26 +321,37 @@ pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
         Ok(ms(t0.elapsed()))
     };
     for _ in 0..runs {
-        let t = update("400000")?;
-        check(4)?;
-        record(&mut out, "update-1to4", t)?;
-        up.push(t);
-        let t = update("100000")?;
-        check(1)?;
-        record(&mut out, "update-4to1", t)?;
-        down.push(t);
+        for (quota, cpus, label, samples) in [
+            ("400000", 4, "update-1to4", &mut up),
+            ("100000", 1, "update-4to1", &mut down),
+        ] {
+            match update(quota).and_then(|t| check(cpus).map(|()| t)) {
+                Ok(t) => {
+                    record(&mut out, label, t)?;
+                    samples.push(t);
+                }
+                Err(e) => {
+                    record_failure(&mut out, label, &e)?;
+                    failed += 1;
+                }
+            }
+        }
     }
     remove_pod(&p)?;
     let c = quantile(cold.clone(), 0.5);
     println!("bench resize: UpdateContainerResources until it returns (guest acknowledged; each sample then checked with accordion status), accordion-cri");
-    println!("  cold pod start (RunPodSandbox → first output): median {c:.0} ms over 5");
+    println!(
+        "  cold pod start (RunPodSandbox → first output): median {c:.0} ms over {}",
+        cold.len()
+    );
     for (label, v) in [("1→4 CPUs", up), ("4→1 CPUs", down)] {
         let (m, p99) = (quantile(v.clone(), 0.5), quantile(v.clone(), 0.99));
         println!(
-            "  {label}: median {m:.0} ms, p99 {p99:.0} ms over {} = {:.1}% of a cold pod start",
+            "  {label}: median {m:.0} ms, p99 {p99:.0} ms over {} of {runs} = {:.1}% of a cold pod start",
             v.len(),
             100.0 * m / c
         );
     }
-    Ok(())
+    println!("  failed samples: {failed}");
+    failures(failed)
 }

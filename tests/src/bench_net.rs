@@ -96,23 +96,32 @@ pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
             std::thread::sleep(Duration::from_secs(1));
         }
         warm?;
-        let (mut rtts, mut rates) = (Vec::new(), Vec::new());
+        let (mut rtts, mut rates, mut failed) = (Vec::new(), Vec::new(), 0);
         for _ in 0..runs {
-            let (rtt, rate) = sample(&c, &server_ip)?;
-            record(&mut out, &format!("net-rtt-{runtime}"), rtt)?;
-            record(&mut out, &format!("net-mibs-{runtime}"), rate)?;
-            rtts.push(rtt);
-            rates.push(rate);
+            match sample(&c, &server_ip) {
+                Ok((rtt, rate)) => {
+                    record(&mut out, &format!("net-rtt-{runtime}"), rtt)?;
+                    record(&mut out, &format!("net-mibs-{runtime}"), rate)?;
+                    rtts.push(rtt);
+                    rates.push(rate);
+                }
+                Err(e) => {
+                    crate::record_failure(&mut out, &format!("net-{runtime}"), &e)?;
+                    failed += 1;
+                }
+            }
         }
         remove_pod(&c)?;
         remove_pod(&s)?;
-        results.push((runtime, quantile(rtts, 0.5), quantile(rates, 0.5)));
+        results.push((runtime, quantile(rtts, 0.5), quantile(rates, 0.5), failed));
     }
     println!("bench net: pod to pod on the CNI bridge (busybox ping and nc), medians over {runs}");
-    for (runtime, rtt, rate) in &results {
-        println!("  {runtime:<9} round trip {rtt:.3} ms, TCP {rate:.1} MiB/s");
+    for (runtime, rtt, rate, failed) in &results {
+        println!(
+            "  {runtime:<9} round trip {rtt:.3} ms, TCP {rate:.1} MiB/s, {failed} samples failed"
+        );
     }
-    if let [(_, acc_rtt, acc_rate), (_, runc_rtt, runc_rate)] = results[..] {
+    if let [(_, acc_rtt, acc_rate, _), (_, runc_rtt, runc_rate, _)] = results[..] {
         println!(
             "  accordion / runc: round trip {:.2}x, throughput {:.2}x",
             acc_rtt / runc_rtt,
@@ -132,5 +141,5 @@ pub fn net(runs: usize, out_path: &str) -> Result<(), String> {
             )
         );
     }
-    Ok(())
+    crate::bench_cri::failures(results.iter().map(|r| r.3).sum())
 }

@@ -179,6 +179,21 @@ pub fn sandbox_status(name: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// Records a failed benchmark sample as `FAIL label reason` on one line of a sample file, where
+/// `accordion-bench report` counts it beside the label's median.
+pub fn record_failure(
+    file: &mut impl std::io::Write,
+    label: &str,
+    reason: &str,
+) -> Result<(), String> {
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    writeln!(file, "FAIL {label} {reason}").map_err(|e| e.to_string())
+}
+
 /// A benchmark's target for one figure.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {

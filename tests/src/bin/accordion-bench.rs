@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use accordion_tests::{goal_line, guest_online, smaps_kb, Target};
+use accordion_tests::{goal_line, guest_online, record_failure as fail, smaps_kb, Target};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -254,16 +254,6 @@ fn latency(args: &[String]) -> Result<(), String> {
         return Err(format!("{label}: {failed} of {runs} runs failed"));
     }
     Ok(())
-}
-
-/// Records a failed sample: `FAIL label reason`, on one line.
-fn fail(file: &mut impl Write, label: &str, reason: &str) -> Result<(), String> {
-    let reason: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect();
-    writeln!(file, "FAIL {label} {reason}").map_err(|e| e.to_string())
 }
 
 /// The latency `accordion resize` reports ("…) in 212.4 ms").
