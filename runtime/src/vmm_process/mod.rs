@@ -196,7 +196,8 @@ impl VmProcess {
         match reply {
             Reply::Started(jailed) => {
                 // Cloning into the namespaces is the jail's too (the kernel builds them there).
-                vmm.jail_setup = jailed.map(|d| d + cloned);
+                // The figure comes from the far end of the channel: saturate, never overflow.
+                vmm.jail_setup = jailed.map(|d| d.saturating_add(cloned));
                 Ok(vmm)
             }
             Reply::Failed(message) => Err(VmmError::Refused(message)),
