@@ -178,17 +178,12 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
                 acc_failed += 1;
             }
         }
-        match start_pod(&format!("runc-{i}"), "runc", 100_000) {
-            Ok((p, t)) => {
-                record(&mut out, "pod-start-runc", ms(t))?;
-                runc.push(ms(t));
-                remove_pod(&p)?;
-            }
-            Err(e) => {
-                record_failure(&mut out, "pod-start-runc", &e)?;
-                runc_failed += 1;
-            }
-        }
+        pod_start_sample(
+            &mut out,
+            (&format!("runc-{i}"), "runc", "pod-start-runc"),
+            &mut runc,
+            &mut runc_failed,
+        )?;
     }
     let (acc, rc) = (quantile(single.clone(), 0.5), quantile(runc.clone(), 0.5));
     println!("bench pod: RunPodSandbox + CreateContainer + StartContainer → first output (accordion-cri)");
@@ -261,6 +256,27 @@ pub fn pod(runs: usize, concurrent: usize, out_path: &str) -> Result<(), String>
     failures(single_failed)
 }
 
+/// One timed start of pod `name` under `runtime` (then removed): recorded as `label` and kept in
+/// `samples`, or recorded as failed and counted in `failed`.
+fn pod_start_sample(
+    out: &mut impl Write,
+    (name, runtime, label): (&str, &str, &str),
+    samples: &mut Vec<f64>,
+    failed: &mut usize,
+) -> Result<(), String> {
+    match start_pod(name, runtime, 100_000) {
+        Ok((p, t)) => {
+            record(out, label, ms(t))?;
+            samples.push(ms(t));
+            remove_pod(&p)
+        }
+        Err(e) => {
+            *failed += 1;
+            record_failure(out, label, &e)
+        }
+    }
+}
+
 /// A benchmark with failed samples fails, after printing its figures.
 pub(crate) fn failures(failed: usize) -> Result<(), String> {
     match failed {
@@ -280,17 +296,12 @@ pub fn resize(runs: usize, out_path: &str) -> Result<(), String> {
     let mut cold = Vec::new();
     let mut failed = 0;
     for i in 0..5 {
-        match start_pod(&format!("cold-{i}"), "accordion", 100_000) {
-            Ok((p, t)) => {
-                record(&mut out, "cold-pod-start", ms(t))?;
-                cold.push(ms(t));
-                remove_pod(&p)?;
-            }
-            Err(e) => {
-                record_failure(&mut out, "cold-pod-start", &e)?;
-                failed += 1;
-            }
-        }
+        pod_start_sample(
+            &mut out,
+            (&format!("cold-{i}"), "accordion", "cold-pod-start"),
+            &mut cold,
+            &mut failed,
+        )?;
     }
     let (p, _) = start_pod("resize", "accordion", 100_000)?;
     let mut up = Vec::new();
