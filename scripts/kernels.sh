@@ -27,16 +27,17 @@
 set -euo pipefail
 
 RECIPE=1       # bump when the way the minimal kernel is built changes
-DEB_RECIPE=3   # bump when the stock-kernel extraction (module list, orders) changes
+DEB_RECIPE=4   # bump when the stock-kernel extraction (module list, orders) changes
 SUITE=trixie
 SRC_PKG=linux-source-6.12
 META_PKG=linux-image-arm64
 CROSS=${CROSS_COMPILE:-aarch64-linux-gnu-}
 
 # Modules kept from the stock kernel (with their dependencies, from modules.dep), in load order.
-# Guest: virtio-mmio transport first, then the agent's vsock; then disk, net and overlayfs.
+# Guest: virtio-mmio transport first, then the agent's vsock; then disk, net, overlayfs and
+# virtio-mem (memory resize).
 GUEST_MODULES=(virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-               virtio_blk virtio_net overlay)
+               virtio_blk virtio_net overlay virtio_mem)
 # Node: vhost-vsock (guest <-> shim), vhost-net, tap/veth/bridge for pod networking, overlayfs for containerd.
 NODE_MODULES=(vhost_iotlb vhost vhost_vsock vhost_net tun veth overlay bridge sch_ingress cls_u32 act_mirred)
 OPTIONAL_MODULES=(br_netfilter)   # node, appended when present

@@ -18,8 +18,11 @@ pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Linux's arm64 COMMAND_LINE_SIZE.
 pub const MAX_CMDLINE_LEN: usize = 2048 - RESERVED_CMDLINE_LEN;
-/// Room kept for what the VMM appends (` accordion.boot_timer=0x...`).
-pub const RESERVED_CMDLINE_LEN: usize = 64;
+/// Room kept for what the VMM appends (` accordion.boot_timer=0x...`, and with memory resize
+/// ` memhp_default_state=online_movable`).
+pub const RESERVED_CMDLINE_LEN: usize = 128;
+/// Memory above boot RAM comes in whole arm64 memory blocks (devices::virtio::mem::REGION_ALIGN).
+pub const MEMORY_RESIZE_GRANULE_MIB: u64 = 128;
 /// Default kernel command line: quiet (every console byte is a trap), reboot at once on panic so
 /// the VM exits instead of hanging.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -164,8 +167,10 @@ pub const FIRST_FS_SLOT: u32 = 1;
 pub const FIRST_NET_SLOT: u32 = 16;
 /// At most this many virtio-fs devices (the virtio-mmio slots between vsock and the NICs).
 pub const MAX_FS_DEVICES: usize = (FIRST_NET_SLOT - FIRST_FS_SLOT) as usize;
-/// At most this many virtio-net devices (the last virtio-mmio slots).
-pub const MAX_NET_DEVICES: usize = (layout::VIRTIO_MMIO_SLOTS - FIRST_NET_SLOT) as usize;
+/// virtio-mmio slot of the virtio-mem device (the last one).
+pub const MEM_SLOT: u32 = layout::VIRTIO_MMIO_SLOTS - 1;
+/// At most this many virtio-net devices (the slots between the virtio-fs devices and virtio-mem).
+pub const MAX_NET_DEVICES: usize = (MEM_SLOT - FIRST_NET_SLOT) as usize;
 
 /// A microVM to start.
 pub struct VmConfig {
@@ -175,8 +180,11 @@ pub struct VmConfig {
     pub initrd: Option<InputFile>,
     /// Kernel command line.
     pub cmdline: String,
-    /// Guest RAM in MiB.
+    /// Guest RAM at boot in MiB.
     pub memory_mib: u64,
+    /// The most guest RAM in MiB: above `memory_mib`, a virtio-mem device can plug up to the
+    /// difference (a multiple of 128 MiB) while the VM runs. None or `memory_mib`: fixed RAM.
+    pub max_memory_mib: Option<u64>,
     /// vCPUs plugged at boot.
     pub boot_vcpus: u32,
     /// Possible vCPUs: all are created at boot, only `boot_vcpus` are plugged.
@@ -201,6 +209,7 @@ impl std::fmt::Debug for VmConfig {
             .field("initrd", &self.initrd)
             .field("cmdline", &self.cmdline)
             .field("memory_mib", &self.memory_mib)
+            .field("max_memory_mib", &self.max_memory_mib)
             .field("boot_vcpus", &self.boot_vcpus)
             .field("max_vcpus", &self.max_vcpus)
             .field("vsock", &self.vsock)
@@ -219,6 +228,7 @@ impl VmConfig {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             memory_mib: DEFAULT_MEMORY_MIB,
+            max_memory_mib: None,
             boot_vcpus: 1,
             max_vcpus: DEFAULT_MAX_VCPUS,
             console: Box::new(std::io::sink()),
@@ -258,6 +268,7 @@ impl VmConfig {
                 max: MAX_MEMORY_MIB,
             });
         }
+        self.validate_max_memory()?;
         if self.cmdline.len() >= MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.cmdline.len(),
@@ -274,6 +285,41 @@ impl VmConfig {
         }
         self.validate_fs()?;
         self.validate_net()
+    }
+
+    fn validate_max_memory(&self) -> Result<(), ConfigError> {
+        let Some(max) = self.max_memory_mib else {
+            return Ok(());
+        };
+        if max < self.memory_mib {
+            return Err(ConfigError::MaxMemoryBelowBoot {
+                max,
+                boot: self.memory_mib,
+            });
+        }
+        if max > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge {
+                mib: max,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        if (max - self.memory_mib) % MEMORY_RESIZE_GRANULE_MIB != 0 {
+            return Err(ConfigError::MaxMemoryGranule {
+                max,
+                boot: self.memory_mib,
+            });
+        }
+        Ok(())
+    }
+
+    /// The virtio-mem region (guest address, bytes) if memory can grow: from the first 1 GiB
+    /// boundary above boot RAM, `max_memory_mib - memory_mib` long.
+    pub fn hotplug_region(&self) -> Option<(u64, u64)> {
+        let size = self.max_memory_mib?.checked_sub(self.memory_mib)? << 20;
+        (size > 0).then(|| {
+            let ram_end = layout::RAM_BASE + self.memory_bytes();
+            (ram_end.next_multiple_of(layout::HOTPLUG_ALIGN), size)
+        })
     }
 
     fn validate_net(&self) -> Result<(), ConfigError> {
@@ -369,6 +415,25 @@ pub enum ConfigError {
         /// Maximum MiB.
         max: u64,
     },
+    /// max_memory below the boot size.
+    #[error("max_memory {max} MiB is below the boot memory of {boot} MiB")]
+    MaxMemoryBelowBoot {
+        /// Requested maximum MiB.
+        max: u64,
+        /// Boot MiB.
+        boot: u64,
+    },
+    /// Memory that can be plugged must come in whole arm64 memory blocks.
+    #[error(
+        "max_memory {max} MiB must exceed the boot memory of {boot} MiB by a multiple of \
+         {MEMORY_RESIZE_GRANULE_MIB} MiB (the guest adds memory in blocks of that size)"
+    )]
+    MaxMemoryGranule {
+        /// Requested maximum MiB.
+        max: u64,
+        /// Boot MiB.
+        boot: u64,
+    },
     /// Kernel command line too long for Linux.
     #[error("Kernel command line is {len} bytes (maximum {max})")]
     CmdlineTooLong {
@@ -434,6 +499,55 @@ mod tests {
             socket_path: "/run/virtiofsd.sock".into(),
             stream: None,
         }
+    }
+
+    #[test]
+    fn test_max_memory_in_128_mib_steps_above_boot_gives_a_1_gib_aligned_region() {
+        let c = VmConfig {
+            memory_mib: 256,
+            max_memory_mib: Some(2048),
+            ..config()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        // RAM ends at 1.25 GiB; the region starts at 2 GiB and holds 1792 MiB.
+        assert_eq!(c.hotplug_region(), Some((0x8000_0000, 1792 << 20)));
+        let fixed = VmConfig {
+            max_memory_mib: Some(256),
+            ..c
+        };
+        assert_eq!(fixed.validate(), Ok(()));
+        assert_eq!(fixed.hotplug_region(), None);
+        assert_eq!(config().hotplug_region(), None);
+    }
+
+    #[test]
+    fn test_max_memory_below_boot_off_granule_or_too_large_is_rejected() {
+        let with = |max| VmConfig {
+            memory_mib: 256,
+            max_memory_mib: Some(max),
+            ..config()
+        };
+        assert_eq!(
+            with(128).validate(),
+            Err(ConfigError::MaxMemoryBelowBoot {
+                max: 128,
+                boot: 256
+            })
+        );
+        assert_eq!(
+            with(1000).validate(),
+            Err(ConfigError::MaxMemoryGranule {
+                max: 1000,
+                boot: 256
+            })
+        );
+        assert_eq!(
+            with(MAX_MEMORY_MIB + 128).validate(),
+            Err(ConfigError::MemoryTooLarge {
+                mib: MAX_MEMORY_MIB + 128,
+                max: MAX_MEMORY_MIB
+            })
+        );
     }
 
     #[test]
@@ -506,7 +620,7 @@ mod tests {
         };
         assert_eq!(
             c.validate(),
-            Err(ConfigError::TooManyNet { count: 17, max: 16 })
+            Err(ConfigError::TooManyNet { count: 17, max: 15 })
         );
     }
 

@@ -43,4 +43,4 @@ pub use config::{ConfigError, FsConfig, InputFile, NetConfig, VmConfig, VsockCon
 pub use devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 pub use exit::{ExitReason, ExitWatch};
 pub use vcpu::{VcpuEvent, VcpuState};
-pub use vm::{Vm, VmError};
+pub use vm::{MemoryRequest, MemoryResizeError, Vm, VmError, VmMemory};

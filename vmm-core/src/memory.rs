@@ -1,8 +1,11 @@
-//! Guest RAM: one memfd-backed region, so vhost-user back ends can map the same pages later.
+//! Guest RAM: memfd-backed regions, so vhost-user back ends can map the same pages: boot RAM,
+//! and above it, when memory can grow, the virtio-mem device's region (a memfd of its own, so
+//! punching unplugged blocks out of it never touches boot RAM).
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -43,22 +46,76 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     base: u64,
     size: u64,
+    hotplug: Option<HotplugRegion>,
+}
+
+/// The region virtio-mem plugs memory from: mapped like boot RAM, backed by its own memfd.
+#[derive(Debug, Clone)]
+pub struct HotplugRegion {
+    /// Guest physical address of the first byte.
+    pub base: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Host virtual address of the first byte (for the KVM memslot).
+    pub host_address: u64,
+    /// The memfd behind it (the device punches unplugged blocks out of it).
+    pub memfd: Arc<File>,
+}
+
+/// One memfd of `size` bytes named `name`, mapped shared for guest address `base`.
+fn memfd_region(name: &CStr, base: u64, size: u64) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    let file = memfd(name)?;
+    file.set_len(size)
+        .map_err(|e| MemoryError::Resize(size, e))?;
+    let region = GuestRegionMmap::from_range(
+        GuestAddress(base),
+        len,
+        Some(FileOffset::from_arc(Arc::new(file), 0)),
+    )
+    .map_err(MemoryError::Map)?;
+    advise_huge_pages(region.as_ptr(), len);
+    Ok(region)
 }
 
 impl GuestRam {
     /// Maps `size` bytes of shared, memfd-backed RAM for guest address `base`.
     pub fn new(base: u64, size: u64) -> Result<Self, MemoryError> {
-        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
-        let file = memfd(c"accordion-guest-ram")?;
-        file.set_len(size)
-            .map_err(|e| MemoryError::Resize(size, e))?;
-        let region =
-            GuestRegionMmap::from_range(GuestAddress(base), len, Some(FileOffset::new(file, 0)))
-                .map_err(MemoryError::Map)?;
-        advise_huge_pages(region.as_ptr(), len);
+        Self::with_hotplug(base, size, None)
+    }
+
+    /// Like `new`, plus `hotplug` = (guest address, bytes) of a virtio-mem region above RAM.
+    /// Its pages cost the host nothing until the guest touches them.
+    pub fn with_hotplug(
+        base: u64,
+        size: u64,
+        hotplug: Option<(u64, u64)>,
+    ) -> Result<Self, MemoryError> {
+        let mut regions = vec![memfd_region(c"accordion-guest-ram", base, size)?];
+        let mut described = None;
+        if let Some((hp_base, hp_size)) = hotplug {
+            let region = memfd_region(c"accordion-hotplug-ram", hp_base, hp_size)?;
+            described = region.file_offset().map(|f| HotplugRegion {
+                base: hp_base,
+                size: hp_size,
+                host_address: region.as_ptr() as u64,
+                memfd: f.arc().clone(),
+            });
+            regions.push(region);
+        }
         let memory =
-            GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.into()))?;
-        Ok(Self { memory, base, size })
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.into()))?;
+        Ok(Self {
+            memory,
+            base,
+            size,
+            hotplug: described,
+        })
+    }
+
+    /// The virtio-mem region, if memory can grow.
+    pub fn hotplug(&self) -> Option<&HotplugRegion> {
+        self.hotplug.as_ref()
     }
 
     /// The vm-memory view, for loaders and devices.
@@ -76,7 +133,7 @@ impl GuestRam {
         self.size
     }
 
-    /// Guest physical address one past the last byte.
+    /// Guest physical address one past the last byte of boot RAM.
     pub fn end(&self) -> u64 {
         self.base + self.size
     }
@@ -169,6 +226,23 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn test_hotplug_region_is_guest_memory_with_a_memfd_of_its_own() {
+        let ram =
+            GuestRam::with_hotplug(0x4000_0000, 2 << 20, Some((0x8000_0000, 4 << 20))).unwrap();
+        let hp = ram.hotplug().unwrap().clone();
+        assert_eq!((hp.base, hp.size), (0x8000_0000, 4 << 20));
+        ram.write(0x8000_2000, b"plugged").unwrap();
+        let mut buf = [0u8; 7];
+        hp.memfd.read_exact_at(&mut buf, 0x2000).unwrap();
+        assert_eq!(&buf, b"plugged");
+        // Boot RAM's memfd does not hold it.
+        ram.memfd().unwrap().read_exact_at(&mut buf, 0x0).unwrap();
+        assert_eq!(buf, [0; 7]);
+        assert_eq!(ram.end(), 0x4020_0000);
+        assert!(ram.write(0x4020_0000, b"x").is_err());
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum ThreadKind {
     Net,
     /// The virtio-fs interrupt forwarder.
     FsIrq,
+    /// The virtio-mem request thread.
+    Mem,
     /// The VMM process's control thread and the thread reporting the VM's exit: the channel to
     /// the shim, resizes, shutdown.
     Control,
@@ -54,17 +56,18 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         Self::Vcpu,
         Self::DeviceManager,
         Self::Vsock,
         Self::Net,
         Self::FsIrq,
+        Self::Mem,
         Self::Control,
     ];
 
     /// The device back ends, which the device manager starts.
-    pub const DEVICES: [ThreadKind; 3] = [Self::Vsock, Self::Net, Self::FsIrq];
+    pub const DEVICES: [ThreadKind; 4] = [Self::Vsock, Self::Net, Self::FsIrq, Self::Mem];
 
     /// The filter's key in the JSON file (the device threads' name too).
     pub fn name(self) -> &'static str {
@@ -74,6 +77,7 @@ impl ThreadKind {
             Self::Vsock => "vsock",
             Self::Net => "virtio-net",
             Self::FsIrq => "virtio-fs-irq",
+            Self::Mem => "virtio-mem",
             Self::Control => "vmm-control",
         }
     }
@@ -285,7 +289,7 @@ mod tests {
     /// The kind whose filter a thread of `kind` starts under (none: the process filter only).
     fn creator(kind: ThreadKind) -> Option<ThreadKind> {
         match kind {
-            ThreadKind::Vsock | ThreadKind::Net | ThreadKind::FsIrq => {
+            ThreadKind::Vsock | ThreadKind::Net | ThreadKind::FsIrq | ThreadKind::Mem => {
                 Some(ThreadKind::DeviceManager)
             }
             ThreadKind::Vcpu | ThreadKind::DeviceManager | ThreadKind::Control => None,

@@ -11,7 +11,7 @@ use crate::acpi::{
 use crate::arch::aarch64::boot_block::BootBlockError;
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelError, KernelFile};
 use crate::arch::aarch64::layout;
-use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT, FIRST_NET_SLOT};
+use crate::config::{ConfigError, VmConfig, FIRST_FS_SLOT, FIRST_NET_SLOT, MEM_SLOT};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::cpu_hotplug::{CpuHotplugError, HotplugRequest};
 use crate::exit::ExitReason;
@@ -50,6 +50,9 @@ pub enum VmError {
     /// A virtio-net device could not be created.
     #[error("Cannot create a network interface")]
     Net(#[source] crate::devices::virtio::net::NetError),
+    /// The virtio-mem device could not be created.
+    #[error("Cannot create the memory resize device")]
+    Mem(#[source] crate::devices::virtio::mem::MemError),
     /// This host architecture has no backend.
     #[error("Accordion VMs run only on aarch64 hosts")]
     UnsupportedArch,
@@ -117,7 +120,8 @@ pub fn check_kvm_vcpu_limit(max_vcpus: u32, kvm_limit: usize) -> Result<(), Conf
 /// virtio-mmio slot of the vsock device.
 pub const VSOCK_SLOT: u32 = 0;
 
-/// The virtio-mmio slots a configuration uses: vsock's, one per virtio-fs device, one per NIC.
+/// The virtio-mmio slots a configuration uses: vsock's, one per virtio-fs device, one per NIC,
+/// virtio-mem's when memory can grow.
 // Only Vm::start (aarch64) uses it outside tests.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 fn virtio_slots(config: &VmConfig) -> Vec<u32> {
@@ -125,7 +129,109 @@ fn virtio_slots(config: &VmConfig) -> Vec<u32> {
     vsock
         .chain((FIRST_FS_SLOT..).take(config.fs.len()))
         .chain((FIRST_NET_SLOT..).take(config.net.len()))
+        .chain(config.hotplug_region().map(|_| MEM_SLOT))
         .collect()
+}
+
+/// A VM's memory: what it booted with, the most it may have, and where a resize stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmMemory {
+    /// Boot RAM in bytes.
+    pub boot: u64,
+    /// The most guest RAM in bytes (boot RAM + the virtio-mem region).
+    pub max: u64,
+    /// Bytes the guest has plugged above boot RAM.
+    pub plugged: u64,
+    /// Bytes the host asked the guest to plug above boot RAM.
+    pub requested: u64,
+}
+
+impl VmMemory {
+    /// Guest RAM now: boot RAM + what is plugged.
+    pub fn current(&self) -> u64 {
+        self.boot + self.plugged
+    }
+
+    /// Guest RAM asked for: boot RAM + the requested size.
+    pub fn target(&self) -> u64 {
+        self.boot + self.requested
+    }
+}
+
+/// Errors from asking for a memory size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryResizeError {
+    /// The VM was started without max_memory above its boot memory.
+    #[error(
+        "this VM's memory cannot change: it was started without max_memory above its {boot} bytes"
+    )]
+    Fixed {
+        /// Boot RAM in bytes.
+        boot: u64,
+    },
+    /// Less than boot RAM: that memory never goes away.
+    #[error("{target} bytes is below the VM's boot memory of {boot} bytes")]
+    BelowBoot {
+        /// Bytes asked for.
+        target: u64,
+        /// Boot RAM in bytes.
+        boot: u64,
+    },
+    /// More than max_memory.
+    #[error("{target} bytes is above the VM's max_memory of {max} bytes")]
+    AboveMax {
+        /// Bytes asked for.
+        target: u64,
+        /// The maximum in bytes.
+        max: u64,
+    },
+}
+
+/// A memory size asked for; [`MemoryRequest::wait`] waits until the guest has plugged or
+/// unplugged its way there.
+#[derive(Debug)]
+pub struct MemoryRequest {
+    control: crate::devices::virtio::mem::MemoryControl,
+    boot: u64,
+    /// Guest RAM asked for in bytes (rounded up to whole 2 MiB blocks).
+    pub target: u64,
+}
+
+impl MemoryRequest {
+    /// Waits until the guest's plugged memory matches the request (or a later one), at most
+    /// `timeout`; on timeout the error is how far it got.
+    pub fn wait(&self, timeout: Duration) -> Result<VmMemory, VmMemory> {
+        let to_memory = |s: crate::devices::virtio::mem::MemorySnapshot| VmMemory {
+            boot: self.boot,
+            max: self.boot + s.region_size,
+            plugged: s.plugged,
+            requested: s.requested,
+        };
+        self.control
+            .wait_plugged(timeout)
+            .map(to_memory)
+            .map_err(to_memory)
+    }
+}
+
+/// Checks a memory target against a VM's boot and maximum memory; returns the bytes to request
+/// from virtio-mem.
+fn memory_request(
+    target: u64,
+    boot: u64,
+    control: Option<&crate::devices::virtio::mem::MemoryControl>,
+) -> Result<u64, MemoryResizeError> {
+    let Some(control) = control else {
+        return Err(MemoryResizeError::Fixed { boot });
+    };
+    let max = boot + control.snapshot().region_size;
+    if target < boot {
+        return Err(MemoryResizeError::BelowBoot { target, boot });
+    }
+    if target > max {
+        return Err(MemoryResizeError::AboveMax { target, max });
+    }
+    Ok(target - boot)
 }
 /// Register window of a virtio-mmio transport (registers + config space) as ACPI describes it.
 const VIRTIO_MMIO_WINDOW: u32 = 0x200;
@@ -225,6 +331,10 @@ pub struct Vm {
     never: std::convert::Infallible,
     #[cfg(target_arch = "aarch64")]
     hotplug: Arc<std::sync::Mutex<crate::devices::cpu_hotplug::CpuHotplug>>,
+    /// virtio-mem's control, when memory can grow.
+    memory: Option<crate::devices::virtio::mem::MemoryControl>,
+    /// Boot RAM in bytes.
+    boot_memory: u64,
     boot_time: BootTime,
     acpi: AcpiTables,
 }
@@ -265,7 +375,7 @@ impl Vm {
         let mut devices = DeviceManager::new(&vm, ram.memory().clone())?;
         let hotplug =
             steps::attach_platform_devices(&mut devices, &mut config, &vcpus, started, &boot_time)?;
-        steps::attach_virtio_devices(&mut devices, &mut config, fs_devices)?;
+        let memory = steps::attach_virtio_devices(&mut devices, &mut config, fs_devices, &ram)?;
         let (bus, device_thread) = devices.start(steps::stop_on_device_failure(&exit, &vcpus))?;
         times.mark("devices");
 
@@ -287,6 +397,8 @@ impl Vm {
         Ok(Vm {
             machine,
             hotplug,
+            memory,
+            boot_memory: config.memory_bytes(),
             boot_time,
             acpi: block.acpi,
         })
@@ -400,6 +512,54 @@ impl Vm {
 }
 
 impl Vm {
+    /// Asks for `target` bytes of guest RAM (boot RAM up to max_memory, rounded up to whole
+    /// 2 MiB blocks): sets virtio-mem's requested size and interrupts the guest, whose driver
+    /// plugs or unplugs blocks to get there. Returns without waiting ([`MemoryRequest::wait`]).
+    /// An invalid target changes nothing.
+    pub fn set_memory(&self, target: u64) -> Result<MemoryRequest, MemoryResizeError> {
+        let requested = memory_request(target, self.boot_memory, self.memory.as_ref())?;
+        let Some(control) = self.memory.clone() else {
+            return Err(MemoryResizeError::Fixed {
+                boot: self.boot_memory,
+            });
+        };
+        let requested =
+            control
+                .set_requested(requested)
+                .map_err(|_| MemoryResizeError::AboveMax {
+                    target,
+                    max: self.boot_memory + control.snapshot().region_size,
+                })?;
+        log::info!("memory target {target} bytes: {requested} bytes above boot RAM");
+        Ok(MemoryRequest {
+            control,
+            boot: self.boot_memory,
+            target: self.boot_memory + requested,
+        })
+    }
+
+    /// The VM's memory now (for a VM without max_memory: boot RAM, nothing plugged).
+    pub fn memory(&self) -> VmMemory {
+        let boot = self.boot_memory;
+        match &self.memory {
+            Some(control) => {
+                let s = control.snapshot();
+                VmMemory {
+                    boot,
+                    max: boot + s.region_size,
+                    plugged: s.plugged,
+                    requested: s.requested,
+                }
+            }
+            None => VmMemory {
+                boot,
+                max: boot,
+                plugged: 0,
+                requested: 0,
+            },
+        }
+    }
+
     /// Time from `Vm::start` to the guest's boot-timer write, once it happened.
     pub fn boot_time(&self) -> Option<Duration> {
         *self.boot_time.lock().unwrap_or_else(|e| e.into_inner())

@@ -12,7 +12,7 @@ use std::time::Duration;
 use accordion_vmm::{ExitReason, VcpuState, Vm, VmConfig};
 
 mod common;
-use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
+use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, open_fds, Console};
 
 /// Generous: nested TCG boots of the Debian kernel take tens of seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -138,10 +138,6 @@ fn vcpu_threads() -> usize {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .filter(|comm| comm.starts_with("vcpu"))
         .count()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[test]

@@ -11,7 +11,6 @@
 // Test helpers: any failure here is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -19,7 +18,9 @@ use std::time::{Duration, Instant};
 use accordion_vmm::{CpuHotplugError, VcpuEvent, VcpuState, Vm, VmConfig};
 
 mod common;
-use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
+use common::{
+    guest_dir, initrd_with, kvm_available, one_vm_at_a_time, open_fds, report, tasks, Console,
+};
 
 const MAX_VCPUS: u32 = 8;
 /// Generous: a nested TCG boot of the Debian kernel takes tens of seconds.
@@ -48,19 +49,6 @@ while true; do
     sleep 0.2
 done
 "#;
-
-/// A line for the node log that the test harness does not capture.
-fn report(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn tasks() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
 
 /// The guest's last `online=... errors=... warnings=... cpu7_online=...` line, split.
 fn last_report(console: &Console) -> Option<(String, String, String, String)> {

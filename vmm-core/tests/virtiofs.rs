@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use accordion_vmm::{ExitReason, FsConfig, Vm, VmConfig, VmError};
 
 mod common;
-use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, Console};
+use common::{guest_dir, initrd_with, kvm_available, one_vm_at_a_time, open_fds, Console};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const TAG: &str = "accordion-share";
@@ -204,10 +204,6 @@ fn test_virtiofs_share_minimal_kernel_cache_never() {
 #[test]
 fn test_virtiofs_share_debian_kernel_cache_auto() {
     share_round_trip("Image-debian", "auto");
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 fn threads() -> usize {

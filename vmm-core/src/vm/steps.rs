@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VmFd};
 
-use super::{acpi_config, virtio_slots, VmError, FIRST_FS_SLOT, FIRST_NET_SLOT, VSOCK_SLOT};
+use super::{
+    acpi_config, virtio_slots, VmError, FIRST_FS_SLOT, FIRST_NET_SLOT, MEM_SLOT, VSOCK_SLOT,
+};
 use crate::arch::aarch64::boot_block::{BootBlock, BootBlockSpec};
 use crate::arch::aarch64::kernel::{self, BootPlacement, KernelFile};
 use crate::arch::aarch64::{gic, layout, psci};
@@ -16,6 +18,7 @@ use crate::devices::cpu_hotplug::{CpuHotplug, CpuSlots};
 use crate::devices::ged::Ged;
 use crate::devices::serial::SerialDevice as Uart;
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::mem::{Mem, MemoryControl};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitLatch, ExitReason};
@@ -41,13 +44,18 @@ pub(super) fn connect_virtiofsd(config: &mut VmConfig) -> Result<Vec<Fs>, VmErro
         .collect()
 }
 
-/// Guest RAM (memfd-backed) with the kernel at its base and the initrd above it.
+/// Guest RAM (memfd-backed) with the kernel at its base and the initrd above it, and the
+/// virtio-mem region (nothing in it yet) when memory can grow.
 pub(super) fn load_guest_ram(
     config: &VmConfig,
     kernel: &KernelFile,
     placement: &BootPlacement,
 ) -> Result<GuestRam, VmError> {
-    let ram = GuestRam::new(layout::RAM_BASE, config.memory_bytes())?;
+    let ram = GuestRam::with_hotplug(
+        layout::RAM_BASE,
+        config.memory_bytes(),
+        config.hotplug_region(),
+    )?;
     kernel::load_kernel(&ram, &config.kernel, kernel, placement)?;
     if let Some(initrd) = &config.initrd {
         kernel::load_initrd(&ram, initrd, placement)?;
@@ -55,7 +63,7 @@ pub(super) fn load_guest_ram(
     Ok(ram)
 }
 
-/// The VM and its one memslot.
+/// The VM and its memslots: boot RAM, and the virtio-mem region when there is one.
 pub(super) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
@@ -73,6 +81,18 @@ pub(super) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     // SAFETY: the region is RAM mapped by `ram`, which the Machine keeps alive for as long as
     // the VM fd (it is dropped after it), and nothing else is mapped at those guest addresses.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| VmError::Kvm("map guest RAM", e))?;
+    if let Some(hotplug) = ram.hotplug() {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: hotplug.base,
+            memory_size: hotplug.size,
+            userspace_addr: hotplug.host_address,
+        };
+        // SAFETY: as above; the region is `ram`'s second mapping, disjoint from boot RAM.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| VmError::Kvm("map the virtio-mem region", e))?;
+    }
     Ok(vm)
 }
 
@@ -98,11 +118,15 @@ pub(super) fn write_boot_block(
 ) -> Result<BootBlock, VmError> {
     let acpi = acpi_config(mpidrs, config.boot_vcpus, &virtio_slots(config));
     // The guest init finds the boot timer through the command line (guest/ initramfs).
-    let cmdline = format!(
+    let mut cmdline = format!(
         "{} accordion.boot_timer={:#x}",
         config.cmdline,
         layout::BOOT_TIMER_BASE
     );
+    // Memory virtio-mem plugs goes to ZONE_MOVABLE, so the guest can empty it and unplug it.
+    if ram.hotplug().is_some() {
+        cmdline.push_str(" memhp_default_state=online_movable");
+    }
     let block = BootBlock::build(&BootBlockSpec {
         ram_base: ram.base(),
         ram_end: ram.end(),
@@ -143,12 +167,14 @@ pub(super) fn attach_platform_devices(
 }
 
 /// virtio-vsock, then the virtio-fs devices (kicks go straight from KVM to virtiofsd), then the
-/// NICs, each in its slot (the slots ACPI described: `virtio_slots`).
+/// NICs, then virtio-mem over `ram`'s region, each in its slot (the slots ACPI described:
+/// `virtio_slots`). Returns virtio-mem's control, which `Vm::set_memory` drives.
 pub(super) fn attach_virtio_devices(
     devices: &mut DeviceManager,
     config: &mut VmConfig,
     fs_devices: Vec<Fs>,
-) -> Result<(), VmError> {
+    ram: &GuestRam,
+) -> Result<Option<MemoryControl>, VmError> {
     if let Some(vsock) = &mut config.vsock {
         let device = match vsock.listener.take() {
             Some(listener) => Vsock::from_listener(vsock.cid, &vsock.uds_path, listener)?,
@@ -166,7 +192,13 @@ pub(super) fn attach_virtio_devices(
         let device = Net::new(net.tap, net.mac, net.mtu).map_err(VmError::Net)?;
         devices.attach_virtio("virtio-net", slot, Box::new(device))?;
     }
-    Ok(())
+    let Some(region) = ram.hotplug() else {
+        return Ok(None);
+    };
+    let device = Mem::new(region.base, region.size, region.memfd.clone()).map_err(VmError::Mem)?;
+    let control = device.control();
+    devices.attach_virtio("virtio-mem", MEM_SLOT, Box::new(device))?;
+    Ok(Some(control))
 }
 
 /// What the device manager's thread does should it fail: stop the VM, saying why.

@@ -106,3 +106,18 @@ impl Console {
             .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(str::to_string))
     }
 }
+
+/// A line for the node log that the test harness does not capture.
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Threads of this process (a leak check).
+pub fn tasks() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Open descriptors of this process (a leak check).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}

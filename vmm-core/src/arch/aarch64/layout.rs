@@ -10,6 +10,7 @@
 //! 0x0D00_0000  platform devices, 4 KiB each: serial, boot timer, GED, CPU hotplug
 //! 0x0E00_0000  virtio-mmio slots, 4 KiB each
 //! 0x4000_0000  RAM; its top 2 MiB hold the firmware-less boot block (EFI, ACPI, DTB)
+//! next 1 GiB   the virtio-mem region when memory can grow (max_memory - memory)
 //! ```
 //!
 //! Interrupt numbers are SPI indices (the GIC INTID is `32 + spi`).
@@ -74,6 +75,10 @@ pub const TIMER_NONSECURE_PHYS_INTID: u32 = 30;
 pub const TIMER_VIRT_INTID: u32 = 27;
 /// EL2 (hypervisor) physical timer.
 pub const TIMER_HYP_INTID: u32 = 26;
+
+/// The virtio-mem region starts on the first boundary of this size above boot RAM: a multiple of
+/// every arm64 memory block size (128 MiB with 4 KiB pages, 512 MiB with 64 KiB).
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
 
 /// Size of the boot block at the top of RAM (EFI tables, memory map, DTB, ACPI tables).
 pub const BOOT_BLOCK_SIZE: u64 = 0x20_0000;

@@ -198,7 +198,9 @@ impl MmioTransport {
                 };
                 self.status | broken
             }
-            reg::CONFIG_GENERATION => self.config_generation,
+            reg::CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             // No device has shared memory regions. A length of -1 says so (virtio 1.2 §4.2.2);
             // 0 would describe an empty region at address 0, which Linux's virtio-fs with DAX
             // (Debian's kernel) then fails to reserve, failing the probe with EBUSY.

@@ -4,6 +4,7 @@
 pub mod alloc_probe;
 pub(crate) mod chain;
 pub mod fs;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -128,6 +129,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space (most devices ignore this).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Counts the configuration changes the device made on its own (the transport adds its
+    /// own), so a driver reading a multi-word field sees the change and reads again.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// The driver set DRIVER_OK: start serving `queues` in `memory`.
     fn activate(
         &mut self,
