@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod exec;
 pub mod init;
 pub mod log;
+pub mod memory;
 pub mod modules;
 pub mod network;
 pub mod pty;

@@ -9,12 +9,15 @@ use std::time::Duration;
 use accordion_agent::args::{Listen, Options, USAGE};
 use accordion_agent::containers::ContainersService;
 use accordion_agent::cpu::{CpuHub, CpuService};
+use accordion_agent::memory::{MemoryHub, MemoryService};
 use accordion_agent::server::{self, error_chain, AgentService, ServeError};
 use accordion_agent::{error, info, init, modules, reaper::Reaper, warn};
 use tokio::sync::Notify;
 
 /// Where sysfs is mounted (by `init::mount_all` as PID 1).
 const SYSFS: &str = "/sys";
+/// The kernel's memory figures (the Memory service).
+const MEMINFO: &str = "/proc/meminfo";
 /// Attempts to bind the vsock port before giving up (the transport may still be initialising).
 const BIND_ATTEMPTS: u32 = 5;
 /// How long other processes get to exit on power-off before SIGKILL.
@@ -112,6 +115,8 @@ async fn run(options: &Options, share: init::ShareStatus) -> Result<(), ServeErr
     let service = AgentService::new(reaper, shutdown.clone()).with_share(share);
     // CPU hotplug is watched from the moment the agent serves, in the guest and on a host alike.
     let cpu = CpuService::new(CpuHub::start(Path::new(SYSFS)));
+    // So is memory (virtio-mem): its figures are a memory resize's acknowledgement.
+    let memory = MemoryService::new(MemoryHub::start(Path::new(MEMINFO)));
     // The server stops accepting on `stop`; in-flight calls (the Shutdown answer itself) get
     // SHUTDOWN_DRAIN to finish before the process moves on regardless.
     let stop = Arc::new(Notify::new());
@@ -127,6 +132,7 @@ async fn run(options: &Options, share: init::ShareStatus) -> Result<(), ServeErr
             tokio::spawn(server::serve(
                 service,
                 cpu,
+                memory,
                 containers,
                 incoming,
                 stop.clone(),
@@ -138,6 +144,7 @@ async fn run(options: &Options, share: init::ShareStatus) -> Result<(), ServeErr
             tokio::spawn(server::serve(
                 service,
                 cpu,
+                memory,
                 containers,
                 incoming,
                 stop.clone(),

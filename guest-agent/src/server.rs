@@ -23,6 +23,7 @@ use crate::containers::ContainersService;
 use crate::cpu::CpuService;
 use crate::exec::{self, Event, ExecError, ExecSpec, Input};
 use crate::init::ShareStatus;
+use crate::memory::MemoryService;
 use crate::reaper::{ExitStatus, Reaper, ReaperError};
 use crate::sysinfo;
 
@@ -341,12 +342,14 @@ where
     ReceiverStream::new(rx)
 }
 
-/// Serves `service`, `cpu`, `containers` and the Network service on the connections of `incoming` until `shutdown` is notified. Each
+/// Serves `service`, `cpu`, `memory`, `containers` and the Network service on the connections of
+/// `incoming` until `shutdown` is notified. Each
 /// connection is its own HTTP/2 session: a peer sending garbage or oversized messages loses its
 /// connection or its call, never the server.
 pub async fn serve<IO>(
     service: AgentService,
     cpu: CpuService,
+    memory: MemoryService,
     containers: ContainersService,
     incoming: ReceiverStream<io::Result<IO>>,
     shutdown: Arc<Notify>,
@@ -360,6 +363,7 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service.into_server())
         .add_service(cpu.into_server())
+        .add_service(memory.into_server())
         .add_service(containers.into_server())
         .add_service(crate::network::NetworkService::default().into_server())
         .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
