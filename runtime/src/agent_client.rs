@@ -20,6 +20,7 @@ use accordion_proto::agent::v1 as pb;
 use accordion_proto::agent::v1::agent_client::AgentClient as RawClient;
 use accordion_proto::agent::v1::containers_client::ContainersClient as RawContainersClient;
 use accordion_proto::agent::v1::cpu_client::CpuClient as RawCpuClient;
+use accordion_proto::agent::v1::memory_client::MemoryClient as RawMemoryClient;
 use accordion_proto::agent::v1::network_client::NetworkClient as RawNetworkClient;
 use accordion_proto::{AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use hyper_util::rt::TokioIo;
@@ -366,6 +367,8 @@ pub struct AgentClient {
     config: ClientConfig,
     /// The Cpu service on the same connection.
     cpu: RawCpuClient<Channel>,
+    /// The Memory service on the same connection.
+    memory: RawMemoryClient<Channel>,
     /// The Containers service on the same connection.
     containers: RawContainersClient<Channel>,
     /// The Network service on the same connection.
@@ -422,6 +425,9 @@ impl AgentClient {
         let cpu = RawCpuClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let memory = RawMemoryClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let containers = RawContainersClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -435,6 +441,7 @@ impl AgentClient {
             raw,
             config,
             cpu,
+            memory,
             containers,
             network,
         })
@@ -848,6 +855,45 @@ impl CpuWatch {
     }
 }
 
+/// The guest's memory figures (`Memory.Watch`), bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFigures {
+    /// A snapshot (the first message, or after a lag) rather than a change.
+    pub snapshot: bool,
+    /// MemTotal.
+    pub total: u64,
+    /// MemAvailable.
+    pub available: u64,
+}
+
+impl From<pb::MemoryEvent> for MemoryFigures {
+    fn from(e: pb::MemoryEvent) -> Self {
+        Self {
+            snapshot: e.kind() == pb::MemoryEventKind::Snapshot,
+            total: e.total_bytes,
+            available: e.available_bytes,
+        }
+    }
+}
+
+/// An open memory watch ([`AgentClient::watch_memory`]), without a deadline.
+#[derive(Debug)]
+pub struct MemoryWatch {
+    first: Option<MemoryFigures>,
+    stream: tonic::Streaming<pb::MemoryEvent>,
+}
+
+impl MemoryWatch {
+    /// The next figures: first the snapshot, then one per memory block change. `Ok(None)` when
+    /// the agent ended the stream; [`AgentClientError::AgentGone`] when the connection died.
+    pub async fn next(&mut self) -> Result<Option<MemoryFigures>> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        Ok(self.stream.message().await?.map(MemoryFigures::from))
+    }
+}
+
 /// Formats CPU numbers as Linux writes a cpulist ("0-3,8"), for logs and comparisons with sysfs.
 pub fn format_cpulist(cpus: &[u32]) -> String {
     let mut sorted = cpus.to_vec();
@@ -909,6 +955,44 @@ impl AgentClient {
             }
         };
         Ok(CpuWatch {
+            first: Some(first),
+            stream,
+        })
+    }
+
+    /// Opens a watch of the guest's memory (`Memory.Watch`). Opening, up to the snapshot, has
+    /// the RPC deadline; the watch itself has none.
+    pub async fn watch_memory(&self) -> Result<MemoryWatch> {
+        let mut memory = self.memory.clone();
+        let open = async move {
+            let mut stream = memory
+                .watch(Request::new(pb::WatchMemoryRequest {}))
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            Ok::<_, AgentClientError>((stream, first))
+        };
+        let (stream, first) = tokio::time::timeout(self.config.rpc_timeout, open)
+            .await
+            .map_err(|_| AgentClientError::Timeout {
+                operation: "Memory Watch",
+                after: self.config.rpc_timeout,
+                last_error: None,
+            })??;
+        let first = match first.map(MemoryFigures::from) {
+            Some(figures) if figures.snapshot => figures,
+            Some(_) => {
+                return Err(AgentClientError::Protocol(
+                    "memory watch began with a change, not a snapshot".into(),
+                ))
+            }
+            None => {
+                return Err(AgentClientError::AgentGone {
+                    message: "memory watch ended before its snapshot".into(),
+                })
+            }
+        };
+        Ok(MemoryWatch {
             first: Some(first),
             stream,
         })

@@ -237,6 +237,11 @@ impl HostCgroup {
         self.write("cpu.max", &cpu_max_line(millis))
     }
 
+    /// Sets memory.max to `bytes` (the guest's memory follows a memory resize).
+    pub fn set_memory_max(&self, bytes: u64) -> Result<(), HostCgroupError> {
+        self.write("memory.max", &bytes.to_string())
+    }
+
     /// Reads one of the cgroup's files.
     pub fn read(&self, file: &str) -> Result<String, HostCgroupError> {
         let path = self.dir.join(file);

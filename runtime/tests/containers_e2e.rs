@@ -47,6 +47,7 @@ async fn boot(name: &str, extra_cmdline: &str) -> Sandbox {
         vcpus: 1,
         max_vcpus: 2,
         memory_mib: 512,
+        max_memory_mib: None,
         agent_timeout: Duration::from_secs(120),
         cgroups_path: None,
         cpu_limit_millis: None,

@@ -159,7 +159,7 @@ impl VmMemory {
 }
 
 /// Errors from asking for a memory size.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum MemoryResizeError {
     /// The VM was started without max_memory above its boot memory.
     #[error(

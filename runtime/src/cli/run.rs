@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// 256M is too little for it there.
     #[arg(long, value_parser = parse_size_mib)]
     pub memory: Option<u64>,
+    /// The most guest memory `accordion resize --memory` may grow it to (virtio-mem), e.g. 2G;
+    /// above --memory by a multiple of 128M. Default: none, memory stays as booted.
+    #[arg(long, value_parser = parse_size_mib)]
+    pub max_memory: Option<u64>,
     /// Extra kernel command-line arguments (after guest.kernel_params of the configuration).
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -106,6 +110,7 @@ fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
         vcpus: args.vcpus.unwrap_or(config.vcpus.default),
         max_vcpus: args.max_vcpus.unwrap_or(config.vcpus.max),
         memory_mib: args.memory.unwrap_or(config.memory.default_mib),
+        max_memory_mib: args.max_memory,
         agent_timeout: Duration::from_secs(
             args.agent_timeout
                 .unwrap_or(config.timeouts.agent_ready_secs),

@@ -62,6 +62,17 @@ fn render(s: &cpb::StatusResponse) -> String {
             s.memory_available_bytes / MIB
         ),
     );
+    if s.memory_max_bytes > s.memory_configured_bytes {
+        line(
+            "memory plugged",
+            format!(
+                "{} MiB plugged of {} MiB asked, up to {} MiB",
+                s.memory_plugged_bytes / MIB,
+                s.memory_requested_bytes / MIB,
+                s.memory_max_bytes / MIB
+            ),
+        );
+    }
     line("uptime", format!("{:.1} s", s.uptime_ms as f64 / 1e3));
     line("agent version", s.agent_version.clone());
     line("kernel", s.kernel_release.clone());
@@ -90,6 +101,18 @@ fn render(s: &cpb::StatusResponse) -> String {
             "resize",
             format!(
                 "to {} {} in {:.1} ms: {}",
+                r.target,
+                if r.ok { "ok" } else { "FAILED" },
+                r.latency_us as f64 / 1e3,
+                r.result
+            ),
+        );
+    }
+    for r in &s.recent_memory_resizes {
+        line(
+            "memory resize",
+            format!(
+                "to {} MiB {} in {:.1} ms: {}",
                 r.target,
                 if r.ok { "ok" } else { "FAILED" },
                 r.latency_us as f64 / 1e3,

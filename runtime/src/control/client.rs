@@ -113,6 +113,24 @@ impl ControlClient {
         .await
     }
 
+    /// Sets the guest's memory to `bytes`; answers once the guest acknowledged it.
+    pub async fn resize_memory(
+        &self,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<cpb::ResizeMemoryResponse, ControlError> {
+        let request = Request::new(cpb::ResizeMemoryRequest {
+            bytes,
+            timeout_ms: timeout.as_millis().max(1) as u64,
+        });
+        call(
+            "ResizeMemory",
+            timeout + CALL_TIMEOUT,
+            self.raw.clone().resize_memory(request),
+        )
+        .await
+    }
+
     /// Runs a command in the guest through the sandbox's agent.
     pub async fn exec<I, O, E>(
         &self,

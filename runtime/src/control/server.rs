@@ -170,7 +170,30 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
                 .map_or(0, |d| d.as_millis() as u64),
         })
         .collect();
+    let recent_memory_resizes = sandbox
+        .memory_resizes()
+        .into_iter()
+        .map(|r| cpb::ResizeRecord {
+            target: u32::try_from(r.target >> 20).unwrap_or(u32::MAX),
+            ok: r.result.is_ok(),
+            result: match &r.result {
+                Ok(o) if o.changed => "changed".into(),
+                Ok(_) => "no-op".into(),
+                Err(e) => e.clone(),
+            },
+            latency_us: r.latency.as_micros() as u64,
+            finished_unix_ms: r
+                .finished
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        })
+        .collect();
+    let vm_memory = sandbox.vm_memory();
     let mut status = cpb::StatusResponse {
+        recent_memory_resizes,
+        memory_max_bytes: sandbox.max_memory_mib() << 20,
+        memory_plugged_bytes: vm_memory.map_or(0, |m| m.plugged),
+        memory_requested_bytes: vm_memory.map_or(0, |m| m.requested),
         vcpus_plugged_list: format_cpulist(&plugged),
         // The VM runs in the sandbox's VMM process.
         confinement: sandbox.vmm_pid().map(confinement_of),
@@ -314,6 +337,39 @@ impl Control for ControlService {
                         Status::failed_precondition(message)
                     }
                     ResizeError::Vmm(_) => Status::internal(message),
+                })
+            }
+        }
+    }
+
+    async fn resize_memory(
+        &self,
+        request: Request<cpb::ResizeMemoryRequest>,
+    ) -> Result<Response<cpb::ResizeMemoryResponse>, Status> {
+        use crate::resize::memory::MemoryResizeError as E;
+        let request = request.into_inner();
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_RESIZE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        match self.sandbox.resize_memory(request.bytes, timeout).await {
+            Ok(outcome) => Ok(Response::new(cpb::ResizeMemoryResponse {
+                guest_total_bytes: outcome.guest_total,
+                memory_bytes: outcome.memory.current(),
+                changed: outcome.changed,
+                latency_us: outcome.latency.as_micros() as u64,
+            })),
+            Err(e) => {
+                let message = error_chain(&e);
+                Err(match e {
+                    E::InvalidTarget { .. } => Status::invalid_argument(message),
+                    E::Timeout { .. } => Status::deadline_exceeded(message),
+                    E::Superseded => Status::aborted(message),
+                    E::Agent { .. } => Status::unavailable(message),
+                    E::Fixed { .. } | E::InUse { .. } | E::NotRunning(_) => {
+                        Status::failed_precondition(message)
+                    }
+                    E::Vmm(_) | E::HostCgroup(_) => Status::internal(message),
                 })
             }
         }

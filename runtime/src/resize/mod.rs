@@ -1,5 +1,5 @@
 //! Resizing a sandbox's vCPUs: the one code path behind `accordion resize` (and, with the resize
-//! controller, containerd's task Update).
+//! controller, containerd's task Update); its memory in [`memory`], serialized with it.
 //!
 //! A resize is acknowledged, never assumed: it plugs or unplugs through the VMM's ACPI hotplug and
 //! returns only when the guest agent's CPU watch reports exactly CPUs `0..target` online and the
@@ -7,6 +7,7 @@
 //! serialized; a newer request supersedes one still waiting or in flight (the latest target
 //! wins); asking for what the sandbox already has is a no-op.
 
+pub mod memory;
 pub mod policy;
 
 use crate::vmm_process::channel::SetVcpusRefusal;
@@ -94,6 +95,9 @@ pub struct Resizer {
     /// Bumped by every request; a request whose number is no longer the latest gives up.
     latest: AtomicU64,
     history: Mutex<VecDeque<ResizeRecord>>,
+    /// The same for memory resizes (a CPU resize does not supersede a memory one).
+    memory_latest: AtomicU64,
+    memory_history: Mutex<VecDeque<memory::MemoryRecord>>,
 }
 
 impl Resizer {

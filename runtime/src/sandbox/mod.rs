@@ -23,7 +23,7 @@ use self::capped_log::CappedLog;
 use self::owner::OwnerLock;
 use crate::host_cgroup::{self, HostCgroup};
 use crate::vmm_process::channel::{JailSpec, SetVcpusRefusal, StartSpec};
-use crate::vmm_process::{IdLease, SetVcpusError, StartFds, VmProcess, VmmError};
+use crate::vmm_process::{IdLease, SetMemoryError, SetVcpusError, StartFds, VmProcess, VmmError};
 
 /// Devices a sandbox gets beside its vsock: virtio-fs shares and virtio-net interfaces, and the
 /// host processes serving them (virtiofsd), which the sandbox keeps until its VM is down.
@@ -133,6 +133,9 @@ pub struct SandboxSpec {
     pub vcpus: u32,
     pub max_vcpus: u32,
     pub memory_mib: u64,
+    /// The most guest memory a memory resize may reach, MiB (None: fixed at `memory_mib`); above
+    /// `memory_mib` by a multiple of 128 MiB.
+    pub max_memory_mib: Option<u64>,
     /// How long the agent may take to answer after the VM starts.
     pub agent_timeout: Duration,
     /// The most the guest's console log may take on disk (`console.max_kib`).
@@ -188,6 +191,13 @@ pub struct Sandbox {
     timings: BootTimings,
     max_vcpus: u32,
     memory_mib: u64,
+    /// The most guest memory, MiB (`memory_mib` when fixed).
+    max_memory_mib: u64,
+    /// host.memory_overhead_mib: memory.max of the host cgroup is guest memory plus this.
+    memory_overhead_mib: u64,
+    /// The guest's MemTotal with nothing plugged (read at boot), when memory can grow: what a
+    /// memory resize's acknowledgement is measured against.
+    guest_base_total: Option<u64>,
     resizer: crate::resize::Resizer,
     /// Host processes serving the VM's devices; dropped right after the VM stops.
     companions: Mutex<Vec<Box<dyn Send>>>,
@@ -284,6 +294,20 @@ impl Sandbox {
             console_tail: console_tail(&dir),
             source,
         })?;
+        // Nothing is plugged yet: this MemTotal is the base plugged memory adds to.
+        let guest_base_total = match max_memory_mib(spec) > spec.memory_mib {
+            true => Some(
+                agent
+                    .guest_info()
+                    .await
+                    .map_err(|source| SandboxError::Agent {
+                        console_tail: console_tail(&dir),
+                        source,
+                    })?
+                    .memory_total_bytes,
+            ),
+            false => None,
+        };
         let timings = BootTimings {
             vm_started,
             agent_ready: t0.elapsed(),
@@ -310,6 +334,9 @@ impl Sandbox {
             timings,
             max_vcpus: spec.max_vcpus,
             memory_mib: spec.memory_mib,
+            max_memory_mib: max_memory_mib(spec),
+            memory_overhead_mib: spec.host.memory_overhead_mib,
+            guest_base_total,
             resizer: crate::resize::Resizer::default(),
             companions: Mutex::new(companions.take()),
             cgroup: Mutex::new(cgroup_cleanup.0.take()),
@@ -342,6 +369,63 @@ impl Sandbox {
     /// Guest memory configured for the VM, MiB.
     pub fn memory_mib(&self) -> u64 {
         self.memory_mib
+    }
+
+    /// The most guest memory a memory resize may reach, MiB (`memory_mib` when fixed).
+    pub fn max_memory_mib(&self) -> u64 {
+        self.max_memory_mib
+    }
+
+    /// The guest's MemTotal at boot, with nothing plugged (None when memory is fixed).
+    pub fn guest_base_total(&self) -> Option<u64> {
+        self.guest_base_total
+    }
+
+    /// The VMM's memory sizes (None once stopped, or if the VMM does not answer).
+    pub fn vm_memory(&self) -> Option<accordion_vmm::VmMemory> {
+        self.vm().as_ref().and_then(|vm| vm.memory().ok())
+    }
+
+    /// Asks the VMM for `bytes` of guest memory; does not wait for the guest (see
+    /// `resize_memory`).
+    pub fn set_memory(&self, bytes: u64) -> Result<accordion_vmm::VmMemory, SetMemoryError> {
+        match self.vm().as_ref() {
+            Some(vm) => vm.set_memory(bytes),
+            None => Err(SetMemoryError::Vmm(VmmError::Ended("stopped".into()))),
+        }
+    }
+
+    /// Sets the host cgroup's memory.max for `guest_bytes` of guest memory (plus the overhead).
+    pub fn set_host_memory(
+        &self,
+        guest_bytes: u64,
+    ) -> Result<(), crate::host_cgroup::HostCgroupError> {
+        let bytes = guest_bytes.saturating_add(self.memory_overhead_mib.saturating_mul(1 << 20));
+        match self
+            .cgroup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(cgroup) => cgroup.set_memory_max(bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Resizes the guest's memory to `bytes` and waits up to `timeout` for the guest to
+    /// acknowledge it.
+    pub async fn resize_memory(
+        &self,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<crate::resize::memory::MemoryOutcome, crate::resize::memory::MemoryResizeError>
+    {
+        self.resizer.resize_memory(self, bytes, timeout).await
+    }
+
+    /// The last memory resizes, oldest first.
+    pub fn memory_resizes(&self) -> Vec<crate::resize::memory::MemoryRecord> {
+        self.resizer.memory_history()
     }
 
     fn vm(&self) -> std::sync::MutexGuard<'_, Option<VmProcess>> {
@@ -595,8 +679,11 @@ fn start_vmm(
         nofile: 4096,
         // Threads count: a vCPU each, the device threads, the channel.
         nproc: u64::from(spec.max_vcpus) + 64,
-        // Guest RAM is a memfd of that size; the console's halves are smaller.
-        fsize: memory_bytes
+        // Guest RAM is a memfd of that size, the virtio-mem region one of at most the maximum;
+        // the console's halves are smaller.
+        fsize: max_memory_mib(spec)
+            .saturating_mul(1 << 20)
+            .max(memory_bytes)
             .max(spec.console_max_bytes)
             .saturating_add(1 << 20),
     });
@@ -606,6 +693,7 @@ fn start_vmm(
         initrd_name: spec.initrd.display().to_string(),
         cmdline,
         memory_mib: spec.memory_mib,
+        max_memory_mib: spec.max_memory_mib.filter(|&max| max > spec.memory_mib),
         boot_vcpus: spec.vcpus,
         max_vcpus: spec.max_vcpus,
         vsock_cid: GUEST_CID,
@@ -633,6 +721,13 @@ fn start_vmm(
         cgroup,
         VMM_START_TIMEOUT,
     )?)
+}
+
+/// The most guest memory of `spec`, MiB: its maximum, never below its boot memory.
+fn max_memory_mib(spec: &SandboxSpec) -> u64 {
+    spec.max_memory_mib
+        .unwrap_or(spec.memory_mib)
+        .max(spec.memory_mib)
 }
 
 /// Creates the sandbox's host cgroup with its limits, records where it is (for cleanup after a

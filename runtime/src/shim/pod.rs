@@ -268,6 +268,8 @@ impl Pod {
             vcpus: size.vcpus,
             max_vcpus: config.vcpus.max,
             memory_mib: size.memory_mib,
+            // Pods' memory is fixed at boot until the shim's Update resizes it.
+            max_memory_mib: None,
             agent_timeout: Duration::from_secs(config.timeouts.agent_ready_secs),
             cgroups_path: placement.cgroups_path.clone(),
             cpu_limit_millis: placement.cpu_limit_millis,

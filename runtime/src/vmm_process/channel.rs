@@ -9,7 +9,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use accordion_vmm::{ExitReason, HotplugRequest, VcpuState};
+use accordion_vmm::{ExitReason, HotplugRequest, MemoryResizeError, VcpuState, VmMemory};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,8 @@ pub struct StartSpec {
     pub initrd_name: String,
     pub cmdline: String,
     pub memory_mib: u64,
+    /// The most guest memory (a virtio-mem region above `memory_mib`), None: fixed memory.
+    pub max_memory_mib: Option<u64>,
     pub boot_vcpus: u32,
     pub max_vcpus: u32,
     /// Guest CID and the path the host connects to (named in messages; the socket is passed).
@@ -95,6 +97,10 @@ pub enum Request {
     IdsMapped,
     SetVcpus(u32),
     VcpuStates,
+    /// Ask for this many bytes of guest memory (Vm::set_memory).
+    SetMemory(u64),
+    /// The VM's memory sizes (Vm::memory).
+    Memory,
     BootTime,
     /// Stop the VM (the process reports `Exit` and ends).
     Shutdown,
@@ -122,6 +128,9 @@ pub enum Reply {
     Failed(String),
     SetVcpus(Result<HotplugRequest, SetVcpusRefusal>),
     VcpuStates(Vec<VcpuState>),
+    /// The sizes right after the request (the guest has not moved yet), or why nothing changed.
+    SetMemory(Result<VmMemory, MemoryResizeError>),
+    Memory(VmMemory),
     BootTime(Option<Duration>),
 }
 

@@ -132,6 +132,10 @@ fn serve(channel: &Channel, vm: &Vm) {
                 }))
             }
             Request::VcpuStates => Reply::VcpuStates(vm.vcpu_states()),
+            Request::SetMemory(bytes) => {
+                Reply::SetMemory(vm.set_memory(bytes).map(|_| vm.memory()))
+            }
+            Request::Memory => Reply::Memory(vm.memory()),
             Request::BootTime => Reply::BootTime(vm.boot_time()),
             Request::Shutdown => return,
             Request::Start(_) | Request::IdsMapped => Reply::Failed("already started".into()),
@@ -215,6 +219,7 @@ impl Inputs {
         }
         config.cmdline = spec.cmdline.clone();
         config.memory_mib = spec.memory_mib;
+        config.max_memory_mib = spec.max_memory_mib;
         config.boot_vcpus = spec.boot_vcpus;
         config.max_vcpus = spec.max_vcpus;
         Ok(config)

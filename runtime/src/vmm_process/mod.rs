@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use accordion_vmm::exit::ExitLatch;
 use accordion_vmm::ratelimit::RateLimiter;
-use accordion_vmm::{ExitReason, ExitWatch, HotplugRequest, VcpuState};
+use accordion_vmm::{ExitReason, ExitWatch, HotplugRequest, VcpuState, VmMemory};
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 
@@ -114,6 +114,8 @@ pub struct VmProcess {
     exit: Arc<ExitLatch>,
     reader: Mutex<Option<JoinHandle<()>>>,
     max_vcpus: u32,
+    /// Boot and maximum guest memory in bytes, what every memory reply is checked against.
+    memory_bounds: (u64, u64),
     jail_setup: Option<Duration>,
     _lease: Option<IdLease>,
 }
@@ -169,6 +171,7 @@ impl VmProcess {
             exit,
             reader: Mutex::new(Some(reader)),
             max_vcpus: spec.max_vcpus,
+            memory_bounds: memory_bounds(&spec),
             jail_setup: None,
             _lease: lease,
         };
@@ -251,6 +254,41 @@ impl VmProcess {
             Reply::SetVcpus(Err(refusal)) => Err(SetVcpusError::Refused(refusal)),
             Reply::Failed(message) => Err(VmmError::Refused(message).into()),
             _ => Err(VmmError::Unexpected("SetVcpus").into()),
+        }
+    }
+
+    /// Asks for `bytes` of guest memory (Vm::set_memory in the VMM process); returns the sizes
+    /// right after the request. Waiting for the guest is the caller's (`memory`).
+    pub fn set_memory(&self, bytes: u64) -> Result<VmMemory, SetMemoryError> {
+        match self.call(Request::SetMemory(bytes), "SetMemory")? {
+            Reply::SetMemory(Ok(memory)) => self.checked(memory, "SetMemory").map_err(Into::into),
+            Reply::SetMemory(Err(refusal)) => Err(SetMemoryError::Refused(refusal)),
+            Reply::Failed(message) => Err(VmmError::Refused(message).into()),
+            _ => Err(VmmError::Unexpected("SetMemory").into()),
+        }
+    }
+
+    /// The VM's memory sizes now.
+    pub fn memory(&self) -> Result<VmMemory, VmmError> {
+        match self.call(Request::Memory, "Memory")? {
+            Reply::Memory(memory) => self.checked(memory, "Memory"),
+            _ => Err(VmmError::Unexpected("Memory")),
+        }
+    }
+
+    /// `memory` if it is one this VM can have: its own boot and maximum, plugged and requested
+    /// within the region (the VMM process is untrusted).
+    fn checked(&self, memory: VmMemory, what: &'static str) -> Result<VmMemory, VmmError> {
+        let (boot, max) = self.memory_bounds;
+        let region = max - boot;
+        if memory.boot == boot
+            && memory.max == max
+            && memory.plugged <= region
+            && memory.requested <= region
+        {
+            Ok(memory)
+        } else {
+            Err(VmmError::Unexpected(what))
         }
     }
 
@@ -342,6 +380,26 @@ impl Drop for VmProcess {
             let _ = reader.join();
         }
     }
+}
+
+/// Boot and maximum guest memory of `spec` in bytes (the maximum is the boot size when memory
+/// is fixed).
+fn memory_bounds(spec: &StartSpec) -> (u64, u64) {
+    let boot = spec.memory_mib.saturating_mul(1 << 20);
+    let max = spec
+        .max_memory_mib
+        .map_or(boot, |mib| mib.saturating_mul(1 << 20))
+        .max(boot);
+    (boot, max)
+}
+
+/// Why a memory target was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SetMemoryError {
+    #[error(transparent)]
+    Refused(accordion_vmm::MemoryResizeError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
 }
 
 /// Why a vCPU target was not applied.
