@@ -64,6 +64,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Memory resize (virtio-mem): `accordion resize --memory` request → guest acknowledgement
+    /// for 256 MiB → 1 GiB and back, --runs times each (median, p99), each also as a fraction of
+    /// a cold boot measured in the same run; the guest fills 600 MiB between grow and shrink, and
+    /// the VMM's RSS (guest RAM included) is sampled before each grow, once filled, and after
+    /// each shrink.
+    Memory {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest kernel in the node's guest assets (Image = minimal, Image-debian = Debian stock).
+        #[arg(long, default_value = "Image")]
+        kernel: String,
+    },
     /// The emulated node itself: boot to the command, and whole-run wall time, over N runs.
     Node {
         #[arg(long, default_value_t = 5)]
@@ -166,6 +178,37 @@ fn hotplug_script(runs: usize, kernel: &str) -> String {
     s
 }
 
+/// The node script of `bench memory`.
+fn memory_script(runs: usize, kernel: &str) -> String {
+    let k = format!("/opt/accordion/share/guest/{kernel}");
+    let shape = format!("--kernel {k} --vcpus 1 --max-vcpus 2 --memory 256M --max-memory 2G");
+    let mut s = String::from("OUT=/root/bench.txt\n: > $OUT\n");
+    s.push_str(&format!(
+        "accordion-bench run --label cold-boot --marker @@AGENT-UP --runs 5 --out $OUT -- \\\n\
+         accordion run {shape} -- echo @@AGENT-UP\n\
+         accordion run -d --name mem {shape} >/dev/null || exit 1\n\
+         accordion resize mem --memory 1G >/dev/null && accordion resize mem --memory 256M >/dev/null || exit 1\n"
+    ));
+    // The guest uses what it got (600 MiB of a tmpfs, freed again) so the shrink gives back
+    // memory the host really holds.
+    let fill = "accordion exec mem -- sh -c 'mkdir -p /fill && mount -t tmpfs -o size=700m fill /fill \
+                && dd if=/dev/zero of=/fill/x bs=1M count=600 2>/dev/null; rm -f /fill/x; umount /fill' \
+                || echo 'FAIL fill the guest could not fill its memory' >> $OUT\n";
+    s.push_str(&format!("for i in $(seq {runs}); do\n"));
+    s.push_str("  accordion-bench rss --name mem --label rss-before-grow --out $OUT\n");
+    s.push_str(
+        "  accordion-bench memory --name mem --mib 1024 --label grow-256to1024 --out $OUT\n",
+    );
+    s.push_str(&format!("  {fill}"));
+    s.push_str("  accordion-bench rss --name mem --label rss-filled --out $OUT\n");
+    s.push_str(
+        "  accordion-bench memory --name mem --mib 256 --label shrink-1024to256 --out $OUT\n",
+    );
+    s.push_str("  accordion-bench rss --name mem --label rss-after-shrink --out $OUT\n");
+    s.push_str("done\naccordion stop mem >/dev/null\naccordion-bench report $OUT\n");
+    s
+}
+
 /// The node script of `bench jail`: the jail on and off (ACCORDION_JAIL=off) alternately, sample
 /// by sample, for the agent's readiness and resizes (one `accordion run -d` sandbox per mode, so
 /// the machine's drift falls on both alike); then pods with it on, and again after containerd
@@ -253,6 +296,25 @@ pub fn run(b: Bench) -> XResult<i32> {
             format!("accordion-bench net --runs {runs} --out /root/bench.txt"),
             "net",
         ),
+        Bench::Memory { runs, kernel } => {
+            let opts = NodeOpts {
+                smp: 2,
+                memory: "4G".into(),
+                timeout: 3600,
+                release: true,
+                add: Vec::new(),
+                containerd: false,
+            };
+            let (spec, k, bb) = prepare_node(
+                &opts,
+                Vec::new(),
+                vec!["sh".into(), "-c".into(), memory_script(runs, &kernel)],
+            )?;
+            println!(
+                "bench memory: {kernel}, sandbox of 256 MiB growing to 1 GiB (max 2 GiB), in the emulated node"
+            );
+            run_in_node(&spec, &k, &bb)
+        }
         Bench::Hotplug { runs, kernel } => {
             let opts = NodeOpts {
                 smp: 2,
@@ -372,6 +434,23 @@ mod tests {
         assert!(script.ends_with("accordion-bench report $OUT\n"));
         assert!(script.contains("for i in $(seq 3); do"));
         assert!(script.contains("--kernel /opt/accordion/share/guest/Image "));
+    }
+
+    #[test]
+    fn test_memory_script_samples_rss_around_each_grow_and_shrink() {
+        let script = memory_script(4, "Image");
+        assert!(script.contains("for i in $(seq 4); do"));
+        assert!(script.contains(
+            "  accordion-bench memory --name mem --mib 1024 --label grow-256to1024 --out $OUT\n"
+        ));
+        let before = script.find("--label rss-before-grow").unwrap();
+        let grow = script.find("--label grow-256to1024").unwrap();
+        let filled = script.find("--label rss-filled").unwrap();
+        let shrink = script.find("--label shrink-1024to256").unwrap();
+        let after = script.find("--label rss-after-shrink").unwrap();
+        assert!(before < grow && grow < filled && filled < shrink && shrink < after);
+        assert!(script.contains("--memory 256M --max-memory 2G"));
+        assert!(script.ends_with("accordion-bench report $OUT\n"));
     }
 
     #[test]

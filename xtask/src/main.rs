@@ -377,6 +377,20 @@ accordion status "$P" | sed 's/^/   /'
 step "StopPodSandbox + RemovePodSandbox"
 accordion-cri stopp "$P" >/dev/null && accordion-cri rmp "$P" >/dev/null || exit 1
 took
+step "memory: a sandbox of 256 MiB that may grow to 2 GiB (virtio-mem): accordion run -d --memory 256M --max-memory 2G"
+accordion run -d --name mem --vcpus 1 --max-vcpus 2 --memory 256M --max-memory 2G >/dev/null || exit 1
+took
+mem() {
+  echo "   guest MemTotal: $(accordion exec mem -- sed -n 's/^MemTotal: *//p' /proc/meminfo); VMM $(accordion status mem | sed -n 's/^memory plugged: //p')"
+}
+mem
+for size in 1G 256M; do
+  step "accordion resize mem --memory $size"
+  out=$(accordion resize mem --memory "$size") || exit 1
+  echo "   $out"
+  mem
+done
+accordion stop mem >/dev/null || exit 1
 echo "   left in /run/accordion: $(ls /run/accordion | wc -l) entries"
 "#;
 
@@ -390,7 +404,7 @@ fn demo() -> XResult<i32> {
         containerd: true,
     };
     println!(
-        "== Accordion demo: a pod through containerd in the emulated ARM64 node; its microVM grows and shrinks its vCPUs"
+        "== Accordion demo: a pod through containerd in the emulated ARM64 node; its microVM grows and shrinks its vCPUs; a sandbox grows and shrinks its memory"
     );
     let (spec, k, bb) = prepare_node(
         &opts,

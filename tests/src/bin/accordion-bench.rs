@@ -8,6 +8,10 @@
 //! times N whole runs of a short command (e.g. `accordion exec NAME -- true`), for medians and p99.
 //! `accordion-bench vcpus --name S --vcpus N --label L --out FILE` resizes sandbox S and records
 //! the acknowledged latency `accordion resize` reports, once the guest is seen at the target.
+//! `accordion-bench memory --name S --mib M --label L --out FILE` does the same for a memory
+//! resize (`accordion status` must show exactly M - boot MiB plugged and asked), and
+//! `accordion-bench rss --name S --label L --out FILE` records the resident memory of S's VMM
+//! process (guest RAM included).
 //!
 //! A sample that fails is written as `FAIL label reason` and never dropped: `report` prints each
 //! label's failures beside its median and exits non-zero when any sample failed.
@@ -293,6 +297,104 @@ fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
     }
 }
 
+/// A `key: value` line of `accordion status NAME`.
+fn status_value(name: &str, key: &str) -> Result<String, String> {
+    let out = Command::new("accordion")
+        .args(["status", name])
+        .output()
+        .map_err(|e| format!("cannot run accordion status: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{key}: ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(str::to_string)
+        .ok_or(format!("accordion status {name} shows no {key:?}"))
+}
+
+/// The MiB numbers of `memory: B MiB configured, …` and `memory plugged: P MiB plugged of R MiB
+/// asked, …`: (boot, plugged, asked).
+fn memory_figures(memory: &str, plugged: &str) -> Option<(u64, u64, u64)> {
+    let boot = memory.split_whitespace().next()?.parse().ok()?;
+    let mut words = plugged.split_whitespace();
+    let p = words.next()?.parse().ok()?;
+    let r = words.nth(3)?.parse().ok()?;
+    Some((boot, p, r))
+}
+
+/// One timed memory resize: `accordion resize --memory`'s acknowledged latency, then (untimed)
+/// `accordion status` must show the VMM at exactly that size.
+fn memory_sample(name: &str, mib: u64) -> Result<f64, String> {
+    let out = Command::new("accordion")
+        .args(["resize", name, "--memory", &format!("{mib}M")])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run accordion resize: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "accordion resize {name} --memory {mib}M: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let ms = resize_latency(&stdout).ok_or(format!("no latency in {:?}", stdout.trim()))?;
+    let (memory, plugged) = (
+        status_value(name, "memory")?,
+        status_value(name, "memory plugged")?,
+    );
+    match memory_figures(&memory, &plugged) {
+        Some((boot, p, r)) if boot + p == mib && p == r => Ok(ms),
+        Some(_) => Err(format!(
+            "acknowledged {mib} MiB, but status shows {memory:?}, {plugged:?}"
+        )),
+        None => Err(format!("cannot read {memory:?}, {plugged:?}")),
+    }
+}
+
+/// `memory --name S --mib M --label L --out FILE`.
+fn memory(args: &[String]) -> Result<(), String> {
+    let o = Options::parse(args, &["--name", "--mib", "--label", "--out"])?;
+    let (name, label) = (o.text("--name", ""), o.text("--label", ""));
+    let mib: u64 = o.number("--mib", 0)?;
+    if name.is_empty() || label.is_empty() || mib == 0 {
+        return Err("usage: accordion-bench memory --name S --mib M --label L [--out F]".into());
+    }
+    let mut file = o.out()?;
+    match memory_sample(&name, mib) {
+        Ok(ms) => writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string()),
+        Err(e) => {
+            fail(&mut file, &label, &e)?;
+            Err(format!("{label}: {e}"))
+        }
+    }
+}
+
+/// `rss --name S --label L --out FILE`: the VMM process's resident memory, guest RAM included,
+/// as `RSS label KiB`.
+fn rss(args: &[String]) -> Result<(), String> {
+    let o = Options::parse(args, &["--name", "--label", "--out"])?;
+    let (name, label) = (o.text("--name", ""), o.text("--label", ""));
+    if name.is_empty() || label.is_empty() {
+        return Err("usage: accordion-bench rss --name S --label L [--out F]".into());
+    }
+    let mut file = o.out()?;
+    let sample = status_value(&name, "vmm process")
+        .and_then(|pid| {
+            pid.parse::<u32>()
+                .map_err(|e| format!("vmm process {pid:?}: {e}"))
+        })
+        .and_then(|pid| smaps_kb(pid).ok_or(format!("the VMM process {pid} is gone")));
+    match sample {
+        Ok((other, guest)) => {
+            writeln!(file, "RSS {label} {}", other + guest).map_err(|e| e.to_string())
+        }
+        Err(e) => {
+            fail(&mut file, &label, &e)?;
+            Err(format!("{label}: {e}"))
+        }
+    }
+}
+
 /// `vcpus --name S --vcpus N --label L --out FILE`.
 fn vcpus(args: &[String]) -> Result<(), String> {
     let o = Options::parse(args, &["--name", "--vcpus", "--label", "--out"])?;
@@ -316,6 +418,7 @@ fn report(path: &str) -> Result<(), String> {
     let mut by: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut failed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rss: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for l in text.lines() {
         let f: Vec<String> = l.split_whitespace().map(str::to_string).collect();
         if f.len() >= 2 && f[0] == "FAIL" {
@@ -325,6 +428,10 @@ fn report(path: &str) -> Result<(), String> {
         } else if f.len() == 3 && f[0] == "LAT" {
             if let Ok(ms) = f[2].parse() {
                 lat.entry(f[1].clone()).or_default().push(ms);
+            }
+        } else if f.len() == 3 && f[0] == "RSS" {
+            if let Ok(kb) = f[2].parse() {
+                rss.entry(f[1].clone()).or_default().push(kb);
             }
         }
     }
@@ -406,6 +513,24 @@ fn report(path: &str) -> Result<(), String> {
             quantile(v.clone(), 0.99).unwrap_or(f64::NAN)
         );
     }
+    let rss_median = |label: &str| rss.get(label).and_then(|v| quantile(v.clone(), 0.5));
+    for (label, v) in &rss {
+        println!(
+            "(g) {label}: VMM RSS, guest RAM included: {} samples, {} failed, median {:.0} KiB",
+            v.len(),
+            failures(label),
+            rss_median(label).unwrap_or(f64::NAN)
+        );
+    }
+    if let (Some(after), Some(before)) = (
+        rss_median("rss-after-shrink"),
+        rss_median("rss-before-grow"),
+    ) {
+        println!(
+            "(g) VMM RSS after a shrink / before the grow: {:.2}",
+            after / before
+        );
+    }
     if let (Some(vmm), Some(guest)) = (col("acc-1of128", 3), col("acc-1of128", 4)) {
         println!(
             "(d) accordion VMM RSS after boot, 1-of-128, guest RAM excluded: {vmm:.0} KiB (guest RAM resident: {guest:.0} KiB)"
@@ -479,6 +604,8 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("latency") => latency(&args[1..]),
         Some("vcpus") => vcpus(&args[1..]),
+        Some("memory") => memory(&args[1..]),
+        Some("rss") => rss(&args[1..]),
         Some("pod") => cri_bench(&args[1..], true),
         Some("resize") => cri_bench(&args[1..], false),
         Some("net") => net_bench(&args[1..]),
@@ -487,7 +614,7 @@ fn main() -> ExitCode {
             .ok_or("usage: accordion-bench report FILE".to_string())
             .and_then(|p| report(p)),
         _ => Err(
-            "usage: accordion-bench run … | latency … | vcpus … | pod … | resize … | net … | report FILE"
+            "usage: accordion-bench run … | latency … | vcpus … | memory … | rss … | pod … | resize … | net … | report FILE"
                 .into(),
         ),
     };
@@ -502,7 +629,9 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{fail, guest_online, number_after, report, resize_latency, Options};
+    use super::{
+        fail, guest_online, memory_figures, number_after, report, resize_latency, Options,
+    };
 
     #[test]
     fn test_options_stop_at_the_command_and_refuse_what_they_do_not_know() {
@@ -538,6 +667,15 @@ mod tests {
                       guest cpus online: 0-2\n";
         assert_eq!(guest_online(status), Some(3));
         assert_eq!(guest_online("state: dead\n"), None);
+    }
+
+    #[test]
+    fn test_memory_figures_come_from_what_accordion_status_prints() {
+        let memory = "256 MiB configured, 1220 MiB in the guest, 1100 MiB available";
+        let plugged = "768 MiB plugged of 768 MiB asked, up to 2048 MiB";
+        assert_eq!(memory_figures(memory, plugged), Some((256, 768, 768)));
+        assert_eq!(memory_figures(memory, "768 MiB plugged"), None);
+        assert_eq!(memory_figures("lots", plugged), None);
     }
 
     #[test]
