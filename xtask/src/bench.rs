@@ -262,16 +262,21 @@ fn jail_script(runs: usize) -> String {
     s
 }
 
-/// A node run with containerd whose command is `script` (the CRI benchmarks).
-fn cri_bench(script: String, what: &str) -> XResult<i32> {
-    let opts = NodeOpts {
+/// The node a benchmark runs in: two CPUs, `memory`, release binaries, an hour at most.
+fn bench_node(memory: &str, containerd: bool) -> NodeOpts {
+    NodeOpts {
         smp: 2,
-        memory: "3G".into(),
+        memory: memory.into(),
         timeout: 3600,
         release: true,
         add: Vec::new(),
-        containerd: true,
-    };
+        containerd,
+    }
+}
+
+/// A node run with containerd whose command is `script` (the CRI benchmarks).
+fn cri_bench(script: String, what: &str) -> XResult<i32> {
+    let opts = bench_node("3G", true);
     let (spec, k, bb) = prepare_node(&opts, Vec::new(), vec!["sh".into(), "-c".into(), script])?;
     println!(
         "bench {what}: in the emulated node, containerd 1.7 CRI, runtime `accordion` (and runc)"
@@ -297,14 +302,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             "net",
         ),
         Bench::Memory { runs, kernel } => {
-            let opts = NodeOpts {
-                smp: 2,
-                memory: "4G".into(),
-                timeout: 3600,
-                release: true,
-                add: Vec::new(),
-                containerd: false,
-            };
+            let opts = bench_node("4G", false);
             let (spec, k, bb) = prepare_node(
                 &opts,
                 Vec::new(),
@@ -316,14 +314,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             run_in_node(&spec, &k, &bb)
         }
         Bench::Hotplug { runs, kernel } => {
-            let opts = NodeOpts {
-                smp: 2,
-                memory: "3G".into(),
-                timeout: 3600,
-                release: true,
-                add: Vec::new(),
-                containerd: false,
-            };
+            let opts = bench_node("3G", false);
             let (spec, k, bb) = prepare_node(
                 &opts,
                 Vec::new(),
@@ -335,14 +326,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             run_in_node(&spec, &k, &bb)
         }
         Bench::Boot { runs, runs_128 } => {
-            let opts = NodeOpts {
-                smp: 2,
-                memory: "3G".into(),
-                timeout: 3600,
-                release: true,
-                add: Vec::new(),
-                containerd: false,
-            };
+            let opts = bench_node("3G", false);
             let qemu = node_qemu()?;
             let (mut spec, k, bb) = prepare_node(
                 &opts,

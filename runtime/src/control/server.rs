@@ -141,6 +141,28 @@ pub fn serve_pod(sandbox: Arc<Sandbox>) -> Result<tokio::task::JoinHandle<()>, C
     }))
 }
 
+/// A finished resize as `accordion status` gets it, its target given as the wire shows it.
+fn wire_record<T, O>(
+    r: &crate::resize::Record<T, O>,
+    target: u32,
+    changed: impl Fn(&O) -> bool,
+) -> cpb::ResizeRecord {
+    cpb::ResizeRecord {
+        target,
+        ok: r.result.is_ok(),
+        result: match &r.result {
+            Ok(o) if changed(o) => "changed".into(),
+            Ok(_) => "no-op".into(),
+            Err(e) => e.clone(),
+        },
+        latency_us: r.latency.as_micros() as u64,
+        finished_unix_ms: r
+            .finished
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
 /// What `accordion status` shows, asked from the VMM and the agent.
 pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
     let states = sandbox.vcpu_states();
@@ -154,38 +176,17 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
         .collect();
     let recent_resizes = sandbox
         .recent_resizes()
-        .into_iter()
-        .map(|r| cpb::ResizeRecord {
-            target: r.target,
-            ok: r.result.is_ok(),
-            result: match &r.result {
-                Ok(o) if o.changed => "changed".into(),
-                Ok(_) => "no-op".into(),
-                Err(e) => e.clone(),
-            },
-            latency_us: r.latency.as_micros() as u64,
-            finished_unix_ms: r
-                .finished
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-        })
+        .iter()
+        .map(|r| wire_record(r, r.target, |o| o.changed))
         .collect();
+    // Memory targets in MiB.
     let recent_memory_resizes = sandbox
         .memory_resizes()
-        .into_iter()
-        .map(|r| cpb::ResizeRecord {
-            target: u32::try_from(r.target >> 20).unwrap_or(u32::MAX),
-            ok: r.result.is_ok(),
-            result: match &r.result {
-                Ok(o) if o.changed => "changed".into(),
-                Ok(_) => "no-op".into(),
-                Err(e) => e.clone(),
-            },
-            latency_us: r.latency.as_micros() as u64,
-            finished_unix_ms: r
-                .finished
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+        .iter()
+        .map(|r| {
+            wire_record(r, u32::try_from(r.target >> 20).unwrap_or(u32::MAX), |o| {
+                o.changed
+            })
         })
         .collect();
     let vm_memory = sandbox.vm_memory();

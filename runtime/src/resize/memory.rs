@@ -13,12 +13,11 @@
 //! then, so the VM stays at a consistent size, and the error says how far it got.
 
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use accordion_vmm::VmMemory;
 
-use super::{Resizer, HISTORY};
+use super::Resizer;
 use crate::agent_client::AgentClientError;
 use crate::sandbox::Sandbox;
 use crate::vmm_process::SetMemoryError;
@@ -94,15 +93,8 @@ pub struct MemoryOutcome {
     pub latency: Duration,
 }
 
-/// A finished memory resize, for `accordion status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryRecord {
-    /// Guest memory asked for, bytes.
-    pub target: u64,
-    pub result: Result<MemoryOutcome, String>,
-    pub latency: Duration,
-    pub finished: SystemTime,
-}
+/// A finished memory resize (target in bytes), for `accordion status`.
+pub type MemoryRecord = super::Record<u64, MemoryOutcome>;
 
 /// What the guest and the VMM show, for messages.
 fn describe(memory: Option<VmMemory>, guest_total: Option<u64>, base: u64) -> String {
@@ -153,36 +145,7 @@ fn settled(memory: &VmMemory, requested: u64, guest_total: u64, base: u64) -> bo
 impl Resizer {
     /// The last finished memory resizes, oldest first.
     pub fn memory_history(&self) -> Vec<MemoryRecord> {
-        self.memory_history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    fn record_memory(
-        &self,
-        target: u64,
-        result: &Result<MemoryOutcome, MemoryResizeError>,
-        started: Instant,
-    ) {
-        let mut history = self
-            .memory_history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if history.len() == HISTORY {
-            history.pop_front();
-        }
-        history.push_back(MemoryRecord {
-            target,
-            result: match result {
-                Ok(outcome) => Ok(outcome.clone()),
-                Err(e) => Err(crate::error_chain(e)),
-            },
-            latency: started.elapsed(),
-            finished: SystemTime::now(),
-        });
+        self.memory_history.all()
     }
 
     /// Resizes `sandbox`'s guest memory to `target` bytes, waiting up to `timeout` for the
@@ -211,7 +174,7 @@ impl Resizer {
             .apply_memory(sandbox, target, base, ticket, started + timeout, timeout)
             .await;
         if !matches!(result, Err(MemoryResizeError::Superseded)) {
-            self.record_memory(target, &result, started);
+            self.memory_history.push(target, &result, started);
         }
         result.map(|mut outcome| {
             outcome.latency = started.elapsed();

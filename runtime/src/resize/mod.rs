@@ -78,13 +78,53 @@ pub struct ResizeOutcome {
     pub latency: Duration,
 }
 
-/// A finished resize, for `accordion status`.
+/// A finished resize, for `accordion status`: its target (vCPUs, or memory bytes) and outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResizeRecord {
-    pub target: u32,
-    pub result: Result<ResizeOutcome, String>,
+pub struct Record<T, O> {
+    pub target: T,
+    pub result: Result<O, String>,
     pub latency: Duration,
     pub finished: SystemTime,
+}
+
+/// A finished vCPU resize.
+pub type ResizeRecord = Record<u32, ResizeOutcome>;
+
+/// The last [`HISTORY`] finished resizes of one kind, oldest first.
+#[derive(Debug)]
+struct History<T, O>(Mutex<VecDeque<Record<T, O>>>);
+
+impl<T, O> Default for History<T, O> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<T: Clone, O: Clone> History<T, O> {
+    fn all(&self) -> Vec<Record<T, O>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn push<E: std::error::Error>(&self, target: T, result: &Result<O, E>, started: Instant) {
+        let mut history = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(Record {
+            target,
+            result: match result {
+                Ok(outcome) => Ok(outcome.clone()),
+                Err(e) => Err(crate::error_chain(e)),
+            },
+            latency: started.elapsed(),
+            finished: SystemTime::now(),
+        });
+    }
 }
 
 /// Per-sandbox resize state: serialization, supersession and history.
@@ -94,37 +134,16 @@ pub struct Resizer {
     running: tokio::sync::Mutex<()>,
     /// Bumped by every request; a request whose number is no longer the latest gives up.
     latest: AtomicU64,
-    history: Mutex<VecDeque<ResizeRecord>>,
+    history: History<u32, ResizeOutcome>,
     /// The same for memory resizes (a CPU resize does not supersede a memory one).
     memory_latest: AtomicU64,
-    memory_history: Mutex<VecDeque<memory::MemoryRecord>>,
+    memory_history: History<u64, memory::MemoryOutcome>,
 }
 
 impl Resizer {
     /// The last finished resizes, oldest first.
     pub fn history(&self) -> Vec<ResizeRecord> {
-        self.history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    fn record(&self, target: u32, result: &Result<ResizeOutcome, ResizeError>, started: Instant) {
-        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-        if history.len() == HISTORY {
-            history.pop_front();
-        }
-        history.push_back(ResizeRecord {
-            target,
-            result: match result {
-                Ok(outcome) => Ok(outcome.clone()),
-                Err(e) => Err(crate::error_chain(e)),
-            },
-            latency: started.elapsed(),
-            finished: SystemTime::now(),
-        });
+        self.history.all()
     }
 
     /// Resizes `sandbox` to `target` vCPUs, waiting up to `timeout` for the guest's
@@ -146,7 +165,7 @@ impl Resizer {
             .apply(sandbox, target, ticket, started + timeout, timeout)
             .await;
         if !matches!(result, Err(ResizeError::Superseded)) {
-            self.record(target, &result, started);
+            self.history.push(target, &result, started);
         }
         result.map(|mut outcome| {
             outcome.latency = started.elapsed();

@@ -297,6 +297,23 @@ fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
     }
 }
 
+/// Writes a sample as `KIND label value`, or a failed one as `FAIL label reason` (then the command
+/// fails too).
+fn record_sample(
+    file: &mut std::fs::File,
+    kind: &str,
+    label: &str,
+    sample: Result<String, String>,
+) -> Result<(), String> {
+    match sample {
+        Ok(value) => writeln!(file, "{kind} {label} {value}").map_err(|e| e.to_string()),
+        Err(e) => {
+            fail(file, label, &e)?;
+            Err(format!("{label}: {e}"))
+        }
+    }
+}
+
 /// A `key: value` line of `accordion status NAME`.
 fn status_value(name: &str, key: &str) -> Result<String, String> {
     let out = Command::new("accordion")
@@ -359,14 +376,8 @@ fn memory(args: &[String]) -> Result<(), String> {
     if name.is_empty() || label.is_empty() || mib == 0 {
         return Err("usage: accordion-bench memory --name S --mib M --label L [--out F]".into());
     }
-    let mut file = o.out()?;
-    match memory_sample(&name, mib) {
-        Ok(ms) => writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string()),
-        Err(e) => {
-            fail(&mut file, &label, &e)?;
-            Err(format!("{label}: {e}"))
-        }
-    }
+    let sample = memory_sample(&name, mib).map(|ms| format!("{ms:.2}"));
+    record_sample(&mut o.out()?, "LAT", &label, sample)
 }
 
 /// `rss --name S --label L --out FILE`: the VMM process's resident memory, guest RAM included,
@@ -403,14 +414,8 @@ fn vcpus(args: &[String]) -> Result<(), String> {
     if name.is_empty() || label.is_empty() || target == 0 {
         return Err("usage: accordion-bench vcpus --name S --vcpus N --label L [--out F]".into());
     }
-    let mut file = o.out()?;
-    match vcpus_sample(&name, target) {
-        Ok(ms) => writeln!(file, "LAT {label} {ms:.2}").map_err(|e| e.to_string()),
-        Err(e) => {
-            fail(&mut file, &label, &e)?;
-            Err(format!("{label}: {e}"))
-        }
-    }
+    let sample = vcpus_sample(&name, target).map(|ms| format!("{ms:.2}"));
+    record_sample(&mut o.out()?, "LAT", &label, sample)
 }
 
 fn report(path: &str) -> Result<(), String> {
