@@ -108,11 +108,17 @@ impl Default for VcpuConfig {
 pub struct MemoryConfig {
     /// MiB of a sandbox whose pod sets no memory limit.
     pub default_mib: u64,
+    /// The most guest memory a sandbox may grow to by a memory resize (virtio-mem), MiB; 0, or
+    /// not above a sandbox's boot memory: its memory stays as booted.
+    pub max_mib: u64,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self { default_mib: 512 }
+        Self {
+            default_mib: 512,
+            max_mib: 0,
+        }
     }
 }
 
@@ -345,6 +351,13 @@ impl Config {
                 format!("must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"),
             ));
         }
+        if self.memory.max_mib > MAX_MEMORY_MIB {
+            return Err(bad(
+                "memory.max_mib",
+                self.memory.max_mib.to_string(),
+                format!("must be 0 (memory stays as booted) to {MAX_MEMORY_MIB}"),
+            ));
+        }
         if !(CONSOLE_MIN_KIB..=CONSOLE_MAX_KIB).contains(&self.console.max_kib) {
             return Err(bad(
                 "console.max_kib",
@@ -456,6 +469,7 @@ max = 16
 sizing_policy = "requests"
 [memory]
 default_mib = 1024
+max_mib = 4096
 [console]
 max_kib = 1024
 [timeouts]
@@ -486,6 +500,7 @@ vmm_ids = 10
             }
         );
         assert_eq!(c.console_max_bytes(), 1024 * 1024);
+        assert_eq!((c.memory.default_mib, c.memory.max_mib), (1024, 4096));
     }
 
     #[test]
@@ -505,6 +520,7 @@ vmm_ids = 10
             ("[vcpus]\ndefault = 9\nmax = 8\n", "vcpus.default"),
             ("[memory]\ndefault_mib = 64\n", "memory.default_mib"),
             ("[memory]\ndefault_mib = 1048577\n", "memory.default_mib"),
+            ("[memory]\nmax_mib = 1048577\n", "memory.max_mib"),
             ("[console]\nmax_kib = 63\n", "console.max_kib"),
             ("[console]\nmax_kib = 262145\n", "console.max_kib"),
             ("[timeouts]\nresize_secs = 0\n", "timeouts.resize_secs"),

@@ -41,7 +41,8 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_size_mib)]
     pub memory: Option<u64>,
     /// The most guest memory `accordion resize --memory` may grow it to (virtio-mem), e.g. 2G;
-    /// above --memory by a multiple of 128M. Default: none, memory stays as booted.
+    /// above --memory by a multiple of 128M. Default: memory.max_mib of the configuration
+    /// rounded down to that (0, the default: memory stays as booted).
     #[arg(long, value_parser = parse_size_mib)]
     pub max_memory: Option<u64>,
     /// Extra kernel command-line arguments (after guest.kernel_params of the configuration).
@@ -110,7 +111,12 @@ fn spec_of(args: &RunArgs, name: String, config: &Config) -> SandboxSpec {
         vcpus: args.vcpus.unwrap_or(config.vcpus.default),
         max_vcpus: args.max_vcpus.unwrap_or(config.vcpus.max),
         memory_mib: args.memory.unwrap_or(config.memory.default_mib),
-        max_memory_mib: args.max_memory,
+        max_memory_mib: args.max_memory.or_else(|| {
+            crate::resize::policy::max_memory_mib(
+                args.memory.unwrap_or(config.memory.default_mib),
+                config.memory.max_mib,
+            )
+        }),
         agent_timeout: Duration::from_secs(
             args.agent_timeout
                 .unwrap_or(config.timeouts.agent_ready_secs),

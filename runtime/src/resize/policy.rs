@@ -154,6 +154,17 @@ pub fn guest_memory_mib(limit_bytes: u64, overhead_mib: u64) -> Result<u64, Poli
         })
 }
 
+/// Guest memory is added in blocks of this many MiB (vmm-core's MEMORY_RESIZE_GRANULE_MIB).
+const MEMORY_GRANULE_MIB: u64 = accordion_vmm::config::MEMORY_RESIZE_GRANULE_MIB;
+
+/// The most memory a sandbox booted with `boot_mib` may grow to under a configured maximum of
+/// `max_mib`: the maximum rounded down to whole memory blocks above the boot memory (never above
+/// what the operator allowed), or None when that leaves no room to grow.
+pub fn max_memory_mib(boot_mib: u64, max_mib: u64) -> Option<u64> {
+    let room = max_mib.checked_sub(boot_mib)? / MEMORY_GRANULE_MIB * MEMORY_GRANULE_MIB;
+    (room > 0).then(|| boot_mib + room)
+}
+
 /// Checks a container's memory limit (OCI `memory.limit`, bytes; -1 or 0 for none) against the
 /// memory of its VM, `vm_mib`: the VM cannot grow, so a larger limit could never be honoured.
 pub fn check_memory_limit(limit: Option<i64>, vm_mib: u64) -> Result<(), PolicyError> {
@@ -461,6 +472,20 @@ mod tests {
     fn test_millis_to_shares_saturates_to_the_kernel_max() {
         assert_eq!(millis_to_shares(u64::MAX), MAX_SHARES);
         assert_eq!(millis_to_shares(256_000), MAX_SHARES);
+    }
+
+    #[test]
+    fn test_max_memory_rounds_down_to_whole_memory_blocks_above_boot() {
+        assert_eq!(max_memory_mib(256, 2048), Some(2048));
+        assert_eq!(max_memory_mib(512, 2000), Some(512 + 1408));
+        assert_eq!(
+            max_memory_mib(640, 700),
+            None,
+            "less than one block of room"
+        );
+        assert_eq!(max_memory_mib(512, 512), None);
+        assert_eq!(max_memory_mib(512, 0), None);
+        assert_eq!(max_memory_mib(0, u64::MAX), Some(u64::MAX / 128 * 128));
     }
 
     #[test]
