@@ -267,23 +267,28 @@ fn resize_latency(stdout: &str) -> Option<f64> {
         .find_map(|l| l.rsplit_once(" in ")?.1.strip_suffix(" ms")?.parse().ok())
 }
 
-/// One timed resize: `accordion resize`'s acknowledged latency, then (untimed) `accordion
-/// status` must show the guest at the target. Anything else is a failed sample.
-fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
+/// `accordion resize NAME FLAG VALUE`; the acknowledged latency it reports, in ms.
+fn timed_resize(name: &str, flag: &str, value: &str) -> Result<f64, String> {
     let out = Command::new("accordion")
-        .args(["resize", name, "--vcpus", &target.to_string()])
+        .args(["resize", name, flag, value])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run accordion resize: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
-            "accordion resize {name} --vcpus {target}: {}: {}",
+            "accordion resize {name} {flag} {value}: {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let ms = resize_latency(&stdout).ok_or(format!("no latency in {:?}", stdout.trim()))?;
+    resize_latency(&stdout).ok_or(format!("no latency in {:?}", stdout.trim()))
+}
+
+/// One timed resize: `accordion resize`'s acknowledged latency, then (untimed) `accordion
+/// status` must show the guest at the target. Anything else is a failed sample.
+fn vcpus_sample(name: &str, target: u32) -> Result<f64, String> {
+    let ms = timed_resize(name, "--vcpus", &target.to_string())?;
     let status = Command::new("accordion")
         .args(["status", name])
         .output()
@@ -341,20 +346,7 @@ fn memory_figures(memory: &str, plugged: &str) -> Option<(u64, u64, u64)> {
 /// One timed memory resize: `accordion resize --memory`'s acknowledged latency, then (untimed)
 /// `accordion status` must show the VMM at exactly that size.
 fn memory_sample(name: &str, mib: u64) -> Result<f64, String> {
-    let out = Command::new("accordion")
-        .args(["resize", name, "--memory", &format!("{mib}M")])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run accordion resize: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "accordion resize {name} --memory {mib}M: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let ms = resize_latency(&stdout).ok_or(format!("no latency in {:?}", stdout.trim()))?;
+    let ms = timed_resize(name, "--memory", &format!("{mib}M"))?;
     let (memory, plugged) = (
         status_value(name, "memory")?,
         status_value(name, "memory plugged")?,
