@@ -88,6 +88,7 @@ every render runs it. The bounds are those of docs/configuration.md.
 {{- include "accordion.requireInt" (list "guest.vcpus.min" $v.min) }}
 {{- include "accordion.requireInt" (list "guest.vcpus.max" $v.max) }}
 {{- include "accordion.requireInt" (list "guest.memoryMiB" .Values.guest.memoryMiB) }}
+{{- include "accordion.requireInt" (list "guest.maxMemoryMiB" .Values.guest.maxMemoryMiB) }}
 {{- $default := int64 $v.default }}
 {{- $min := int64 $v.min }}
 {{- $max := int64 $v.max }}
@@ -105,6 +106,10 @@ every render runs it. The bounds are those of docs/configuration.md.
 {{- end }}
 {{- if lt (int64 .Values.guest.memoryMiB) 128 }}
 {{- fail (printf "accordion: guest.memoryMiB must be at least 128, got %d" (int64 .Values.guest.memoryMiB)) }}
+{{- end }}
+{{- $maxMemory := int64 .Values.guest.maxMemoryMiB }}
+{{- if or (lt $maxMemory 0) (gt $maxMemory 1048576) }}
+{{- fail (printf "accordion: guest.maxMemoryMiB must be 0 to 1048576, got %d" $maxMemory) }}
 {{- end }}
 {{- $policies := list "limits-then-requests" "limits" "requests" }}
 {{- if not (has (toString .Values.guest.sizingPolicy) $policies) }}
@@ -157,4 +162,5 @@ sizing_policy = {{ toString .Values.guest.sizingPolicy | toJson }}
 
 [memory]
 default_mib = {{ int64 .Values.guest.memoryMiB }}
+max_mib = {{ int64 .Values.guest.maxMemoryMiB }}
 {{- end }}
