@@ -440,6 +440,29 @@ impl Config {
     }
 }
 
+/// Parses a memory size: a number of MiB, or with a K/M/G suffix (binary units; `Ki`/`Mi`/`Gi`
+/// as Kubernetes writes them too).
+pub fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let s = s.strip_suffix('i').unwrap_or(s);
+    let (num, mult_kib) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1024),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1024),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 512M or 2G"))?;
+    let kib = n
+        .checked_mul(mult_kib)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
+    if kib % 1024 != 0 || kib == 0 {
+        return Err(format!("size {s:?} must be a positive whole number of MiB"));
+    }
+    Ok(kib / 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +577,25 @@ vmm_ids = 10
         assert_eq!(Config::load(missing).expect("missing"), Config::default());
         let dir = std::env::temp_dir();
         assert!(matches!(Config::load(&dir), Err(ConfigError::Read(..))));
+    }
+
+    #[test]
+    fn test_parse_size_mib_units() {
+        assert_eq!(parse_size_mib("256M"), Ok(256));
+        assert_eq!(parse_size_mib("2G"), Ok(2048));
+        assert_eq!(parse_size_mib("512"), Ok(512));
+        assert_eq!(parse_size_mib("2048K"), Ok(2));
+        assert_eq!(parse_size_mib("2Gi"), Ok(2048));
+        assert_eq!(parse_size_mib("768Mi"), Ok(768));
+    }
+
+    #[test]
+    fn test_parse_size_mib_rejects_garbage_zero_and_fractions() {
+        assert!(parse_size_mib("lots").is_err());
+        assert!(parse_size_mib("2ii").is_err());
+        assert!(parse_size_mib("i").is_err());
+        assert!(parse_size_mib("0M").is_err());
+        assert!(parse_size_mib("100K").is_err());
+        assert!(parse_size_mib("99999999999999999G").is_err());
     }
 }

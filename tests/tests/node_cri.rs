@@ -395,3 +395,181 @@ fn test_pod_vm_is_charged_to_its_cgroup_parent_and_cpu_max_follows_resizes() {
     remove_pod(&pod);
     assert!(!dir.exists(), "{} left", dir.display());
 }
+
+const MIB: u64 = 1 << 20;
+
+/// The guest's MemTotal as container `id` sees it, bytes.
+fn memtotal(id: &str) -> u64 {
+    let (code, out) = exec(id, "cat /proc/meminfo");
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no MemTotal in {out}"))
+}
+
+/// `accordion exec` in the pod's VM (outside every container): stdout.
+fn guest_sh(pod: &str, script: &str) -> String {
+    let out = accordion(&["exec", pod, "--", "sh", "-c", script]);
+    assert_code(&out, 0);
+    text(&out.stdout)
+}
+
+/// Container `c`'s memory.max in the guest.
+fn container_memory_max(pod: &str, c: &str) -> String {
+    guest_sh(pod, &format!("cat /sys/fs/cgroup/accordion/{c}/memory.max"))
+        .trim()
+        .to_string()
+}
+
+fn inspect_memory_limit(c: &str) -> Option<i64> {
+    let inspect: serde_json::Value =
+        serde_json::from_str(&cri_ok(&["inspect", c])).expect("inspect json");
+    inspect
+        .pointer("/status/resources/linux/memory_limit_in_bytes")
+        .or_else(|| inspect.pointer("/status/resources/linux/memoryLimitInBytes"))
+        .and_then(serde_json::Value::as_i64)
+}
+
+#[test]
+fn test_in_place_memory_resize_grows_and_shrinks_the_vm() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // A bad annotation: the pod does not start, and says why.
+    let bad = write_json(
+        "pod-badmax",
+        &serde_json::json!({
+            "metadata": {"name": "badmax", "namespace": "default", "uid": "uid-badmax", "attempt": 1},
+            "log_directory": "/tmp/pods/badmax",
+            "annotations": {"accordion.dev/max-memory": "2147483648"},
+            "linux": {},
+        }),
+    );
+    let out = cri(&["runp", "--runtime", "accordion", &bad]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("accordion.dev/max-memory")
+            && text(&out.stderr).contains("unit"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_leftovers("a pod with a bad max-memory annotation");
+
+    // Privileged (inside its VM only) so the container can mount a tmpfs to fill.
+    let pod_cfg = write_json(
+        "pod-memresize",
+        &serde_json::json!({
+            "metadata": {"name": "memresize", "namespace": "default", "uid": "uid-memresize", "attempt": 1},
+            "log_directory": "/tmp/pods/memresize",
+            "annotations": {"accordion.dev/max-memory": "2Gi"},
+            "linux": {"security_context": {"privileged": true}},
+        }),
+    );
+    let pod = cri_ok(&["runp", "--runtime", "accordion", &pod_cfg]);
+    let ctr_cfg = write_json(
+        "ctr-memresize",
+        &serde_json::json!({
+            "metadata": {"name": "main"},
+            "image": {"image": TEST_IMAGE},
+            "command": ["sh", "-c", "exec sleep 3600"],
+            "log_path": "main.log",
+            "linux": {
+                "resources": {"cpu_quota": 100_000, "cpu_period": 100_000, "memory_limit_in_bytes": 256 << 20},
+                "security_context": {"privileged": true},
+            },
+        }),
+    );
+    let c = run_container(&pod, &pod_cfg, &ctr_cfg);
+    // 256 MiB + the guest's 128 fit the node's 512 MiB default: the VM boots at 512.
+    let boot_total = memtotal(&c);
+    assert_eq!(container_memory_max(&pod, &c), (256 << 20).to_string());
+    let s = accordion_tests::sandbox_status(&pod);
+    assert_eq!(
+        s["memory plugged"], "0 MiB plugged of 0 MiB asked, up to 2048 MiB",
+        "{s:?}"
+    );
+    // The pod's host cgroup, where its VMM is charged.
+    let host_cgroup = cgroup_of(&format!("/proc/{}", vmm_pid(&pod)));
+    let host_max = format!("/sys/fs/cgroup{host_cgroup}/memory.max");
+    let host_memory_max = || read_trimmed(std::path::Path::new(&host_max));
+    assert_eq!(host_memory_max(), ((512 + 96) << 20).to_string());
+
+    // A 1 GiB limit: the VM grows to 1 GiB + 128 MiB before the container's limit follows, and
+    // the container can use what it got (700 MiB, more than the VM booted with).
+    cri_ok(&["update", "--memory", &(1u64 << 30).to_string(), &c]);
+    assert_eq!(memtotal(&c), boot_total + 640 * MIB);
+    assert_eq!(container_memory_max(&pod, &c), (1u64 << 30).to_string());
+    assert_eq!(host_memory_max(), ((1152 + 96) << 20).to_string());
+    let (code, out) = exec(
+        &c,
+        "mkdir -p /fill && mount -t tmpfs -o size=800m fill /fill && \
+         dd if=/dev/zero of=/fill/x bs=1M count=700 2>/dev/null && wc -c < /fill/x",
+    );
+    assert_eq!((code, out.trim()), (0, "734003200"));
+    let (code, _) = exec(&c, "rm /fill/x && umount /fill");
+    assert_eq!(code, 0);
+
+    // Above what the pod may grow to: refused, nothing changed.
+    let out = cri(&["update", "--memory", &(3u64 << 30).to_string(), &c]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("at most 2048 MiB"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(inspect_memory_limit(&c), Some(1 << 30));
+    assert_eq!(memtotal(&c), boot_total + 640 * MIB);
+    assert_eq!(container_memory_max(&pod, &c), (1u64 << 30).to_string());
+
+    // CPU and memory in one update: 3 vCPUs and 1.5 GiB (+128 MiB).
+    cri_ok(&[
+        "update",
+        "--cpu-quota",
+        "300000",
+        "--cpu-period",
+        "100000",
+        "--memory",
+        &(1536u64 << 20).to_string(),
+        &c,
+    ]);
+    assert_eq!(online(&c), "0-2");
+    assert_eq!(memtotal(&c), boot_total + 1152 * MIB);
+    assert_eq!(container_memory_max(&pod, &c), (1536u64 << 20).to_string());
+
+    // The guest holds 1000 MiB outside the container: a shrink to 256 MiB cannot leave it room.
+    // The call fails saying so, and everything stays: the VM's size, its vCPUs, the container's
+    // limit (put back after it was lowered) and the container itself.
+    guest_sh(
+        &pod,
+        "mkdir -p /hold && mount -t tmpfs -o size=1100m hold /hold && \
+         dd if=/dev/zero of=/hold/x bs=1M count=1000 2>/dev/null",
+    );
+    let out = cri(&["update", "--memory", &(256u64 << 20).to_string(), &c]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(err.contains("free memory in the guest first"), "{err}");
+    assert_eq!(inspect_memory_limit(&c), Some(1536 << 20));
+    assert_eq!(memtotal(&c), boot_total + 1152 * MIB);
+    assert_eq!(container_memory_max(&pod, &c), (1536u64 << 20).to_string());
+    assert_eq!(online(&c), "0-2");
+    assert_eq!(guest_sh(&pod, "wc -c < /hold/x").trim(), "1048576000");
+
+    // Freed, it shrinks: the container's limit first, then the VM back to its boot size, and
+    // the host's limit with it.
+    guest_sh(&pod, "rm /hold/x && umount /hold");
+    cri_ok(&["update", "--memory", &(256u64 << 20).to_string(), &c]);
+    assert_eq!(memtotal(&c), boot_total);
+    assert_eq!(container_memory_max(&pod, &c), (256u64 << 20).to_string());
+    assert_eq!(host_memory_max(), ((512 + 96) << 20).to_string());
+    let s = accordion_tests::sandbox_status(&pod);
+    assert_eq!(
+        s["memory plugged"], "0 MiB plugged of 0 MiB asked, up to 2048 MiB",
+        "{s:?}"
+    );
+    assert!(s.contains_key("memory resize"), "{s:?}");
+    remove_pod(&pod);
+}

@@ -62,6 +62,7 @@ state = "/run/containerd"
         SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_NAME}]
       runtime_type = "{RUNTIME_TYPE}"
+      pod_annotations = ["accordion.dev/*"]
 "#
     )
 }

@@ -59,26 +59,7 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// Parses a memory size: a number of MiB, or with a K/M/G suffix (binary units).
-pub fn parse_size_mib(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult_kib) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1024),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1024 * 1024),
-        _ => (s, 1024),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 512M or 2G"))?;
-    let kib = n
-        .checked_mul(mult_kib)
-        .ok_or_else(|| format!("size {s:?} is too large"))?;
-    if kib % 1024 != 0 || kib == 0 {
-        return Err(format!("size {s:?} must be a positive whole number of MiB"));
-    }
-    Ok(kib / 1024)
-}
+pub use crate::config::parse_size_mib;
 
 pub fn run(args: RunArgs) -> i32 {
     // Before anything starts: a broken configuration file is the user's first error to see.
@@ -318,26 +299,5 @@ fn detach_stdio(log: Option<&std::path::Path>) {
     }
     if let Ok(err) = err {
         let _ = nix::unistd::dup2_stderr(&err);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_parse_size_mib_units() {
-        assert_eq!(parse_size_mib("256M"), Ok(256));
-        assert_eq!(parse_size_mib("2G"), Ok(2048));
-        assert_eq!(parse_size_mib("512"), Ok(512));
-        assert_eq!(parse_size_mib("2048K"), Ok(2));
-    }
-
-    #[test]
-    fn test_parse_size_mib_rejects_garbage_zero_and_fractions() {
-        assert!(parse_size_mib("lots").is_err());
-        assert!(parse_size_mib("0M").is_err());
-        assert!(parse_size_mib("100K").is_err());
-        assert!(parse_size_mib("99999999999999999G").is_err());
     }
 }

@@ -331,8 +331,15 @@ fn runtime_table() -> Table {
     t.insert("runtime_type", value(RUNTIME_TYPE));
     // A privileged pod must not get the host's devices inside a VM.
     t.insert("privileged_without_host_devices", value(true));
+    // The pod's own settings (accordion.dev/max-memory) reach the shim in the sandbox's spec.
+    let mut annotations = Array::new();
+    annotations.push(POD_ANNOTATIONS);
+    t.insert("pod_annotations", value(annotations));
     t
 }
+
+/// The pod annotations containerd passes to the shim (runtime/src/shim/spec.rs).
+pub const POD_ANNOTATIONS: &str = "accordion.dev/*";
 
 /// Gets or creates the table at `keys` under `t`.
 fn table_at<'a>(t: &'a mut Table, keys: &[&str]) -> &'a mut Table {
@@ -726,6 +733,14 @@ version = 2
                 ["runtime_type"]
                 .as_str(),
             Some(RUNTIME_TYPE)
+        );
+        // The pod's accordion.dev/ annotations reach the shim.
+        assert_eq!(
+            plugins["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["accordion"]
+                ["pod_annotations"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>()),
+            Some(vec![POD_ANNOTATIONS])
         );
         fs::remove_dir_all(&root).unwrap();
     }

@@ -53,10 +53,20 @@ pub enum PolicyError {
     #[error("Memory limit {0} bytes is invalid (must be -1 for no limit, or positive)")]
     MemoryLimit(i64),
     #[error(
-        "Memory limit {limit} bytes exceeds the VM's memory ({vm_mib} MiB); accordion does not \
-         hotplug memory"
+        "Memory limit {limit} bytes exceeds the VM's memory ({vm_mib} MiB), which is fixed: the \
+         pod was started without room to grow (memory.max_mib in config.toml, or the pod \
+         annotation accordion.dev/max-memory)"
     )]
-    MemoryAboveVm { limit: i64, vm_mib: u64 },
+    MemoryAboveVm { limit: u64, vm_mib: u64 },
+    #[error(
+        "The pod's memory limits need {needed_mib} MiB of guest memory (with the guest's own \
+         {overhead_mib} MiB) but the sandbox can grow to at most {max_mib} MiB"
+    )]
+    MemoryAboveMax {
+        needed_mib: u64,
+        overhead_mib: u64,
+        max_mib: u64,
+    },
     #[error(
         "Memory limit {bytes} bytes needs a VM larger than the most a VM can have ({max_mib} MiB)"
     )]
@@ -165,21 +175,67 @@ pub fn max_memory_mib(boot_mib: u64, max_mib: u64) -> Option<u64> {
     (room > 0).then(|| boot_mib + room)
 }
 
-/// Checks a container's memory limit (OCI `memory.limit`, bytes; -1 or 0 for none) against the
-/// memory of its VM, `vm_mib`: the VM cannot grow, so a larger limit could never be honoured.
-pub fn check_memory_limit(limit: Option<i64>, vm_mib: u64) -> Result<(), PolicyError> {
-    let Some(limit) = limit else {
-        return Ok(());
-    };
-    if limit < -1 {
-        return Err(PolicyError::MemoryLimit(limit));
+/// A container's memory limit (OCI `memory.limit`, bytes; -1 or 0 for none), validated.
+pub fn memory_limit(resources: &LinuxResources) -> Result<Option<u64>, PolicyError> {
+    match resources.memory().as_ref().and_then(|m| m.limit()) {
+        None | Some(-1 | 0) => Ok(None),
+        Some(l) => u64::try_from(l)
+            .map(Some)
+            .map_err(|_| PolicyError::MemoryLimit(l)),
     }
-    // A VM's memory is at most MAX_MEMORY_MIB, so this never saturates in practice; if it
-    // did, u64::MAX is still above every i64 limit, which is the right answer.
-    let vm_bytes = vm_mib.saturating_mul(MIB);
-    match u64::try_from(limit) {
-        Ok(bytes) if bytes > vm_bytes => Err(PolicyError::MemoryAboveVm { limit, vm_mib }),
+}
+
+/// Checks a container's memory limit against the memory of its VM, `vm_mib`, when the VM cannot
+/// grow: a larger limit could never be honoured.
+pub fn check_memory_limit(limit: Option<u64>, vm_mib: u64) -> Result<(), PolicyError> {
+    match limit {
+        // A VM's memory is at most MAX_MEMORY_MIB, so this never saturates in practice; if it
+        // did, u64::MAX is still above every limit, which is the right answer.
+        Some(limit) if limit > vm_mib.saturating_mul(MIB) => {
+            Err(PolicyError::MemoryAboveVm { limit, vm_mib })
+        }
         _ => Ok(()),
+    }
+}
+
+/// Every container's memory limit, and the pod's own when the sandbox set one: what a pod's guest
+/// memory follows when it can grow. CRI carries no memory request, so limits are all there is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodMemory {
+    /// Limits in bytes by container id (None: no limit).
+    pub containers: BTreeMap<String, Option<u64>>,
+    /// The pod's limit (sandbox annotations), when given.
+    pub pod: Option<u64>,
+}
+
+impl PodMemory {
+    /// The pod's guest memory, MiB: its limit (its own, else the sum of its containers'; one
+    /// without a limit adds nothing) plus the guest's `overhead_mib`, at least `boot_mib`; an error
+    /// above `max_mib`.
+    pub fn target_mib(
+        &self,
+        overhead_mib: u64,
+        boot_mib: u64,
+        max_mib: u64,
+    ) -> Result<u64, PolicyError> {
+        let bytes = match self.pod {
+            Some(bytes) => bytes,
+            None => self
+                .containers
+                .values()
+                .flatten()
+                .try_fold(0u64, |sum, &l| sum.checked_add(l))
+                .ok_or(PolicyError::Overflow)?,
+        };
+        let needed = guest_memory_mib(bytes, overhead_mib)?;
+        if needed > max_mib {
+            return Err(PolicyError::MemoryAboveMax {
+                needed_mib: needed,
+                overhead_mib,
+                max_mib,
+            });
+        }
+        Ok(needed.max(boot_mib))
     }
 }
 
@@ -508,9 +564,26 @@ mod tests {
 
     #[test]
     fn test_memory_limit_check_refuses_negative_and_above_the_vm() {
+        let limit = |l: Option<i64>| {
+            let mut r = LinuxResources::default();
+            if let Some(l) = l {
+                r.set_memory(Some(
+                    oci_spec::runtime::LinuxMemoryBuilder::default()
+                        .limit(l)
+                        .build()
+                        .unwrap(),
+                ));
+            }
+            memory_limit(&r)
+        };
+        assert_eq!(limit(None), Ok(None));
+        assert_eq!(limit(Some(-1)), Ok(None));
+        assert_eq!(limit(Some(0)), Ok(None));
+        assert_eq!(limit(Some(512 << 20)), Ok(Some(512 << 20)));
+        for l in [-2, i64::MIN] {
+            assert_eq!(limit(Some(l)), Err(PolicyError::MemoryLimit(l)));
+        }
         assert_eq!(check_memory_limit(None, 512), Ok(()));
-        assert_eq!(check_memory_limit(Some(-1), 512), Ok(()));
-        assert_eq!(check_memory_limit(Some(0), 512), Ok(()));
         assert_eq!(check_memory_limit(Some(512 << 20), 512), Ok(()));
         assert_eq!(
             check_memory_limit(Some((512 << 20) + 1), 512),
@@ -519,14 +592,39 @@ mod tests {
                 vm_mib: 512
             })
         );
-        for limit in [-2, i64::MIN] {
-            assert_eq!(
-                check_memory_limit(Some(limit), 512),
-                Err(PolicyError::MemoryLimit(limit))
-            );
-        }
-        assert!(check_memory_limit(Some(i64::MAX), 512).is_err());
+        assert!(check_memory_limit(Some(u64::MAX), 512).is_err());
         // A VM size whose byte count would not fit a u64 still compares correctly.
-        assert_eq!(check_memory_limit(Some(i64::MAX), u64::MAX), Ok(()));
+        assert_eq!(check_memory_limit(Some(u64::MAX), u64::MAX), Ok(()));
+    }
+
+    #[test]
+    fn test_pod_memory_target_is_the_limits_plus_overhead_within_boot_and_max() {
+        let mut m = PodMemory::default();
+        // Nothing limited: the boot size.
+        assert_eq!(m.target_mib(128, 512, 2048), Ok(512));
+        m.containers.insert("a".into(), Some(512 << 20));
+        m.containers.insert("b".into(), None);
+        m.containers.insert("c".into(), Some((256 << 20) + 1));
+        // 512 + 257 (rounded up to whole MiB) + 128.
+        assert_eq!(m.target_mib(128, 512, 2048), Ok(897));
+        assert_eq!(
+            m.target_mib(128, 512, 896),
+            Err(PolicyError::MemoryAboveMax {
+                needed_mib: 897,
+                overhead_mib: 128,
+                max_mib: 896
+            })
+        );
+        // The pod's own limit wins over the sum.
+        m.pod = Some(1 << 30);
+        assert_eq!(m.target_mib(128, 512, 2048), Ok(1152));
+        m.pod = None;
+        m.containers.insert("d".into(), Some(u64::MAX));
+        assert_eq!(m.target_mib(128, 512, 2048), Err(PolicyError::Overflow));
+        m.containers.insert("d".into(), Some(u64::MAX / 2));
+        assert!(matches!(
+            m.target_mib(128, 512, 2048),
+            Err(PolicyError::MemoryTooLarge { .. })
+        ));
     }
 }

@@ -31,8 +31,8 @@ const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 /// virtiofsd's log on /run, both halves together.
 const VIRTIOFSD_LOG_MAX_BYTES: u64 = 1 << 20;
 /// Guest memory beyond a pod's memory limit, for the guest kernel and agent, so the limit is
-/// usable by the containers.
-const GUEST_OVERHEAD_MIB: u64 = 128;
+/// usable by the containers (docs/resize.md, "Memory").
+pub const GUEST_OVERHEAD_MIB: u64 = 128;
 
 /// Errors of a pod's host side.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +55,14 @@ pub enum PodError {
     Network(#[from] NetworkError),
     #[error("The guest could not configure the pod's network")]
     GuestNetwork(#[source] crate::agent_client::AgentClientError),
-    #[error("The pod's CPU resources")]
+    #[error("The pod's resources")]
     Sizing(#[from] crate::resize::policy::PolicyError),
+    #[error(
+        "The pod's max memory ({max_mib} MiB, annotation {}) is below the memory it boots with \
+         ({boot_mib} MiB)",
+        super::spec::MAX_MEMORY
+    )]
+    MaxMemoryBelowBoot { max_mib: u64, boot_mib: u64 },
     #[error("Cannot create {0}")]
     Dir(PathBuf, #[source] std::io::Error),
     #[error("The container's rootfs {0} does not exist")]
@@ -76,11 +82,19 @@ pub enum PodError {
 pub struct PodSize {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// The most memory it may grow to (None: fixed at `memory_mib`).
+    pub max_memory_mib: Option<u64>,
 }
 
 impl PodSize {
-    /// The design's sizing rule on the pod's resources, else the configured defaults.
-    pub fn of(resources: &SandboxResources, config: &Config) -> Result<Self, PodError> {
+    /// The design's sizing rule on the pod's resources, else the configured defaults. The max
+    /// memory is the pod's annotation (`annotated_max_mib`), else config.toml's `memory.max_mib`,
+    /// in whole memory blocks above the boot memory.
+    pub fn of(
+        resources: &SandboxResources,
+        annotated_max_mib: Option<u64>,
+        config: &Config,
+    ) -> Result<Self, PodError> {
         let v = &config.vcpus;
         let vcpus = if resources.cpu_quota.is_none() && resources.cpu_shares.is_none() {
             v.default
@@ -105,7 +119,28 @@ impl PodSize {
                 .max(config.memory.default_mib),
             None => config.memory.default_mib,
         };
-        Ok(Self { vcpus, memory_mib })
+        let max_mib = match annotated_max_mib {
+            Some(max_mib) if max_mib < memory_mib => {
+                return Err(PodError::MaxMemoryBelowBoot {
+                    max_mib,
+                    boot_mib: memory_mib,
+                })
+            }
+            Some(max_mib) if max_mib > crate::config::MAX_MEMORY_MIB => {
+                return Err(crate::resize::policy::PolicyError::MemoryTooLarge {
+                    bytes: max_mib.saturating_mul(1 << 20),
+                    max_mib: crate::config::MAX_MEMORY_MIB,
+                }
+                .into())
+            }
+            Some(max_mib) => max_mib,
+            None => config.memory.max_mib,
+        };
+        Ok(Self {
+            vcpus,
+            memory_mib,
+            max_memory_mib: crate::resize::policy::max_memory_mib(memory_mib, max_mib),
+        })
     }
 }
 
@@ -268,8 +303,7 @@ impl Pod {
             vcpus: size.vcpus,
             max_vcpus: config.vcpus.max,
             memory_mib: size.memory_mib,
-            // Pods' memory is fixed at boot until the shim's Update resizes it.
-            max_memory_mib: None,
+            max_memory_mib: size.max_memory_mib,
             agent_timeout: Duration::from_secs(config.timeouts.agent_ready_secs),
             cgroups_path: placement.cgroups_path.clone(),
             cpu_limit_millis: placement.cpu_limit_millis,
@@ -561,10 +595,11 @@ mod tests {
         config.vcpus.max = 8;
         let none = SandboxResources::default();
         assert_eq!(
-            PodSize::of(&none, &config).unwrap(),
+            PodSize::of(&none, None, &config).unwrap(),
             PodSize {
                 vcpus: 1,
-                memory_mib: 512
+                memory_mib: 512,
+                max_memory_mib: None,
             }
         );
         let r = SandboxResources {
@@ -574,17 +609,48 @@ mod tests {
             memory_bytes: Some(1 << 30),
         };
         assert_eq!(
-            PodSize::of(&r, &config).unwrap(),
+            PodSize::of(&r, None, &config).unwrap(),
             PodSize {
                 vcpus: 3,
-                memory_mib: 1024 + GUEST_OVERHEAD_MIB
+                memory_mib: 1024 + GUEST_OVERHEAD_MIB,
+                max_memory_mib: None,
             }
         );
         let too_big = SandboxResources {
             cpu_quota: Some(2_000_000),
             ..r
         };
-        assert!(PodSize::of(&too_big, &config).is_err());
+        assert!(PodSize::of(&too_big, None, &config).is_err());
+    }
+
+    #[test]
+    fn test_pod_max_memory_from_the_annotation_else_the_config_in_whole_blocks() {
+        let mut config = Config::default();
+        let none = SandboxResources::default();
+        let max = |annotated, config: &Config| {
+            PodSize::of(&none, annotated, config).map(|s| s.max_memory_mib)
+        };
+        assert_eq!(max(None, &config).unwrap(), None);
+        config.memory.max_mib = 2000;
+        // 512 + 11 blocks of 128 MiB.
+        assert_eq!(max(None, &config).unwrap(), Some(1920));
+        // The annotation wins, either way.
+        assert_eq!(max(Some(4096), &config).unwrap(), Some(4096));
+        assert_eq!(max(Some(1024), &config).unwrap(), Some(1024));
+        // As booted, or less than a block above it: fixed.
+        assert_eq!(max(Some(512), &config).unwrap(), None);
+        assert_eq!(max(Some(600), &config).unwrap(), None);
+        assert!(matches!(
+            max(Some(256), &config),
+            Err(PodError::MaxMemoryBelowBoot {
+                max_mib: 256,
+                boot_mib: 512
+            })
+        ));
+        assert!(matches!(
+            max(Some(u64::MAX >> 20), &config),
+            Err(PodError::Sizing(_))
+        ));
     }
 
     /// runtime/fuzz/regressions/guest_spec/sandbox_quota_i64_max.json: a sandbox annotation
@@ -613,7 +679,7 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(PodSize::of(&r, &config), Err(PodError::Sizing(_))),
+                matches!(PodSize::of(&r, None, &config), Err(PodError::Sizing(_))),
                 "{r:?}"
             );
         }

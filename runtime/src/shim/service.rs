@@ -35,9 +35,11 @@ use super::stdio;
 use crate::agent_client::{AgentClient, AgentClientError, ContainerCreate, ExecHooks, ExecSpec};
 use crate::config::Config;
 use crate::error_chain;
-use crate::resize::policy::{CpuShape, PodCpu};
+use crate::resize::memory::MemoryResizeError;
+use crate::resize::policy::{self, CpuShape, PodCpu, PodMemory};
 use crate::resize::ResizeError;
 
+const MIB: u64 = 1 << 20;
 /// The exit status of every process of a pod whose VM or virtiofsd died (as runc's shims report
 /// a process they lost).
 const DEAD_POD_STATUS: u32 = 255;
@@ -119,6 +121,66 @@ fn resize_error(id: &str, target: u32, e: &ResizeError) -> ttrpc::Error {
             error_chain(e)
         ),
     )
+}
+
+/// A failed memory resize as containerd should see it (it then keeps the old resources).
+fn memory_resize_error(id: &str, target: u64, e: &MemoryResizeError) -> ttrpc::Error {
+    let code = match e {
+        MemoryResizeError::InvalidTarget { .. } => ttrpc::Code::INVALID_ARGUMENT,
+        MemoryResizeError::Fixed { .. }
+        | MemoryResizeError::InUse { .. }
+        | MemoryResizeError::NotRunning(_) => ttrpc::Code::FAILED_PRECONDITION,
+        MemoryResizeError::Superseded => ttrpc::Code::ABORTED,
+        MemoryResizeError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        MemoryResizeError::Agent { .. } => ttrpc::Code::UNAVAILABLE,
+        MemoryResizeError::Vmm(_) | MemoryResizeError::HostCgroup(_) => ttrpc::Code::INTERNAL,
+    };
+    status(
+        code,
+        format!(
+            "{id}: resizing the pod to {} MiB of memory: {}",
+            target / MIB,
+            error_chain(e)
+        ),
+    )
+}
+
+/// What a container counts for in its pod's size.
+#[derive(Debug, Clone, Copy, Default)]
+struct Demand {
+    cpu: CpuShape,
+    /// Its memory limit, bytes.
+    memory: Option<u64>,
+}
+
+impl Demand {
+    fn of(resources: &oci_spec::runtime::LinuxResources) -> Result<Self, policy::PolicyError> {
+        Ok(Self {
+            cpu: CpuShape::from_resources(resources)?,
+            memory: policy::memory_limit(resources)?,
+        })
+    }
+}
+
+/// The pod's resources as the shim counts them (its size follows them), and what each
+/// container's cgroup in the guest was last given.
+#[derive(Debug, Clone, Default)]
+struct PodResources {
+    cpu: PodCpu,
+    memory: PodMemory,
+    /// LinuxResources JSON by container id: what a failed Update gives back.
+    applied: HashMap<String, Vec<u8>>,
+}
+
+/// What a resize changed so far, so a failure can take it back.
+#[derive(Debug, Default)]
+struct Changed {
+    /// The guest memory (bytes) before, and what it was resized to.
+    memory: Option<(u64, u64)>,
+    /// The vCPUs before.
+    vcpus: Option<u32>,
+    /// The container's resources before (its cgroup in the guest was updated).
+    cgroup: Option<Vec<u8>>,
 }
 
 fn timestamp(at: SystemTime) -> Timestamp {
@@ -309,9 +371,9 @@ pub struct Service {
     pod: tokio::sync::Mutex<Option<(Arc<Pod>, Arc<Config>)>>,
     /// Shared with the pod's death watch, which ends every process when the VM dies.
     containers: Arc<Mutex<HashMap<String, Arc<Container>>>>,
-    /// Every container's CPU resources (from Create and each Update) and the pod's own: what
-    /// the vCPU target is computed from.
-    cpu: Mutex<PodCpu>,
+    /// Every container's CPU and memory resources (from Create and each Update) and the pod's
+    /// own: what the vCPU and memory targets are computed from.
+    resources: Mutex<PodResources>,
     /// Serializes resource changes (Update, and Create of a pod member).
     resizing: tokio::sync::Mutex<()>,
     /// Turns the agent's OOM notifications into TaskOOM events while the pod runs.
@@ -333,11 +395,8 @@ impl Service {
         let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, format!("{}: {e}", req.id));
         let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&json)
             .map_err(|e| invalid(format!("malformed LinuxResources: {e}")))?;
-        let shape = CpuShape::from_resources(&resources).map_err(|e| invalid(e.to_string()))?;
+        let demand = Demand::of(&resources).map_err(|e| invalid(e.to_string()))?;
         let (pod, config) = self.running_pod().await?;
-        let limit = resources.memory().as_ref().and_then(|m| m.limit());
-        crate::resize::policy::check_memory_limit(limit, pod.sandbox.memory_mib())
-            .map_err(|e| invalid(e.to_string()))?;
         if container.id == self.id && self.is_sandbox_container(&container) {
             // The pause container: its cgroup only, the pod's size follows its containers.
             return pod
@@ -348,7 +407,7 @@ impl Service {
                 .map(|()| api::Empty::new())
                 .map_err(|e| agent_error(&format!("updating {}", req.id), &e));
         }
-        self.resize_for(&req.id, shape, &pod, &config, Some(&json))
+        self.resize_for(&req.id, demand, &pod, &config, Some(&json))
             .await
             .map(|()| api::Empty::new())
     }
@@ -366,7 +425,7 @@ impl Service {
             exit,
             pod: tokio::sync::Mutex::new(None),
             containers: Arc::default(),
-            cpu: Mutex::new(PodCpu::default()),
+            resources: Mutex::default(),
             resizing: tokio::sync::Mutex::new(()),
             oom_events: Mutex::new(None),
             death_watch: Mutex::new(None),
@@ -458,19 +517,24 @@ impl Service {
                 resources.cpu_shares,
             )
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
-            lock(&self.cpu).pod = Some(shape).filter(|s| s.limit_millis.is_some());
+            let mut counted = lock(&self.resources);
+            counted.cpu.pod = Some(shape).filter(|s| s.limit_millis.is_some());
+            counted.memory.pod = resources.memory_bytes;
         }
         if resources.is_empty() {
             resources = SandboxResources::from_spec(spec);
         }
-        let size = PodSize::of(&resources, &config)
+        let max_memory = spec::max_memory_mib(annotations)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let size = PodSize::of(&resources, max_memory, &config)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
         log::info!(
-            "pod {}: booting with {} vCPUs (of {}), {} MiB",
+            "pod {}: booting with {} vCPUs (of {}), {} MiB (up to {} MiB)",
             self.id,
             size.vcpus,
             config.vcpus.max,
-            size.memory_mib
+            size.memory_mib,
+            size.max_memory_mib.unwrap_or(size.memory_mib)
         );
         let net_mode = spec::network_mode(spec);
         if net_mode == spec::PodNetworkMode::Host {
@@ -490,7 +554,7 @@ impl Service {
                 .as_ref()
                 .and_then(|l| l.cgroups_path().as_ref())
                 .map(|p| p.to_string_lossy().into_owned()),
-            cpu_limit_millis: lock(&self.cpu).limit_millis(),
+            cpu_limit_millis: lock(&self.resources).cpu.limit_millis(),
             oom_score_adj: spec
                 .process()
                 .as_ref()
@@ -548,14 +612,20 @@ impl Service {
             }
         }
         if role != Role::Sandbox {
-            let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
-            let shape = match &resources {
-                Some(r) => CpuShape::from_resources(r)
-                    .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?,
-                None => CpuShape::default(),
-            };
-            // The pod grows (acknowledged) before the container exists, so it starts with its CPUs.
-            self.resize_for(id, shape, &pod, &config, None).await?;
+            let resources = oci
+                .linux()
+                .as_ref()
+                .and_then(|l| l.resources().clone())
+                .unwrap_or_default();
+            let demand = Demand::of(&resources)
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
+            // What a failed Update of this container gives back.
+            let applied = serde_json::to_vec(&resources)
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+            lock(&self.resources).applied.insert(id.clone(), applied);
+            // The pod grows (acknowledged) before the container exists, so it starts with its
+            // CPUs and memory.
+            self.resize_for(id, demand, &pod, &config, None).await?;
         }
         let root = oci
             .root()
@@ -809,37 +879,143 @@ impl Service {
         }
     }
 
-    /// Records container `id`'s CPU shape, resizes the pod to the new target and, with
-    /// `resources_json`, applies them to the container's cgroup in the guest. Acknowledged: OK
-    /// only when the guest has the target online and the cgroup is written. Nothing is recorded
-    /// on failure (and a vCPU change whose cgroup write failed is undone).
+    /// Resizes the pod for container `id`'s new `demand` (docs/resize.md): its vCPUs and, when
+    /// its VM can grow, its memory, then (for an Update, `resources_json`) the container's
+    /// cgroup in the guest. Memory grows first and shrinks last, so a container's limit never
+    /// exceeds the VM; a failure at any step takes back what the earlier ones changed, so the
+    /// container's old limits stay in force in a VM of the old size.
     async fn resize_for(
         &self,
         id: &str,
-        shape: CpuShape,
+        demand: Demand,
         pod: &Pod,
         config: &Config,
         resources_json: Option<&[u8]>,
     ) -> TtrpcResult<()> {
         let _serial = self.resizing.lock().await;
-        let before = lock(&self.cpu).clone();
+        let before = lock(&self.resources).clone();
         let mut next = before.clone();
-        next.containers.insert(id.to_string(), shape);
-        if resources_json.is_some() {
+        next.cpu.containers.insert(id.to_string(), demand.cpu);
+        next.memory.containers.insert(id.to_string(), demand.memory);
+        if let Some(json) = resources_json {
             // The pod-level resources in the sandbox annotations describe the pod as kubelet
             // created it; an in-place resize changed it since, and containerd 1.7 has no call
             // that tells the shim the new pod total. From now on the containers' sum counts.
-            next.pod = None;
+            next.cpu.pod = None;
+            next.memory.pod = None;
+            next.applied.insert(id.to_string(), json.to_vec());
         }
+        let invalid =
+            |e: policy::PolicyError| status(ttrpc::Code::INVALID_ARGUMENT, format!("{id}: {e}"));
         let v = &config.vcpus;
         let target = next
+            .cpu
             .target(v.sizing_policy, v.min, v.max)
-            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, format!("{id}: {e}")))?;
+            .map_err(invalid)?;
+        let memory = self.memory_target(pod, &next.memory, demand, resources_json.is_some())?;
+        let memory = memory.map(|to| {
+            let from = pod
+                .sandbox
+                .vm_memory()
+                .map_or(pod.sandbox.memory_mib() * MIB, |m| m.target());
+            (from, to)
+        });
+        let mut changed = Changed::default();
+        let result = self
+            .apply(
+                id,
+                target,
+                memory,
+                pod,
+                config,
+                resources_json,
+                &before,
+                &mut changed,
+            )
+            .await;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                self.take_back(id, pod, config, changed).await;
+                return Err(e);
+            }
+        };
+        pod.sandbox.set_cpu_limit(next.cpu.limit_millis());
+        *lock(&self.resources) = next;
+        log::info!(
+            "{id}: pod at {target} vCPUs (guest online {}){}{}",
+            outcome.guest_online,
+            if outcome.changed {
+                format!(" in {:?}", outcome.latency)
+            } else {
+                String::new()
+            },
+            match memory {
+                Some((_, to)) => format!(", {} MiB of memory", to / MIB),
+                None => String::new(),
+            }
+        );
+        Ok(())
+    }
+
+    /// The pod's memory target (bytes) for `next`, when its VM can grow; for a VM that cannot, a
+    /// container's new limit (an Update's) must fit the VM as it is.
+    fn memory_target(
+        &self,
+        pod: &Pod,
+        next: &PodMemory,
+        demand: Demand,
+        update: bool,
+    ) -> TtrpcResult<Option<u64>> {
+        let (boot, max) = (pod.sandbox.memory_mib(), pod.sandbox.max_memory_mib());
+        let invalid = |e: policy::PolicyError| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string());
+        if max <= boot {
+            if update {
+                policy::check_memory_limit(demand.memory, boot).map_err(invalid)?;
+            }
+            return Ok(None);
+        }
+        let mib = next
+            .target_mib(pod::GUEST_OVERHEAD_MIB, boot, max)
+            .map_err(invalid)?;
+        Ok(Some(mib * MIB))
+    }
+
+    /// The steps of a resize, in their order; `changed` records each one done.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        id: &str,
+        vcpus: u32,
+        memory: Option<(u64, u64)>,
+        pod: &Pod,
+        config: &Config,
+        resources_json: Option<&[u8]>,
+        before: &PodResources,
+        changed: &mut Changed,
+    ) -> TtrpcResult<crate::resize::ResizeOutcome> {
+        let timeout = config.resize_timeout();
+        let resize_memory = |to: u64| async move {
+            pod.sandbox
+                .resize_memory(to, timeout)
+                .await
+                .map_err(|e| memory_resize_error(id, to, &e))
+        };
+        let grow = memory.filter(|(from, to)| to > from);
+        let shrink = memory.filter(|(from, to)| to < from);
+        if let Some((_, to)) = grow {
+            // Recorded first: a grow that fails part way is taken back too.
+            changed.memory = grow;
+            resize_memory(to).await?;
+        }
+        let v = &config.vcpus;
+        let vcpus_before = before.cpu.target(v.sizing_policy, v.min, v.max);
         let outcome = pod
             .sandbox
-            .resize(target, config.resize_timeout())
+            .resize(vcpus, timeout)
             .await
-            .map_err(|e| resize_error(id, target, &e))?;
+            .map_err(|e| resize_error(id, vcpus, &e))?;
+        changed.vcpus = vcpus_before.ok().filter(|&b| b != vcpus);
         if let Some(json) = resources_json {
             if let Err(e) = pod
                 .sandbox
@@ -847,35 +1023,58 @@ impl Service {
                 .update_container(id, json.to_vec())
                 .await
             {
-                let previous = before
-                    .target(v.sizing_policy, v.min, v.max)
-                    .unwrap_or(target);
-                if previous != target {
-                    if let Err(undo) = pod.sandbox.resize(previous, config.resize_timeout()).await {
-                        log::warn!(
-                            "{id}: cannot return to {previous} vCPUs: {}",
-                            error_chain(&undo)
-                        );
-                    }
-                }
                 return Err(agent_error(
-                    &format!("{id}: the guest has {target} vCPUs but its cgroup was not updated"),
+                    &format!("{id}: the guest has {vcpus} vCPUs but its cgroup was not updated"),
                     &e,
                 ));
             }
+            changed.cgroup = Some(before.applied.get(id).cloned().unwrap_or_default());
         }
-        pod.sandbox.set_cpu_limit(next.limit_millis());
-        *lock(&self.cpu) = next;
-        log::info!(
-            "{id}: pod at {target} vCPUs (guest online {}){}",
-            outcome.guest_online,
-            if outcome.changed {
-                format!(" in {:?}", outcome.latency)
-            } else {
-                String::new()
+        if let Some((_, to)) = shrink {
+            changed.memory = shrink;
+            resize_memory(to).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Takes back what a failed resize changed, in the reverse order: the VM ends at its old
+    /// size and the container with its old resources. Failures here are logged: the caller's
+    /// error is what containerd sees.
+    async fn take_back(&self, id: &str, pod: &Pod, config: &Config, changed: Changed) {
+        let timeout = config.resize_timeout();
+        let memory = |from: u64| async move {
+            if let Err(e) = pod.sandbox.resize_memory(from, timeout).await {
+                log::warn!(
+                    "{id}: cannot return to {} MiB of memory: {}",
+                    from / MIB,
+                    error_chain(&e)
+                );
             }
-        );
-        Ok(())
+        };
+        // A shrink is undone by a grow, which goes before the limits rise again.
+        let shrunk = changed.memory.filter(|(from, to)| from > to);
+        if let Some((from, _)) = shrunk {
+            memory(from).await;
+        }
+        if let Some(json) = changed.cgroup.filter(|j| !j.is_empty()) {
+            if let Err(e) = pod.sandbox.agent().update_container(id, json).await {
+                log::warn!(
+                    "{id}: cannot give the container its old resources back: {}",
+                    error_chain(&e)
+                );
+            }
+        }
+        if let Some(previous) = changed.vcpus {
+            if let Err(e) = pod.sandbox.resize(previous, timeout).await {
+                log::warn!(
+                    "{id}: cannot return to {previous} vCPUs: {}",
+                    error_chain(&e)
+                );
+            }
+        }
+        if let Some((from, _)) = changed.memory.filter(|(from, to)| from < to) {
+            memory(from).await;
+        }
     }
 
     fn is_sandbox_container(&self, container: &Container) -> bool {
@@ -1189,7 +1388,12 @@ impl Task for Service {
         let _ = tokio::task::spawn_blocking(move || share.remove_container(&id)).await;
         lock(&self.containers).remove(&req.id);
         // The pod keeps its size until the next change: a restarting container gets it back.
-        lock(&self.cpu).containers.remove(&req.id);
+        {
+            let mut counted = lock(&self.resources);
+            counted.cpu.containers.remove(&req.id);
+            counted.memory.containers.remove(&req.id);
+            counted.applied.remove(&req.id);
+        }
         let exit = init.exited().unwrap_or(Exit {
             code: 255,
             at: SystemTime::now(),

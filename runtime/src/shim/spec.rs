@@ -23,6 +23,9 @@ pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-shares";
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The pod's own annotation: the most guest memory its VM may grow to (e.g. `2Gi`). containerd
+/// passes it to the shim because the runtime's `pod_annotations` lists `accordion.dev/*`.
+pub const MAX_MEMORY: &str = "accordion.dev/max-memory";
 
 /// The pod's network, as the sandbox's spec names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,8 @@ pub enum SpecError {
     RelativeSource(String),
     #[error("Cannot serialize the guest's spec")]
     Serialize(#[source] serde_json::Error),
+    #[error("Annotation {MAX_MEMORY}: {0}")]
+    MaxMemory(String),
 }
 
 /// What a container is to CRI.
@@ -261,6 +266,25 @@ impl SandboxResources {
     }
 }
 
+/// The pod's [`MAX_MEMORY`] annotation, MiB (None: not set). It needs a unit: Kubernetes reads a
+/// bare number as bytes, which no VM would be sized in.
+pub fn max_memory_mib(
+    annotations: Option<&HashMap<String, String>>,
+) -> Result<Option<u64>, SpecError> {
+    let Some(value) = annotations.and_then(|a| a.get(MAX_MEMORY)) else {
+        return Ok(None);
+    };
+    let value = value.trim();
+    if value.chars().all(|c| c.is_ascii_digit()) {
+        return Err(SpecError::MaxMemory(format!(
+            "{value:?} needs a unit, e.g. 2Gi or 1536Mi"
+        )));
+    }
+    crate::config::parse_size_mib(value)
+        .map(Some)
+        .map_err(SpecError::MaxMemory)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +426,28 @@ mod tests {
                 sandbox_id: "pod1".into()
             }
         );
+    }
+
+    #[test]
+    fn test_max_memory_annotation_needs_a_unit() {
+        let with = |v: &str| HashMap::from([(MAX_MEMORY.to_string(), v.to_string())]);
+        assert_eq!(max_memory_mib(None).unwrap(), None);
+        assert_eq!(max_memory_mib(Some(&HashMap::new())).unwrap(), None);
+        assert_eq!(max_memory_mib(Some(&with("2Gi"))).unwrap(), Some(2048));
+        assert_eq!(max_memory_mib(Some(&with(" 1536Mi "))).unwrap(), Some(1536));
+        assert_eq!(max_memory_mib(Some(&with("4G"))).unwrap(), Some(4096));
+        for bad in [
+            "2147483648",
+            "",
+            "lots",
+            "-1Gi",
+            "0Mi",
+            "1.5Gi",
+            "99999999999999999Gi",
+        ] {
+            let err = max_memory_mib(Some(&with(bad))).unwrap_err();
+            assert!(err.to_string().contains(MAX_MEMORY), "{bad}: {err}");
+        }
     }
 
     #[test]
