@@ -573,3 +573,74 @@ fn test_in_place_memory_resize_grows_and_shrinks_the_vm() {
     assert!(s.contains_key("memory resize"), "{s:?}");
     remove_pod(&pod);
 }
+
+/// A container with a seccomp profile: kubelet's RuntimeDefault (Pod Security "restricted"
+/// requires it) and a Localhost profile, with and without no_new_privs. Its execs (exec probes,
+/// `kubectl exec`) work and run under its filter, as its own process does.
+#[test]
+fn test_exec_runs_under_the_containers_seccomp_profile() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    // Everything allowed but making directories, which fails with EPERM.
+    let profile = "/tmp/accordion-seccomp-no-mkdir.json";
+    std::fs::write(
+        profile,
+        serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+        })
+        .to_string(),
+    )
+    .expect("write the seccomp profile");
+    let (pod, pod_cfg) = run_pod("seccomp", None);
+    let runtime_default = serde_json::json!({"profile_type": "RuntimeDefault"});
+    let localhost = serde_json::json!({"profile_type": "Localhost", "localhost_ref": profile});
+    for (name, seccomp, no_new_privs) in [
+        ("rtdefault", &runtime_default, false),
+        ("rtdefault-nnp", &runtime_default, true),
+        ("localhost", &localhost, false),
+        ("localhost-nnp", &localhost, true),
+    ] {
+        let cfg = write_json(
+            &format!("ctr-{name}"),
+            &serde_json::json!({
+                "metadata": {"name": name},
+                "image": {"image": TEST_IMAGE},
+                "command": ["sh", "-c", "exec sleep 3600"],
+                "log_path": format!("{name}.log"),
+                "linux": {"security_context": {"seccomp": seccomp, "no_new_privs": no_new_privs}},
+            }),
+        );
+        let c = run_container(&pod, &pod_cfg, &cfg);
+        // The containers' own processes (`sleep`; the pod shares one pid namespace, whose pid 1
+        // is the unconfined pause) and the exec are all in filter mode (2).
+        let (code, out) = exec(
+            &c,
+            "for p in $(pidof sleep); do grep '^Seccomp:' /proc/$p/status; done; \
+             echo self; grep '^Seccomp:' /proc/self/status; echo exec-ok",
+        );
+        assert_eq!(code, 0, "{name}: {out}");
+        let (mains, own) = out.split_once("self\n").expect("the script's marker");
+        assert!(
+            !mains.is_empty() && mains.lines().all(|l| l == "Seccomp:\t2"),
+            "{name}: {out}"
+        );
+        assert_eq!(own, "Seccomp:\t2\nexec-ok\n", "{name}");
+        if seccomp == &localhost {
+            // The filter is the container's: what it blocks, the exec cannot do either.
+            let (code, out) = exec(&c, "mkdir /tmp/blocked 2>&1; echo rc=$?");
+            assert_eq!(code, 0, "{name}: {out}");
+            assert!(
+                out.contains("Operation not permitted") && out.contains("rc=1"),
+                "{name}: {out}"
+            );
+        } else {
+            let (code, out) = exec(&c, "mkdir /tmp/allowed && echo made");
+            assert_eq!((code, out.as_str()), (0, "made\n"), "{name}");
+        }
+    }
+    remove_pod(&pod);
+    let _ = std::fs::remove_file(profile);
+}

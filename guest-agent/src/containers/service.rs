@@ -186,8 +186,13 @@ fn console_path(paths: &Paths, id: &str) -> PathBuf {
 /// Runs an exec's process with the container's seccomp filter. libcontainer 0.7's tenant builder
 /// rebuilds the exec's `linux` section from the namespaces, cgroup path, personality and time
 /// offsets only, so the filter of the container would be lost and an exec would escape it; this
-/// executor loads it right before execve (after capabilities are dropped and no_new_privileges is
-/// set, as for the container's own process), then hands over to libcontainer's default executor.
+/// executor loads it right before execve, then hands over to libcontainer's default executor.
+///
+/// By then libcontainer has dropped the process's capabilities, and the kernel loads a filter
+/// only for a process with CAP_SYS_ADMIN or no_new_privileges. A container that has neither
+/// (kubelet's default: allowPrivilegeEscalation unset) gets no_new_privileges for its execs, so
+/// they still run under its filter: never without it. runc loads the filter before the
+/// capability drop instead, which libcontainer offers no hook for.
 #[derive(Clone)]
 struct SeccompExecutor {
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
@@ -196,9 +201,22 @@ struct SeccompExecutor {
 impl Executor for SeccompExecutor {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
         if let Some(seccomp) = &self.seccomp {
-            let notify = libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| {
-                ExecutorError::Other(format!("Cannot load the container's seccomp filter: {e}"))
-            })?;
+            let load = || {
+                libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| {
+                    ExecutorError::Other(format!("Cannot load the container's seccomp filter: {e}"))
+                })
+            };
+            let notify = match load() {
+                Ok(notify) => notify,
+                // Without the privilege to load it: with no_new_privileges, which needs none.
+                Err(_) if !nix::sys::prctl::get_no_new_privs().unwrap_or(true) => {
+                    nix::sys::prctl::set_no_new_privs().map_err(|e| {
+                        ExecutorError::Other(format!("Cannot set no_new_privileges: {e}"))
+                    })?;
+                    load()?
+                }
+                Err(e) => return Err(e),
+            };
             if notify.is_some() {
                 // The filter is in place but nobody would answer its notifications.
                 return Err(ExecutorError::Other(

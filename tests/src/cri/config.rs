@@ -248,6 +248,39 @@ struct ContainerSecurityContext {
     masked_paths: Vec<String>,
     #[serde(alias = "readonlyPaths")]
     readonly_paths: Vec<String>,
+    seccomp: Option<SecurityProfile>,
+}
+
+/// `SecurityProfile` (seccomp): `profile_type` by name, as crictl's JSON writes it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SecurityProfile {
+    #[serde(alias = "profileType")]
+    profile_type: ProfileType,
+    #[serde(alias = "localhostRef")]
+    localhost_ref: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+enum ProfileType {
+    #[default]
+    RuntimeDefault,
+    Unconfined,
+    Localhost,
+}
+
+impl From<SecurityProfile> for pb::SecurityProfile {
+    fn from(p: SecurityProfile) -> Self {
+        let profile_type = match p.profile_type {
+            ProfileType::RuntimeDefault => pb::security_profile::ProfileType::RuntimeDefault,
+            ProfileType::Unconfined => pb::security_profile::ProfileType::Unconfined,
+            ProfileType::Localhost => pb::security_profile::ProfileType::Localhost,
+        };
+        pb::SecurityProfile {
+            profile_type: profile_type.into(),
+            localhost_ref: p.localhost_ref,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -460,6 +493,7 @@ impl From<ContainerSecurityContext> for pb::LinuxContainerSecurityContext {
             no_new_privs: s.no_new_privs,
             masked_paths: s.masked_paths,
             readonly_paths: s.readonly_paths,
+            seccomp: s.seccomp.map(Into::into),
             ..Default::default()
         }
     }
