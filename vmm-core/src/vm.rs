@@ -538,6 +538,26 @@ impl Vm {
         })
     }
 
+    /// Waits up to `timeout` for the plugged or requested memory to differ from `seen`; returns
+    /// the memory then (as `seen` on timeout). A VM without max_memory answers at once.
+    pub fn wait_memory_change(&self, seen: &VmMemory, timeout: Duration) -> VmMemory {
+        let Some(control) = &self.memory else {
+            return self.memory();
+        };
+        let seen = crate::devices::virtio::mem::MemorySnapshot {
+            plugged: seen.plugged,
+            requested: seen.requested,
+            ..control.snapshot()
+        };
+        let s = control.wait_changed(&seen, timeout);
+        VmMemory {
+            boot: self.boot_memory,
+            max: self.boot_memory + s.region_size,
+            plugged: s.plugged,
+            requested: s.requested,
+        }
+    }
+
     /// The VM's memory now (for a VM without max_memory: boot RAM, nothing plugged).
     pub fn memory(&self) -> VmMemory {
         let boot = self.boot_memory;

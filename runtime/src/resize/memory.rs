@@ -22,9 +22,6 @@ use crate::agent_client::AgentClientError;
 use crate::sandbox::Sandbox;
 use crate::vmm_process::SetMemoryError;
 
-/// How often the VMM's plugged size is re-read while waiting (plugs are device events, not agent
-/// events).
-const VMM_POLL: Duration = Duration::from_millis(20);
 const MIB: u64 = 1 << 20;
 /// What a shrink must leave free in the guest beyond what it uses (its kernel's working room).
 pub const SHRINK_HEADROOM: u64 = 64 * MIB;
@@ -242,6 +239,8 @@ impl Resizer {
                 .set_host_memory(target)
                 .map_err(MemoryResizeError::HostCgroup)?;
         }
+        // Subscribed before the request, so no plug it causes can be missed.
+        let mut changes = sandbox.vm_changes();
         let asked = sandbox.set_memory(target).map_err(MemoryResizeError::Vmm)?;
         let requested = asked.requested;
         let mut memory = asked;
@@ -268,7 +267,7 @@ impl Resizer {
                     }
                     Err(e) => return Err(agent_lost(e, Some(total))),
                 },
-                () = tokio::time::sleep(VMM_POLL) => {}
+                () = super::vmm_changed(&mut changes) => {}
                 () = tokio::time::sleep_until(deadline.into()) => {
                     return Err(self.stop_where_it_got(sandbox, target_mib, base, total, timeout));
                 }

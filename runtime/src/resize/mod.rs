@@ -24,8 +24,21 @@ use crate::sandbox::Sandbox;
 
 /// How many finished resizes `accordion status` shows.
 const HISTORY: usize = 8;
-/// How often the VMM's vCPU states are re-read while waiting (ejects are not agent events).
+/// How often the VMM's state is re-read while waiting, once it can no longer say when it changes
+/// (its channel closed: the resize ends at the next check).
 const VMM_POLL: Duration = Duration::from_millis(5);
+
+/// Waits until the VMM reports a change (a vCPU's state, the memory; `changes`), or, without a
+/// way to know (stopped, channel closed), for [`VMM_POLL`].
+pub(crate) async fn vmm_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = changes {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+        *changes = None;
+    }
+    tokio::time::sleep(VMM_POLL).await;
+}
 
 /// Why a resize failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +234,8 @@ impl Resizer {
                 latency: Duration::ZERO,
             });
         }
+        // Subscribed before the request, so no change it causes can be missed.
+        let mut changes = sandbox.vm_changes();
         sandbox.set_vcpus(target).map_err(|e| match e {
             SetVcpusError::Refused(SetVcpusRefusal::InvalidTarget { target, max }) => {
                 ResizeError::InvalidTarget { target, max }
@@ -253,7 +268,7 @@ impl Resizer {
                     }
                     Err(e) => return Err(agent_lost(e, &online)),
                 },
-                () = tokio::time::sleep(VMM_POLL) => {}
+                () = vmm_changed(&mut changes) => {}
                 () = tokio::time::sleep_until(deadline.into()) => {
                     return Err(ResizeError::Timeout {
                         target,

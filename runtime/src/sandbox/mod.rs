@@ -510,6 +510,12 @@ impl Sandbox {
             .map(|c| c.dir().to_owned())
     }
 
+    /// Sees a new value whenever a vCPU's state or the VM's memory changes, and when the VM
+    /// ends (None once stopped): what resizes wait on.
+    pub fn vm_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.vm().as_ref().map(VmProcess::changes)
+    }
+
     /// A handle that waits for the VM to stop (for a death watch); None once stopped.
     pub fn exit_watch(&self) -> Option<accordion_vmm::ExitWatch> {
         self.vm().as_ref().map(VmProcess::exit_watch)

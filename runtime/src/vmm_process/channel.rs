@@ -115,7 +115,14 @@ pub enum Message {
     Exit(ExitReason),
     /// A log line (level as log::Level as usize).
     Log(usize, String),
+    /// A vCPU's state or the plugged/requested memory changed: what a resize waits on, instead
+    /// of asking again and again (at most one per [`CHANGE_COALESCE`], however fast the guest
+    /// makes them).
+    Changed,
 }
+
+/// Changes within this long of the first are reported together.
+pub const CHANGE_COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 
 use accordion_vmm::config::InputFile;
@@ -14,6 +15,7 @@ use accordion_vmm::{FsConfig, NetConfig, Vm, VmConfig, VsockConfig};
 
 use super::channel::{
     bounded, Channel, Envelope, Message, Reply, Request, SetVcpusRefusal, StartSpec,
+    CHANGE_COALESCE,
 };
 use super::jail;
 use crate::sandbox::capped_log::CappedLog;
@@ -104,10 +106,58 @@ fn run(channel: &Arc<Channel>) -> Result<(), Failure> {
             })
             .map_err(|e| failed(id)(&e))?
     };
+    forward_changes(channel, &vm).map_err(|e| failed(id)(&e))?;
     serve(channel, &vm);
     // The shim is gone or asked to stop: stop the VM; the waiter reports and exits.
     vm.shutdown();
     let _ = waiter.join();
+    Ok(())
+}
+
+/// Tells the shim whenever a vCPU's state or the VM's memory changes (`Message::Changed`),
+/// coalescing what happens within [`CHANGE_COALESCE`], so a guest that flaps its CPUs costs the
+/// shim at most one message per period. The threads live as long as the process.
+fn forward_changes(channel: &Arc<Channel>, vm: &Arc<Vm>) -> std::io::Result<()> {
+    let changed = |channel: &Channel| {
+        let _ = channel.send(&Message::Changed, &[]);
+    };
+    let events = vm.subscribe_vcpu_events();
+    let vcpus = Arc::clone(channel);
+    std::thread::Builder::new()
+        .name("vmm-vcpu-events".into())
+        .spawn(move || {
+            while events.recv().is_ok() {
+                let until = std::time::Instant::now() + CHANGE_COALESCE;
+                while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+                    if let Err(RecvTimeoutError::Disconnected) = events.recv_timeout(left) {
+                        return;
+                    }
+                }
+                changed(&vcpus);
+            }
+        })?;
+    let memory = vm.memory();
+    if memory.max > memory.boot {
+        let (vm, channel) = (Arc::clone(vm), Arc::clone(channel));
+        std::thread::Builder::new()
+            .name("vmm-mem-events".into())
+            .spawn(move || {
+                let mut seen = memory;
+                loop {
+                    let now = vm.wait_memory_change(&seen, std::time::Duration::from_secs(3600));
+                    if now == seen {
+                        continue;
+                    }
+                    // The rest of a burst of plugs within the period goes with it.
+                    let until = std::time::Instant::now() + CHANGE_COALESCE;
+                    seen = now;
+                    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+                        seen = vm.wait_memory_change(&seen, left);
+                    }
+                    changed(&channel);
+                }
+            })?;
+    }
     Ok(())
 }
 

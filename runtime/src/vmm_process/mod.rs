@@ -113,6 +113,8 @@ pub struct VmProcess {
     next_id: AtomicU64,
     exit: Arc<ExitLatch>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// Bumped at every `Message::Changed` (a vCPU's state or the memory changed).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
     max_vcpus: u32,
     /// Boot and maximum guest memory in bytes, what every memory reply is checked against.
     memory_bounds: (u64, u64),
@@ -147,13 +149,22 @@ impl VmProcess {
         let channel = Arc::new(ours);
         let exit = Arc::new(ExitLatch::default());
         let (tx, rx) = mpsc::channel();
+        let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let reader = {
             let (channel, exit, pidfd) =
                 (Arc::clone(&channel), Arc::clone(&exit), Arc::clone(&pidfd));
             let name = spec.name.clone();
+            let changes = Arc::clone(&changes);
             std::thread::Builder::new()
                 .name("vmm-channel".into())
-                .spawn(move || read_messages(&name, &channel, &exit, &tx, &pidfd))
+                .spawn(move || {
+                    let to = Receivers {
+                        replies: &tx,
+                        exit: &exit,
+                        changes: &changes,
+                    };
+                    read_messages(&name, &channel, &to, &pidfd)
+                })
         };
         let reader = match reader {
             Ok(reader) => reader,
@@ -170,6 +181,7 @@ impl VmProcess {
             next_id: AtomicU64::new(1),
             exit,
             reader: Mutex::new(Some(reader)),
+            changes,
             max_vcpus: spec.max_vcpus,
             memory_bounds: memory_bounds(&spec),
             jail_setup: None,
@@ -227,6 +239,12 @@ impl VmProcess {
     /// A handle that waits for the VM to stop.
     pub fn exit_watch(&self) -> ExitWatch {
         ExitWatch::new(Arc::clone(&self.exit))
+    }
+
+    /// A receiver that sees a new value whenever a vCPU's state or the VM's memory changed
+    /// (what a resize waits on); its sender goes when the process's channel closes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Each possible vCPU's state; empty when the VMM cannot say (it stopped, or answered
@@ -411,15 +429,22 @@ pub enum SetVcpusError {
     Vmm(#[from] VmmError),
 }
 
+/// Where the reader puts what the VMM process says.
+struct Receivers<'a> {
+    replies: &'a Sender<(u64, Reply)>,
+    exit: &'a ExitLatch,
+    changes: &'a tokio::sync::watch::Sender<u64>,
+}
+
 /// The reader: answers to their callers, log lines to the shim's log, the exit reason to the
-/// latch; at EOF, waits for the process to end and, if it never said why, records how it ended.
-fn read_messages(
-    name: &str,
-    channel: &Channel,
-    exit: &ExitLatch,
-    replies: &Sender<(u64, Reply)>,
-    pidfd: &PidFd,
-) {
+/// latch, changes to the watchers; at EOF, waits for the process to end and, if it never said
+/// why, records how it ended.
+fn read_messages(name: &str, channel: &Channel, to: &Receivers<'_>, pidfd: &PidFd) {
+    let Receivers {
+        replies,
+        exit,
+        changes,
+    } = to;
     // The VMM already limits what a guest can make it log; this limits a VMM that does not.
     let limiter = RateLimiter::per_minute(120);
     loop {
@@ -430,6 +455,10 @@ fn read_messages(
                 }
                 Message::Exit(reason) => {
                     exit.trip(reason);
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                Message::Changed => {
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 Message::Log(level, line) => {
                     if let Some(dropped) = limiter.admit() {
@@ -458,6 +487,8 @@ fn read_messages(
     }) {
         log::warn!("sandbox {name}: its vmm process {status}");
     }
+    // Whoever waits for a change learns that the VM is gone.
+    changes.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 fn log_level(level: usize) -> log::Level {

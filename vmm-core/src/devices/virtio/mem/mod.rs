@@ -169,6 +169,21 @@ impl MemoryControl {
             .collect()
     }
 
+    /// Waits up to `timeout` for the plugged or the requested size to differ from `seen`'s;
+    /// returns the sizes then (unchanged on timeout).
+    pub fn wait_changed(&self, seen: &MemorySnapshot, timeout: Duration) -> MemorySnapshot {
+        let state = self.shared.lock();
+        let (state, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(state, timeout, |s| {
+                let now = s.snapshot();
+                now.plugged == seen.plugged && now.requested == seen.requested
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        state.snapshot()
+    }
+
     /// Waits until the plugged size equals the requested size; after `timeout`, returns the
     /// sizes reached as the error.
     pub fn wait_plugged(&self, timeout: Duration) -> Result<MemorySnapshot, MemorySnapshot> {

@@ -374,3 +374,20 @@ fn test_wait_plugged_times_out_with_how_far_the_guest_got() {
     assert!(control.set_requested(REGION + 1).is_err());
     assert_eq!(control.snapshot().requested, 8 << 20);
 }
+
+#[test]
+fn test_wait_changed_wakes_on_a_plug_and_times_out_without_one() {
+    let mut rig = Rig::new();
+    let control = rig.device.control();
+    control.set_requested(8 << 20).unwrap();
+    let seen = control.snapshot();
+    // Nothing happens: the same sizes after the timeout.
+    assert_eq!(control.wait_changed(&seen, Duration::from_millis(20)), seen);
+    let waiter = {
+        let control = control.clone();
+        std::thread::spawn(move || control.wait_changed(&seen, Duration::from_secs(10)))
+    };
+    assert_eq!(rig.request(REQ_PLUG, rig.block(0), 1), ack());
+    let now = waiter.join().unwrap();
+    assert_eq!((now.plugged, now.requested), (2 << 20, 8 << 20));
+}
