@@ -35,7 +35,13 @@ fuzz_target!(|data: &[u8]| {
     );
     assert!(config.guest.kernel.is_absolute() && config.guest.initrd.is_absolute());
     assert!(config.virtiofsd.path.is_absolute());
-    let size = PodSize::of(&SandboxResources::default(), &config).expect("defaults size a pod");
+    let size =
+        PodSize::of(&SandboxResources::default(), None, &config).expect("defaults size a pod");
     assert_eq!(size.vcpus, v.default);
     assert_eq!(size.memory_mib, config.memory.default_mib);
+    // memory.max_mib gives room to grow in whole 128 MiB blocks, or none.
+    if let Some(max) = size.max_memory_mib {
+        assert!(max > size.memory_mib && max <= config.memory.max_mib);
+        assert_eq!((max - size.memory_mib) % 128, 0);
+    }
 });

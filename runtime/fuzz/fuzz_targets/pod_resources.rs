@@ -10,7 +10,7 @@
 
 use accordion_runtime::config::{SizingPolicy, MAX_MEMORY_MIB};
 use accordion_runtime::resize::policy::{
-    check_memory_limit, guest_memory_mib, CpuShape, PodCpu, PolicyError,
+    check_memory_limit, guest_memory_mib, memory_limit, CpuShape, PodCpu, PodMemory, PolicyError,
 };
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -33,6 +33,10 @@ struct Input {
     overhead_mib: u64,
     memory_limit: Option<i64>,
     vm_mib: u64,
+    /// Containers' memory limits, the pod's boot and max memory (MiB).
+    memory_limits: Vec<Option<u64>>,
+    boot_mib: u64,
+    max_mib: u64,
 }
 
 const MILLIS_PER_CPU: u128 = 1000;
@@ -117,13 +121,63 @@ fuzz_target!(|input: Input| {
         Err(e) => panic!("guest_memory_mib gave {e:?}"),
     }
 
-    let vm_bytes = i128::from(input.vm_mib) << 20;
-    match check_memory_limit(input.memory_limit, input.vm_mib) {
-        Ok(()) => assert!(input
-            .memory_limit
-            .is_none_or(|l| l >= -1 && i128::from(l) <= vm_bytes)),
-        Err(PolicyError::MemoryLimit(l)) => assert!(l < -1),
-        Err(PolicyError::MemoryAboveVm { limit, .. }) => assert!(i128::from(limit) > vm_bytes),
+    // A container's memory limit as OCI gives it (-1 or 0: none), then against a fixed VM.
+    let mut resources = oci_spec::runtime::LinuxResources::default();
+    if let Some(l) = input.memory_limit {
+        if let Ok(memory) = oci_spec::runtime::LinuxMemoryBuilder::default()
+            .limit(l)
+            .build()
+        {
+            resources.set_memory(Some(memory));
+        }
+    }
+    let limit = match memory_limit(&resources) {
+        Ok(limit) => {
+            match input.memory_limit {
+                Some(l) if l > 0 => assert_eq!(limit, u64::try_from(l).ok()),
+                _ => assert_eq!(limit, None),
+            }
+            limit
+        }
+        Err(PolicyError::MemoryLimit(l)) => {
+            assert!(l < -1);
+            None
+        }
+        Err(e) => panic!("memory_limit gave {e:?}"),
+    };
+    let vm_bytes = u128::from(input.vm_mib) << 20;
+    match check_memory_limit(limit, input.vm_mib) {
+        Ok(()) => assert!(limit.is_none_or(|l| u128::from(l) <= vm_bytes)),
+        Err(PolicyError::MemoryAboveVm { limit, .. }) => assert!(u128::from(limit) > vm_bytes),
         Err(e) => panic!("check_memory_limit gave {e:?}"),
+    }
+
+    // The pod's memory target from its containers' limits.
+    let pod = PodMemory {
+        containers: (0..)
+            .map(|i: u32| i.to_string())
+            .zip(input.memory_limits.iter().copied())
+            .collect(),
+        pod: None,
+    };
+    let sum: u128 = input
+        .memory_limits
+        .iter()
+        .flatten()
+        .map(|&l| u128::from(l))
+        .sum();
+    let needed = sum.div_ceil(1 << 20) + u128::from(input.overhead_mib);
+    match pod.target_mib(input.overhead_mib, input.boot_mib, input.max_mib) {
+        Ok(mib) => {
+            assert!(needed <= u128::from(input.max_mib));
+            assert_eq!(u128::from(mib), needed.max(u128::from(input.boot_mib)));
+        }
+        Err(PolicyError::Overflow) => assert!(sum > u128::from(u64::MAX)),
+        Err(PolicyError::MemoryTooLarge { .. }) => assert!(needed > u128::from(MAX_MEMORY_MIB)),
+        Err(PolicyError::MemoryAboveMax { needed_mib, .. }) => {
+            assert_eq!(u128::from(needed_mib), needed);
+            assert!(needed > u128::from(input.max_mib));
+        }
+        Err(e) => panic!("target_mib gave {e:?}"),
     }
 });
