@@ -402,3 +402,68 @@ fn test_the_guest_cannot_change_the_share_skeleton_but_writes_its_rootfs_and_vol
     assert_clean();
     let _ = std::fs::remove_dir_all(vol);
 }
+
+/// A volume with a submount, bound read-only (`ro`: the volume only, as runc does it) and
+/// recursively read-only (`rro`: Kubernetes' recursiveReadOnly, the submount too).
+#[test]
+fn test_read_only_volume_keeps_a_writable_submount_unless_recursive() {
+    if !can_run() || !containerd_ready() {
+        return;
+    }
+    let _vm = one_vm();
+    let vol = "/tmp/accordion-ro-volume";
+    let sub = format!("{vol}/sub");
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", script])
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+    };
+    sh(&format!(
+        "umount {sub} 2>/dev/null; rm -rf {vol}; mkdir -p {sub} && mount -t tmpfs sub {sub}"
+    ));
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &format!("type=bind,src={vol},dst=/ro,options=rbind:ro"),
+        "--mount",
+        &format!("type=bind,src={vol},dst=/rro,options=rbind:rro"),
+        TEST_IMAGE,
+        "ro1",
+        "sleep",
+        "3600",
+    ]);
+    assert_code(&out, 0);
+    wait_running("ro1");
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "w1",
+        "ro1",
+        "sh",
+        "-c",
+        "for d in /ro /ro/sub /rro /rro/sub; do \
+           if touch $d/f 2>/dev/null; then echo \"$d: writable\"; else echo \"$d: read-only\"; fi; \
+         done",
+    ]);
+    assert_code(&out, 0);
+    assert_eq!(
+        text(&out.stdout),
+        "/ro: read-only\n/ro/sub: writable\n/rro: read-only\n/rro/sub: read-only\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // The writable submount is the host's: the file is there.
+    assert!(std::path::Path::new(&format!("{sub}/f")).exists());
+    assert!(!std::path::Path::new(&format!("{vol}/f")).exists());
+
+    let _ = ctr(&["task", "delete", "-f", "ro1"]);
+    assert_code(&ctr(&["container", "rm", "ro1"]), 0);
+    assert_clean();
+    sh(&format!("umount {sub} && rm -rf {vol}"));
+}

@@ -57,13 +57,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = spec::role(annotations.as_ref());
     let _ = spec::network_mode(&oci);
     let config = Config::default();
+    let max_memory = spec::max_memory_mib(annotations.as_ref()).unwrap_or(None);
     for resources in [
         SandboxResources::from_annotations(annotations.as_ref()),
         SandboxResources::from_spec(&oci),
     ] {
-        if let Ok(size) = PodSize::of(&resources, &config) {
+        if let Ok(size) = PodSize::of(&resources, max_memory, &config) {
             assert!(size.vcpus >= config.vcpus.min && size.vcpus <= config.vcpus.max);
             assert!(size.memory_mib >= config.memory.default_mib);
+            // Room to grow is whole 128 MiB memory blocks, never none.
+            if let Some(max) = size.max_memory_mib {
+                assert!(max > size.memory_mib && (max - size.memory_mib) % 128 == 0);
+            }
         }
     }
     if let Some(resources) = oci.linux().as_ref().and_then(|l| l.resources().as_ref()) {
@@ -115,4 +120,29 @@ fuzz_target!(|data: &[u8]| {
     let json = spec::to_json(s).expect("the guest's spec serializes");
     let back: Spec = serde_json::from_slice(&json).expect("the guest's spec parses back");
     assert_eq!(&back, s);
+
+    // The submounts of read-only binds, as the shim adds them after mounting: each one more
+    // bind inside the share, below its bind's directory.
+    let mut with_submounts = guest.spec.clone();
+    spec::add_submount_binds(&mut with_submounts, GUEST_DIR, &guest.binds, |_| {
+        vec![("sub".into(), false), ("sub/deep".into(), true)]
+    });
+    let mounts = with_submounts.mounts().as_deref().unwrap_or_default();
+    let read_only_binds = guest
+        .binds
+        .iter()
+        .filter(|b| b.readonly && !b.recursive_readonly)
+        .count();
+    assert_eq!(
+        mounts.iter().filter(|m| is_bind(m)).count(),
+        guest.binds.len() + 2 * read_only_binds
+    );
+    for m in mounts.iter().filter(|m| is_bind(m)) {
+        let source = m.source().as_deref().unwrap_or(Path::new(""));
+        let inside = source
+            .strip_prefix(GUEST_DIR)
+            .unwrap_or_else(|_| panic!("{} is outside {GUEST_DIR}", source.display()));
+        assert!(plain_relative(inside), "{}", source.display());
+        assert!(inside.starts_with("mounts"), "{}", source.display());
+    }
 });

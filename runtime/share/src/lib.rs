@@ -104,8 +104,12 @@ pub struct HostBind {
     /// Where it is mounted, relative to the container's directory (`mounts/N`).
     pub target: PathBuf,
     pub is_dir: bool,
-    /// Read-only, submounts included.
+    /// Read-only: the bind itself (OCI `ro`, as runc makes it), its submounts keeping their own
+    /// flags ...
     pub readonly: bool,
+    /// ... unless this is set too (OCI `rro`, Kubernetes' recursiveReadOnly): every submount
+    /// read-only as well.
+    pub recursive_readonly: bool,
 }
 
 /// A container's root filesystem.
@@ -257,7 +261,7 @@ impl PodShare {
         let at = sys::open_dir(dir, Path::new("rootfs"))
             .map_err(|e| ShareError::Open(target.clone(), e))?;
         let (tree, what) = match rootfs {
-            Rootfs::Bind(source) => (clone_source(source, false)?, source.to_owned()),
+            Rootfs::Bind(source) => (clone_source(source, false, false)?, source.to_owned()),
             Rootfs::Mount(mount) => (self.staged(id, mount)?, self.dir.join(STAGE_DIR).join(id)),
         };
         sys::attach(tree.as_fd(), at.as_fd()).map_err(|source| ShareError::Attach {
@@ -344,7 +348,7 @@ impl PodShare {
 fn bind(dir: &OwnedFd, path: &Path, b: &HostBind) -> Result<OwnedFd, ShareError> {
     let (parents, name) = target_components(&b.target)?;
     // The source first: a missing one fails before anything is created.
-    let tree = clone_source(&b.source, b.readonly)?;
+    let tree = clone_source(&b.source, b.readonly, b.recursive_readonly)?;
     let mut at_path = path.to_owned();
     let mut parent: Option<OwnedFd> = None;
     for p in parents {
@@ -377,13 +381,25 @@ fn bind(dir: &OwnedFd, path: &Path, b: &HostBind) -> Result<OwnedFd, ShareError>
 
 /// A detached recursive copy of the mounts at host path `source`, private (a mount made under
 /// the source later does not reach it, so it cannot bring a writable submount into a read-only
-/// bind) and read-only throughout when `readonly`.
-fn clone_source(source: &Path, readonly: bool) -> Result<OwnedFd, ShareError> {
+/// bind); when `readonly`, its top mount is read-only, and with `recursive` every mount of it.
+fn clone_source(source: &Path, readonly: bool, recursive: bool) -> Result<OwnedFd, ShareError> {
     let tree = sys::clone_path(source).map_err(|e| ShareError::Clone(source.to_owned(), e))?;
-    let attr = if readonly { libc::MOUNT_ATTR_RDONLY } else { 0 };
-    sys::set_attributes(tree.as_fd(), attr, Propagation::Private, true)
-        .map_err(|e| ShareError::Attributes(source.to_owned(), e))?;
+    let attributes = |attr, recursive| {
+        sys::set_attributes(tree.as_fd(), attr, Propagation::Private, recursive)
+            .map_err(|e| ShareError::Attributes(source.to_owned(), e))
+    };
+    attributes(0, true)?;
+    if readonly {
+        attributes(libc::MOUNT_ATTR_RDONLY, recursive)?;
+    }
     Ok(tree)
+}
+
+/// Mounts strictly below `dir` (e.g. a bind's target in a container's directory), shallowest
+/// first, relative to it, with whether each is read-only: what the guest must bind itself, since
+/// a virtio-fs submount it mounts later takes the read-only flag of the mount it appears under.
+pub fn submounts(dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {
+    mountinfo::submounts(dir)
 }
 
 /// Runs `mount` on `path` (`stage/<name>`) and clones what it mounted there.

@@ -84,6 +84,36 @@ pub fn remove_dir_unless_mounted(dir: &Path) -> bool {
     }
 }
 
+/// Mount points strictly below `dir`, relative to it, shallowest first, each with whether it is
+/// mounted read-only (its per-mount options, the sixth field).
+pub fn submounts(dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {
+    let dir = std::fs::canonicalize(dir)?;
+    let info = std::fs::read_to_string(MOUNTINFO)?;
+    Ok(submounts_in(&info, &dir))
+}
+
+fn submounts_in(info: &str, dir: &Path) -> Vec<(PathBuf, bool)> {
+    let mut below: Vec<(PathBuf, bool)> = info
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(' ').skip(4);
+            let point = unescape(fields.next()?);
+            let readonly = fields.next()?.split(',').any(|o| o == "ro");
+            let relative = point.strip_prefix(dir).ok()?.to_owned();
+            (!relative.as_os_str().is_empty()).then_some((relative, readonly))
+        })
+        .collect();
+    below.sort_by_key(|(p, _)| p.components().count());
+    // A path mounted over several times: the last (topmost) one counts.
+    let mut seen = std::collections::BTreeMap::new();
+    for (p, ro) in below {
+        seen.insert(p, ro);
+    }
+    let mut out: Vec<(PathBuf, bool)> = seen.into_iter().collect();
+    out.sort_by_key(|(p, _)| p.components().count());
+    out
+}
+
 /// The mount point (fifth field) of every mountinfo line.
 fn mount_points(info: &str) -> impl Iterator<Item = PathBuf> + '_ {
     info.lines()
@@ -127,6 +157,19 @@ mod tests {
         );
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
         assert_eq!(unescape(r"/end\04"), PathBuf::from(r"/end\04"));
+    }
+
+    #[test]
+    fn test_submounts_are_relative_shallowest_first_with_their_read_only_flag() {
+        let info = "90 30 0:40 / /run/p/mounts/c/mounts/0 ro shared:5 - tmpfs tmpfs rw\n\
+                    91 90 0:41 / /run/p/mounts/c/mounts/0/a/b rw shared:6 - tmpfs tmpfs rw\n\
+                    92 90 0:42 / /run/p/mounts/c/mounts/0/sub rw,nosuid shared:7 - tmpfs tmpfs rw\n\
+                    93 90 0:43 / /run/p/mounts/c/mounts/0/sub ro shared:8 - tmpfs tmpfs rw\n\
+                    94 30 0:44 / /run/p/mounts/c/mounts/01 rw shared:9 - tmpfs tmpfs rw\n";
+        assert_eq!(
+            submounts_in(info, Path::new("/run/p/mounts/c/mounts/0")),
+            vec![(PathBuf::from("sub"), true), (PathBuf::from("a/b"), false),]
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ const CASES: &[Case] = &[
         failing_midway,
     ),
     (
-        "test_readonly_bind_is_readonly_in_its_submounts_too",
+        "test_readonly_bind_keeps_its_submounts_flags_and_a_recursive_one_makes_them_readonly",
         readonly_submounts,
     ),
     (
@@ -214,18 +214,21 @@ impl TestRoot {
                 target: "mounts/0".into(),
                 is_dir: true,
                 readonly: false,
+                recursive_readonly: false,
             },
             HostBind {
                 source: self.root.join("src/hosts"),
                 target: "mounts/1".into(),
                 is_dir: false,
                 readonly: false,
+                recursive_readonly: false,
             },
             HostBind {
                 source: self.root.join("src/vol"),
                 target: "mounts/2".into(),
                 is_dir: true,
                 readonly: true,
+                recursive_readonly: false,
             },
         ]
     }
@@ -540,6 +543,7 @@ fn failing_midway(t: &TestRoot) {
         target: "mounts/3".into(),
         is_dir: true,
         readonly: false,
+        recursive_readonly: false,
     });
     let err = share
         .mount_container("c", Rootfs::Mount(&tmpfs_rootfs), &binds)
@@ -579,12 +583,21 @@ fn readonly_submounts(t: &TestRoot) {
             target: "mounts/0".into(),
             is_dir: true,
             readonly: true,
+            recursive_readonly: false,
         },
         HostBind {
             source: src.clone(),
             target: "mounts/1".into(),
             is_dir: true,
             readonly: false,
+            recursive_readonly: false,
+        },
+        HostBind {
+            source: src.clone(),
+            target: "mounts/2".into(),
+            is_dir: true,
+            readonly: true,
+            recursive_readonly: true,
         },
     ];
     share
@@ -593,18 +606,38 @@ fn readonly_submounts(t: &TestRoot) {
     let host = share.container_dir("c");
     let view = t.pod.join("share/c");
     for base in [&host, &view] {
+        for bind in ["mounts/0", "mounts/2"] {
+            assert_eq!(
+                fs::read_to_string(base.join(bind).join("sub/file")).expect("read"),
+                "sub"
+            );
+            assert_eq!(create(&base.join(bind).join("new")), Some(libc::EROFS));
+        }
+        // `ro` makes the bind read-only, not its submounts (as runc does)...
         assert_eq!(
-            fs::read_to_string(base.join("mounts/0/sub/file")).expect("read"),
-            "sub"
-        );
-        assert_eq!(create(&base.join("mounts/0/new")), Some(libc::EROFS));
-        assert_eq!(
-            create(&base.join("mounts/0/sub/new")),
-            Some(libc::EROFS),
-            "the submount of a read-only bind is writable under {}",
+            create(&base.join("mounts/0/sub/new-0")),
+            None,
+            "the submount of a (non-recursive) read-only bind is read-only under {}",
             base.display()
         );
+        // ... `rro` makes them read-only too.
+        assert_eq!(
+            create(&base.join("mounts/2/sub/new")),
+            Some(libc::EROFS),
+            "the submount of a recursively read-only bind is writable under {}",
+            base.display()
+        );
+        fs::remove_file(base.join("mounts/0/sub/new-0")).expect("remove");
     }
+    // Where the guest must bind them itself: below the bind, with their own flags.
+    assert_eq!(
+        accordion_share::submounts(&host.join("mounts/0")).expect("submounts"),
+        vec![(PathBuf::from("sub"), false)]
+    );
+    assert_eq!(
+        accordion_share::submounts(&host.join("mounts/2")).expect("submounts"),
+        vec![(PathBuf::from("sub"), true)]
+    );
     // The read-write bind of the same source is writable, submount included.
     assert_eq!(create(&view.join("mounts/1/sub/new")), None);
     // A mount made under the source later does not reach the binds: it cannot bring a writable

@@ -638,12 +638,10 @@ impl Service {
             bundle.join(root)
         };
         let guest_dir = format!("{GUEST_SHARE}/{id}");
-        let guest = spec::for_guest(oci, req.terminal, &guest_dir, |p| {
+        let mut guest = spec::for_guest(oci, req.terminal, &guest_dir, |p| {
             std::fs::metadata(p).ok().map(|m| m.is_dir())
         })
         .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
-        let spec_json = spec::to_json(&guest.spec)
-            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
 
         let share = pod.share().clone();
         if share.container_dir(id).exists() {
@@ -661,6 +659,24 @@ impl Service {
             share.remove_container(id);
             status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e))
         })?;
+        // The submounts the binds carried, as they are now on the host.
+        let container_dir = share.container_dir(id);
+        spec::add_submount_binds(&mut guest.spec, &guest_dir, &guest.binds, |b| {
+            accordion_share::submounts(&container_dir.join(&b.target)).unwrap_or_else(|e| {
+                log::warn!(
+                    "{id}: cannot list the submounts of {}: {e}",
+                    b.target.display()
+                );
+                Vec::new()
+            })
+        });
+        let spec_json = match spec::to_json(&guest.spec) {
+            Ok(json) => json,
+            Err(e) => {
+                share.remove_container(id);
+                return Err(status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)));
+            }
+        };
 
         let agent = container_agent(&pod, &config);
         let created = agent

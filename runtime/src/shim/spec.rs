@@ -207,10 +207,13 @@ fn guest_mount(
         destination: destination.clone(),
         host_path: source.display().to_string(),
     })?;
-    let readonly = m
-        .options()
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|x| x == "ro"));
+    let has = |option: &str| {
+        m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == option))
+    };
+    let recursive_readonly = has("rro");
+    let readonly = recursive_readonly || has("ro");
     let target = PathBuf::from(format!("mounts/{}", binds.len()));
     let mut guest = m;
     guest.set_source(Some(Path::new(guest_dir).join(&target)));
@@ -219,8 +222,52 @@ fn guest_mount(
         target,
         is_dir,
         readonly,
+        recursive_readonly,
     });
     Ok(guest)
+}
+
+/// Adds to the guest's spec, right after each (non-recursively) read-only bind, a bind of each
+/// submount `submounts_of` finds below it on the host, with its own flags. The guest must make
+/// them itself: a virtio-fs submount the guest mounts when a path first crosses it takes the
+/// read-only flag of the mount it appears under, so under the container's read-only bind a
+/// writable host submount would turn read-only.
+pub fn add_submount_binds(
+    spec: &mut Spec,
+    guest_dir: &str,
+    binds: &[HostBind],
+    submounts_of: impl Fn(&HostBind) -> Vec<(PathBuf, bool)>,
+) {
+    let Some(mounts) = spec.mounts().clone() else {
+        return;
+    };
+    let mut out = Vec::with_capacity(mounts.len());
+    for m in mounts {
+        let bind = binds.iter().find(|b| {
+            b.readonly
+                && !b.recursive_readonly
+                && m.source().as_deref() == Some(Path::new(guest_dir).join(&b.target).as_path())
+        });
+        let extra: Vec<Mount> = match bind {
+            Some(b) => submounts_of(b)
+                .into_iter()
+                .filter_map(|(relative, readonly)| {
+                    let flag = if readonly { "ro" } else { "rw" };
+                    MountBuilder::default()
+                        .destination(m.destination().join(&relative))
+                        .typ("bind")
+                        .source(Path::new(guest_dir).join(&b.target).join(&relative))
+                        .options(vec!["rbind".to_string(), flag.to_string()])
+                        .build()
+                        .ok()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        out.push(m);
+        out.extend(extra);
+    }
+    spec.set_mounts(Some(out));
 }
 
 /// The pod's CPU and memory from the sandbox annotations containerd's CRI plugin sets.
@@ -364,13 +411,15 @@ mod tests {
                     source: "/var/lib/x/hosts".into(),
                     target: "mounts/0".into(),
                     is_dir: false,
-                    readonly: false
+                    readonly: false,
+                    recursive_readonly: false,
                 },
                 HostBind {
                     source: "/srv/data".into(),
                     target: "mounts/1".into(),
                     is_dir: true,
-                    readonly: true
+                    readonly: true,
+                    recursive_readonly: false,
                 },
             ]
         );
@@ -385,6 +434,68 @@ mod tests {
             Some(Path::new("/run/accordion/containers/c1/mounts/1"))
         );
         assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
+    }
+
+    #[test]
+    fn test_read_only_binds_get_their_submounts_bound_in_the_guest_unless_recursive() {
+        let s = spec(
+            r#"{"ociVersion": "1.1.0", "root": {"path": "rootfs"},
+                "mounts": [
+                  {"destination": "/ro", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
+                  {"destination": "/rro", "type": "bind", "source": "/srv/data", "options": ["rbind", "rro"]},
+                  {"destination": "/rw", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+                  {"destination": "/proc", "type": "proc", "source": "proc"}
+                ]}"#,
+        );
+        let mut g = for_guest(s, false, "/g", kinds).unwrap();
+        let flags: Vec<(bool, bool)> = g
+            .binds
+            .iter()
+            .map(|b| (b.readonly, b.recursive_readonly))
+            .collect();
+        assert_eq!(flags, [(true, false), (true, true), (false, false)]);
+        add_submount_binds(&mut g.spec, "/g", &g.binds, |b| {
+            assert_eq!(
+                b.target,
+                Path::new("mounts/0"),
+                "asked only for the `ro` bind"
+            );
+            vec![("sub".into(), false), ("sub/deep".into(), true)]
+        });
+        let mounts: Vec<(String, String, Vec<String>)> = g
+            .spec
+            .mounts()
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m.destination().display().to_string(),
+                    m.source().clone().unwrap_or_default().display().to_string(),
+                    m.options().clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            mounts,
+            vec![
+                ("/ro".into(), "/g/mounts/0".into(), o(&["rbind", "ro"])),
+                (
+                    "/ro/sub".into(),
+                    "/g/mounts/0/sub".into(),
+                    o(&["rbind", "rw"])
+                ),
+                (
+                    "/ro/sub/deep".into(),
+                    "/g/mounts/0/sub/deep".into(),
+                    o(&["rbind", "ro"])
+                ),
+                ("/rro".into(), "/g/mounts/1".into(), o(&["rbind", "rro"])),
+                ("/rw".into(), "/g/mounts/2".into(), o(&["rbind", "rw"])),
+                ("/proc".into(), "proc".into(), o(&[])),
+            ]
+        );
     }
 
     #[test]
