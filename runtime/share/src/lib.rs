@@ -32,8 +32,9 @@
 //! one call (no symlink, not even the last; no ".."; no mount crossed, so never through a
 //! container's root filesystem or volume), where a hand-written O_NOFOLLOW walk would take a
 //! syscall per component and its own checks for "..". Mounts are made between descriptors
-//! (open_tree(OPEN_TREE_CLONE | AT_RECURSIVE), mount_setattr, move_mount), read-only means
-//! read-only recursively and is set on the detached tree before it becomes visible, files are
+//! (open_tree(OPEN_TREE_CLONE | AT_RECURSIVE), mount_setattr, move_mount), read-only (the bind's
+//! top mount, or every mount of it when recursive) is set on the detached tree before it becomes
+//! visible, files are
 //! created O_CREAT | O_EXCL | O_NOFOLLOW, and a failed Create unmounts exactly the mounts it made
 //! through their descriptors. These calls need Linux 5.12; production hosts run ≥ 6.4.
 
