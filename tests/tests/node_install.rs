@@ -39,7 +39,11 @@ impl NodeState {
         move_file(ACCORDION_CONFIG, &format!("{SAVED}/config.toml")).expect("move config");
         let pristine: String = String::from_utf8_lossy(&state.containerd_config)
             .lines()
-            .filter(|l| !l.contains("runtimes.accordion]") && !l.contains(RUNTIME))
+            .filter(|l| {
+                !l.contains("runtimes.accordion]")
+                    && !l.contains(RUNTIME)
+                    && !l.contains("accordion.dev/")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         assert!(!pristine.contains("accordion"), "{pristine}");
