@@ -168,6 +168,25 @@ pub fn start_sandbox(name: &str, kernel: &str) {
     assert_eq!(text(&out.stdout), format!("{name}\n"));
 }
 
+/// MemTotal of a /proc/meminfo text, bytes; panics when it has none.
+pub fn meminfo_total(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no MemTotal in {meminfo}"))
+}
+
+/// `accordion exec NAME -- sh -c SCRIPT` in the sandbox's VM (outside every container), which
+/// must exit 0: its stdout.
+pub fn guest_sh(name: &str, script: &str) -> String {
+    let out = accordion(&["exec", name, "--", "sh", "-c", script]);
+    assert_code(&out, 0);
+    text(&out.stdout)
+}
+
 /// `accordion status NAME` as key → value.
 pub fn sandbox_status(name: &str) -> HashMap<String, String> {
     let out = accordion(&["status", name]);

@@ -6,7 +6,8 @@
 use accordion_tests::containerd::{containerd_ready, process_pids, TEST_IMAGE};
 use accordion_tests::cri_cli::{assert_no_leftovers, cri, cri_ok, write_json};
 use accordion_tests::{
-    accordion, assert_code, assert_vmm_jailed, can_run, one_vm, proc_status_field, text, vmm_pid,
+    accordion, assert_code, assert_vmm_jailed, can_run, guest_sh, meminfo_total, one_vm,
+    proc_status_field, text, vmm_pid,
 };
 
 /// A pod config (no pod-level resources unless given).
@@ -402,19 +403,7 @@ const MIB: u64 = 1 << 20;
 fn memtotal(id: &str) -> u64 {
     let (code, out) = exec(id, "cat /proc/meminfo");
     assert_eq!(code, 0, "{out}");
-    out.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or_else(|| panic!("no MemTotal in {out}"))
-}
-
-/// `accordion exec` in the pod's VM (outside every container): stdout.
-fn guest_sh(pod: &str, script: &str) -> String {
-    let out = accordion(&["exec", pod, "--", "sh", "-c", script]);
-    assert_code(&out, 0);
-    text(&out.stdout)
+    meminfo_total(&out)
 }
 
 /// Container `c`'s memory.max in the guest.

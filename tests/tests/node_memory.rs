@@ -4,29 +4,15 @@
 //! ARM64 KVM host); fails instead of skipping when ACCORDION_REQUIRE_KVM=1 and KVM or the guest
 //! assets are missing.
 
-use accordion_tests::{accordion, assert_code, can_run, one_vm, sandbox_status, share, text};
+use accordion_tests::{
+    accordion, assert_code, can_run, guest_sh, meminfo_total, one_vm, sandbox_status, share, text,
+};
 
 const MIB: u64 = 1 << 20;
 
 /// The guest's MemTotal, bytes.
 fn guest_memtotal(name: &str) -> u64 {
-    let out = accordion(&["exec", name, "--", "cat", "/proc/meminfo"]);
-    assert_code(&out, 0);
-    let text = text(&out.stdout);
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {text}"));
-    kb * 1024
-}
-
-/// Runs a shell command in the guest and returns its stdout.
-fn guest_sh(name: &str, script: &str) -> String {
-    let out = accordion(&["exec", name, "--", "sh", "-c", script]);
-    assert_code(&out, 0);
-    text(&out.stdout)
+    meminfo_total(&guest_sh(name, "cat /proc/meminfo"))
 }
 
 fn resize_memory(name: &str, size: &str) -> std::process::Output {
