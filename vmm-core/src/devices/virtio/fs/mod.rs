@@ -342,6 +342,19 @@ impl VirtioDevice for Fs {
         )
         .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
         self.forwarder = Some(forwarder);
+        // Activation runs on the device manager's thread, after the vCPU's DRIVER_OK write has
+        // returned, so the driver may already have kicked: through the ioeventfd, which the
+        // transport never sees. virtiofsd drops a kick it reads before SET_VRING_ENABLE (it
+        // registers the eventfd at SET_VRING_KICK), and the driver waits forever for a request
+        // it queued then. One kick per started ring now makes virtiofsd look at every ring once
+        // it is enabled; a spurious kick only costs a look at an empty ring.
+        for &index in &self.started {
+            if let Some(kick) = self.kicks.get(index) {
+                if let Err(e) = kick.write(1) {
+                    log::warn!("virtio-fs {}: cannot kick queue {index}: {e}", self.tag());
+                }
+            }
+        }
         log::info!("virtio-fs {}: started {:?}", self.tag(), self.started);
         Ok(())
     }
