@@ -26,7 +26,7 @@ struct RuntimeOptions {
     config_body: String,
 }
 
-const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
 
 /// Errors in the runtime options.
 #[derive(Debug, thiserror::Error)]
