@@ -24,6 +24,17 @@ pub fn containerd_ready() -> bool {
     false
 }
 
+/// containerd's own version, from the server half of `ctr version` (e.g. `2.1.9+unknown`).
+pub fn server_version() -> Option<String> {
+    let out = ctr(&["version"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let server = text.split("Server:").nth(1)?;
+    server
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))
+        .map(|v| v.trim().trim_start_matches('v').to_string())
+}
+
 fn ctr_command(args: &[&str]) -> Command {
     let mut c = Command::new("ctr");
     c.args(args);

@@ -7,8 +7,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use accordion_tests::containerd::{
-    containerd_ready, ctr, leftovers, process_pids, restart_containerd, wait_for, RUNTIME,
-    TEST_IMAGE,
+    containerd_ready, ctr, leftovers, process_pids, restart_containerd, server_version, wait_for,
+    RUNTIME, TEST_IMAGE,
 };
 use accordion_tests::{accordion, assert_code, can_run, one_vm, run_dir_entries, text};
 
@@ -56,6 +56,23 @@ fn assert_clean() {
     if let Err(left) = left {
         panic!("left behind: {left:?}");
     }
+}
+
+/// The node's containerd is the one the run asked for (`--containerd=1.7|2.1` sets
+/// ACCORDION_CONTAINERD), so a test run cannot claim a version it did not use.
+#[test]
+fn test_the_node_runs_the_containerd_version_it_was_asked_for() {
+    if !containerd_ready() {
+        return;
+    }
+    let Ok(wanted) = std::env::var("ACCORDION_CONTAINERD") else {
+        return;
+    };
+    let version = server_version().expect("ctr version names the server's version");
+    assert!(
+        version.starts_with(&format!("{wanted}.")),
+        "asked for containerd {wanted}, the node runs {version}"
+    );
 }
 
 #[test]

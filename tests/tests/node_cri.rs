@@ -16,6 +16,11 @@ fn pod_config(name: &str, resources: Option<serde_json::Value>) -> String {
     if let Some(r) = resources {
         linux["resources"] = r;
     }
+    pod_config_linux(name, linux)
+}
+
+/// A pod config whose `linux` section is `linux`.
+fn pod_config_linux(name: &str, linux: serde_json::Value) -> String {
     write_json(
         &format!("pod-{name}"),
         &serde_json::json!({
@@ -87,7 +92,11 @@ fn test_pod_with_two_containers_runs_in_one_vm_and_leaves_nothing() {
         return;
     }
     let _vm = one_vm();
-    let (pod, pod_cfg) = run_pod("two", None);
+    // Pod sysctls are the pod network's: the guest's. (containerd 2.x also adds
+    // ping_group_range to every pod.)
+    let sysctls = serde_json::json!({"net.ipv4.ip_unprivileged_port_start": "80"});
+    let pod_cfg = pod_config_linux("two", serde_json::json!({ "sysctls": sysctls }));
+    let pod = cri_ok(&["runp", "--runtime", "accordion", &pod_cfg]);
     let a = run_container(
         &pod,
         &pod_cfg,
@@ -117,6 +126,10 @@ fn test_pod_with_two_containers_runs_in_one_vm_and_leaves_nothing() {
     assert_eq!(boot_a, boot_b);
     assert_ne!(boot_a, node_boot);
     assert_eq!(exec(&b, "cat /tmp/a 2>/dev/null; echo end").1, "end\n");
+    assert_eq!(
+        exec(&a, "cat /proc/sys/net/ipv4/ip_unprivileged_port_start"),
+        (0, "80\n".into())
+    );
     // ExecSync: output and exit code.
     assert_eq!(
         exec(&a, "echo hi; uname -m; exit 3"),

@@ -428,7 +428,9 @@ impl ContainersService {
         if real != bundle || !real.is_dir() {
             return Err(ValidateError::Bundle(request.bundle.clone()).into());
         }
-        let spec = spec::prepare(&request.spec_json, &id, request.tty)?;
+        let mut spec = spec::prepare(&request.spec_json, &id, request.tty)?;
+        // The pod's network is the guest's: its net.* sysctls are set there, not by libcontainer.
+        let sysctls = spec::take_network_sysctls(&mut spec)?;
         // prepare() checked root.path is relative without "..": a symlink is all that is left.
         let root_rel = spec
             .root()
@@ -449,10 +451,10 @@ impl ContainersService {
         if paths.state.join(&id).exists() {
             return Err(ContainerError::Exists(id));
         }
+        spec::set_network_sysctls(Path::new("/proc/sys"), &sysctls)?;
         // The host's bundle is read-only (the pod's share, so that the guest cannot rearrange
         // what the host mounts in it): the spec goes into a bundle of the agent's own on its
         // tmpfs, whose root.path is the rootfs checked above. Delete removes only that one.
-        let mut spec = spec;
         if let Some(mut root) = spec.root().clone() {
             root.set_path(rootfs);
             spec.set_root(Some(root));

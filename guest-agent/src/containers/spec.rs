@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use super::CGROUP_PARENT;
 
@@ -79,6 +79,81 @@ pub fn prepare(json: &[u8], id: &str, tty: bool) -> Result<Spec, SpecError> {
         .ok_or_else(|| invalid("linux is missing"))?;
     linux.set_cgroups_path(Some(cgroups_path(id)));
     Ok(spec)
+}
+
+/// Most network sysctls one spec may carry (kubelet passes a handful).
+const MAX_NET_SYSCTLS: usize = 64;
+/// Longest sysctl value accepted (ip_local_port_range and the like are a few bytes).
+const MAX_SYSCTL_VALUE: usize = 256;
+
+/// Takes the network sysctls (`net.*`) out of a spec whose container shares the guest's network
+/// (no network namespace of its own: the host drops the pod's, because the VM is the pod's
+/// network). libcontainer refuses them there ("not allowed in host network namespace"), yet they
+/// are the pod's to set: containerd 2.x puts `net.ipv4.ping_group_range` and
+/// `net.ipv4.ip_unprivileged_port_start` on every pod, and Kubernetes pods may ask for more.
+/// [`set_network_sysctls`] sets them on the guest's network, which only this pod uses.
+/// Names are checked here: `net.` and dot-separated words of `[A-Za-z0-9_-]`.
+pub fn take_network_sysctls(spec: &mut Spec) -> Result<Vec<(String, String)>, SpecError> {
+    let Some(linux) = spec.linux_mut().as_mut() else {
+        return Ok(Vec::new());
+    };
+    let own_network = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|ns| ns.typ() == LinuxNamespaceType::Network);
+    let Some(sysctls) = linux.sysctl_mut().as_mut().filter(|_| !own_network) else {
+        return Ok(Vec::new());
+    };
+    let names: Vec<String> = sysctls
+        .keys()
+        .filter(|k| k.starts_with("net.") || k.starts_with("net/"))
+        .cloned()
+        .collect();
+    if names.len() > MAX_NET_SYSCTLS {
+        return Err(invalid(format!(
+            "{} network sysctls, at most {MAX_NET_SYSCTLS}",
+            names.len()
+        )));
+    }
+    let mut taken = Vec::with_capacity(names.len());
+    for name in names {
+        let value = sysctls.remove(&name).unwrap_or_default();
+        // Kubernetes also accepts `/` as the separator (for names with a dot in a segment).
+        let dotted = name.replace('/', ".");
+        let words_ok = dotted.split('.').all(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        if !words_ok {
+            return Err(invalid(format!("sysctl name {name:?} is not valid")));
+        }
+        if value.len() > MAX_SYSCTL_VALUE || value.contains(['\0', '\n']) {
+            return Err(invalid(format!(
+                "sysctl {name}: the value must be one line of at most {MAX_SYSCTL_VALUE} bytes"
+            )));
+        }
+        taken.push((dotted, value));
+    }
+    taken.sort();
+    Ok(taken)
+}
+
+/// Sets `sysctls` (from [`take_network_sysctls`]) under `proc_sys` (/proc/sys).
+pub fn set_network_sysctls(proc_sys: &Path, sysctls: &[(String, String)]) -> Result<(), SpecError> {
+    for (name, value) in sysctls {
+        let path = proc_sys.join(name.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| {
+            invalid(match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    format!("sysctl {name} does not exist in the guest kernel")
+                }
+                _ => format!("cannot set sysctl {name} to {value:?} in the guest: {e}"),
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// The process of an exec into a container: the container's own process settings (user,
@@ -228,5 +303,98 @@ mod tests {
         let spec = prepare(&bytes(&minimal()), "c1", false).expect("valid");
         let again: Spec = serde_json::from_slice(&to_json(&spec).expect("json")).expect("parse");
         assert_eq!(again, spec);
+    }
+
+    fn with_sysctls(sysctls: serde_json::Value, own_network: bool) -> Spec {
+        let mut v = minimal();
+        v["linux"]["sysctl"] = sysctls;
+        if own_network {
+            v["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"type": "network"}));
+        }
+        prepare(&bytes(&v), "c1", false).expect("valid")
+    }
+
+    #[test]
+    fn test_network_sysctls_of_a_container_on_the_guests_network_are_taken_out_for_the_agent() {
+        let mut spec = with_sysctls(
+            serde_json::json!({"net.ipv4.ping_group_range": "0 2147483647",
+                               "net/ipv4/conf/eth0/forwarding": "1",
+                               "kernel.shm_rmid_forced": "1"}),
+            false,
+        );
+        let taken = take_network_sysctls(&mut spec).unwrap();
+        assert_eq!(
+            taken,
+            [
+                ("net.ipv4.conf.eth0.forwarding".to_string(), "1".to_string()),
+                (
+                    "net.ipv4.ping_group_range".to_string(),
+                    "0 2147483647".to_string()
+                ),
+            ]
+        );
+        // The IPC sysctl stays for libcontainer (the container's IPC namespace is its own).
+        let left = spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(left.keys().collect::<Vec<_>>(), ["kernel.shm_rmid_forced"]);
+    }
+
+    #[test]
+    fn test_a_container_with_its_own_network_namespace_keeps_its_sysctls() {
+        let mut spec = with_sysctls(serde_json::json!({"net.ipv4.ip_forward": "1"}), true);
+        assert!(take_network_sysctls(&mut spec).unwrap().is_empty());
+        assert_eq!(
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn test_bad_sysctl_names_and_values_are_refused() {
+        for (name, value) in [
+            ("net.ipv4..x", "1"),
+            ("net.ipv4.x/../../../etc", "1"),
+            ("net.ipv4.x y", "1"),
+            ("net.", "1"),
+            ("net.ipv4.x", "1\n2"),
+        ] {
+            let mut spec = with_sysctls(serde_json::json!({ name: value }), false);
+            let err = take_network_sysctls(&mut spec).unwrap_err();
+            assert!(matches!(err, SpecError::Invalid(_)), "{name}: {err:?}");
+        }
+        let many: serde_json::Map<_, _> = (0..65)
+            .map(|i| (format!("net.ipv4.x{i}"), serde_json::json!("1")))
+            .collect();
+        let mut spec = with_sysctls(serde_json::Value::Object(many), false);
+        assert!(take_network_sysctls(&mut spec).is_err());
+    }
+
+    #[test]
+    fn test_setting_sysctls_writes_their_files_and_names_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("agent-sysctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("net/ipv4")).unwrap();
+        std::fs::write(dir.join("net/ipv4/ping_group_range"), "1 0").unwrap();
+        let set = [(
+            "net.ipv4.ping_group_range".to_string(),
+            "0 2147483647".to_string(),
+        )];
+        set_network_sysctls(&dir, &set).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("net/ipv4/ping_group_range")).unwrap(),
+            "0 2147483647"
+        );
+        let missing = [("net.ipv9.nothing".to_string(), "1".to_string())];
+        let err = set_network_sysctls(&dir, &missing).unwrap_err().to_string();
+        assert!(err.contains("net.ipv9.nothing does not exist"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
