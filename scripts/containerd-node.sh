@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# containerd for the emulated ARM64 node (`cargo xtask node --containerd`): Debian trixie's arm64 containerd,
-# runc and CNI plugins with their shared-library closure, plus three OCI image archives built here by
-# scripts/oci-image.sh (no registry is reachable from the node or from here), laid out as a root to pack at / of
-# the node's initramfs.
+# containerd for the emulated ARM64 node (`cargo xtask node --containerd[=1.7|2.1]`): Debian's arm64 containerd
+# (trixie: 1.7, sid: 2.1), runc and CNI plugins with their shared-library closure, plus three OCI image archives
+# built here by scripts/oci-image.sh (no registry is reachable from the node or from here), laid out as a root to
+# pack at / of the node's initramfs.
 #
-#   scripts/containerd-node.sh [--force]
+#   scripts/containerd-node.sh [--suite trixie|sid] [--force]
+#     --suite  the Debian suite to take the packages from (default trixie)
 #     --force  rebuild even when cached
 #
 # Output contract: the last stdout line is `containerd-node: <dir>`; progress goes to stderr. <dir> holds
 #   root/                                    pack this at / of the node (regular files and directories only)
-#     usr/bin/{containerd,ctr,containerd-shim-runc-v2}   package containerd (1.7.x)
+#     usr/bin/{containerd,ctr,containerd-shim-runc-v2}   package containerd (trixie 1.7.x, sid 2.1.x)
 #     usr/sbin/runc                          package runc
 #     usr/lib/cni/{bridge,ptp,host-local,loopback,portmap}   package containernetworking-plugins; Debian's
 #                                            containerd looks for CNI plugins in /usr/lib/cni
@@ -17,12 +18,13 @@
 #     opt/accordion/images/busybox.oci.tar   `localhost/busybox:latest`: busybox-static (arm64) + its applet links
 #     opt/accordion/images/accordion-test.oci.tar   `localhost/accordion-test:latest`: the same busybox layer
 #                                            + /etc/accordion-test (the image the shim's tests run)
-#     opt/accordion/images/pause.oci.tar     `registry.k8s.io/pause:3.8`, the sandbox image containerd 1.7's CRI
-#                                            expects: a tiny static pause program (see PAUSE_C)
+#     opt/accordion/images/pause.oci.tar     the sandbox image the suite's containerd CRI expects by default
+#                                            (1.7: `registry.k8s.io/pause:3.8`, 2.1: `registry.k8s.io/pause:3.10`):
+#                                            a tiny static pause program (see PAUSE_C)
 #   versions     package versions it came from (the cache key)
 #   MANIFEST     path and size of every file under root/
 #   recipe       this script's RECIPE (a mismatch triggers a rebuild)
-# $CACHE/containerd-node/current -> <dir>.
+# $CACHE/containerd-node/current-<suite> -> <dir>.
 #
 # Not included: iptables (and the nf_tables modules it needs in the node), so the portmap plugin and a bridge
 # with ipMasq cannot work; the node's CNI config uses neither.
@@ -51,10 +53,17 @@ FORCE=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --force) FORCE=1; shift ;;
+    --suite) SUITE=${2:-}; shift 2 || shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "containerd-node: unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
 done
+
+case "$SUITE" in
+trixie) PAUSE_IMAGE=registry.k8s.io/pause:3.8 ;;
+sid) PAUSE_IMAGE=registry.k8s.io/pause:3.10 ;;
+*) echo "containerd-node: --suite takes trixie or sid, not '$SUITE'" >&2; exit 2 ;;
+esac
 
 START=$EPOCHREALTIME
 TMPS=()
@@ -82,7 +91,7 @@ check_tools() {
 # ---------------------------------------------------------------------------------------------
 # Versions of the packages in trixie, looked up at most once a day (when debian-apt.sh refreshes its index).
 resolve_versions() {
-    local f="$CN/resolved" stamp="$CACHE/apt/$SUITE/updated" p v out=""
+    local f="$CN/resolved-$SUITE" stamp="$CACHE/apt/$SUITE/updated" p v out=""
     if [ -f "$f" ] && [ "$FORCE" = 0 ]; then
         if [ "${ACCORDION_OFFLINE:-0}" = 1 ] || { [ -f "$stamp" ] && [ "$f" -nt "$stamp" ] &&
                 [ -z "$(find "$stamp" -mmin +1440)" ]; }; then
@@ -204,7 +213,7 @@ images() {
     mkdir -p "$p"
     printf '%s' "$PAUSE_C" > "$tmp/pause.c"
     "$CC" -static -Os -s -o "$p/pause" "$tmp/pause.c" || die "building pause.c failed"
-    "$OCI_IMAGE" registry.k8s.io/pause:3.8 "$out/opt/accordion/images/pause.oci.tar" --entrypoint '["/pause"]' "$p"
+    "$OCI_IMAGE" "$PAUSE_IMAGE" "$out/opt/accordion/images/pause.oci.tar" --entrypoint '["/pause"]' "$p"
 }
 
 build() {
@@ -265,7 +274,8 @@ build() {
 # ---------------------------------------------------------------------------------------------
 resolve_versions
 # The directory is named after containerd's version plus a hash of every version and the recipe.
-key=$(printf '%s\nrecipe %s\n' "$VERSIONS" "$RECIPE" | sha256sum | cut -c1-12)
+key=$(printf '%s\nrecipe %s\n%s' "$VERSIONS" "$RECIPE" "$([ "$SUITE" = trixie ] || echo "pause $PAUSE_IMAGE")" |
+    sha256sum | cut -c1-12)
 cver=$(awk '$1 == "containerd" {print $2}' <<< "$VERSIONS")
 out="$CN/${cver//[:~]/_}-$key"
 complete() { [ -f "$out/recipe" ] && [ "$(cat "$out/recipe")" = "$RECIPE" ] && [ -x "$out/root/usr/bin/containerd" ]; }
@@ -281,5 +291,5 @@ if [ "$FORCE" = 1 ] || ! complete; then
     fi
     flock -u 9
 fi
-[ "$(readlink "$CN/current" 2>/dev/null)" = "$(basename "$out")" ] || ln -sfn "$(basename "$out")" "$CN/current"
+[ "$(readlink "$CN/current-$SUITE" 2>/dev/null)" = "$(basename "$out")" ] || ln -sfn "$(basename "$out")" "$CN/current-$SUITE"
 echo "containerd-node: $out"

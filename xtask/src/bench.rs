@@ -263,7 +263,7 @@ fn jail_script(runs: usize) -> String {
 }
 
 /// The node a benchmark runs in: two CPUs, `memory`, release binaries, an hour at most.
-fn bench_node(memory: &str, containerd: bool) -> NodeOpts {
+fn bench_node(memory: &str, containerd: Option<crate::containerd::Version>) -> NodeOpts {
     NodeOpts {
         smp: 2,
         memory: memory.into(),
@@ -276,7 +276,7 @@ fn bench_node(memory: &str, containerd: bool) -> NodeOpts {
 
 /// A node run with containerd whose command is `script` (the CRI benchmarks).
 fn cri_bench(script: String, what: &str) -> XResult<i32> {
-    let opts = bench_node("3G", true);
+    let opts = bench_node("3G", Some(crate::containerd::Version::V1_7));
     let (spec, k, bb) = prepare_node(&opts, Vec::new(), vec!["sh".into(), "-c".into(), script])?;
     println!(
         "bench {what}: in the emulated node, containerd 1.7 CRI, runtime `accordion` (and runc)"
@@ -302,7 +302,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             "net",
         ),
         Bench::Memory { runs, kernel } => {
-            let opts = bench_node("4G", false);
+            let opts = bench_node("4G", None);
             let (spec, k, bb) = prepare_node(
                 &opts,
                 Vec::new(),
@@ -314,7 +314,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             run_in_node(&spec, &k, &bb)
         }
         Bench::Hotplug { runs, kernel } => {
-            let opts = bench_node("3G", false);
+            let opts = bench_node("3G", None);
             let (spec, k, bb) = prepare_node(
                 &opts,
                 Vec::new(),
@@ -326,7 +326,7 @@ pub fn run(b: Bench) -> XResult<i32> {
             run_in_node(&spec, &k, &bb)
         }
         Bench::Boot { runs, runs_128 } => {
-            let opts = bench_node("3G", false);
+            let opts = bench_node("3G", None);
             let qemu = node_qemu()?;
             let (mut spec, k, bb) = prepare_node(
                 &opts,
@@ -344,7 +344,7 @@ pub fn run(b: Bench) -> XResult<i32> {
                 timeout: 300,
                 release: false,
                 add: Vec::new(),
-                containerd,
+                containerd: containerd.then_some(crate::containerd::Version::V1_7),
             };
             let (spec, k, bb) = prepare_node(&opts, Vec::new(), vec!["true".into()])?;
             let (mut boot, mut cmd, mut wall) = (Vec::new(), Vec::new(), Vec::new());

@@ -1,15 +1,12 @@
-//! `cargo xtask node --containerd`: Debian trixie's containerd 1.7, runc and CNI plugins in the node
-//! (scripts/containerd-node.sh builds the tree), their configuration, and the start/stop script that
-//! wraps the node command. See README.md ("containerd in the node").
+//! `cargo xtask node --containerd[=1.7|2.1]`: Debian's containerd (trixie's 1.7 or sid's 2.1), runc
+//! and CNI plugins in the node (scripts/containerd-node.sh builds the tree), their configuration, and
+//! the start/stop script that wraps the node command. See README.md ("containerd in the node").
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::node::SHARE_DIR;
 use crate::{root, XResult};
-
-/// The sandbox image name containerd 1.7's CRI plugin expects (its built-in default).
-pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.8";
 
 /// Accordion's runtime in CRI: the handler a RuntimeClass names.
 pub const RUNTIME_NAME: &str = "accordion";
@@ -19,9 +16,46 @@ pub const RUNTIME_TYPE: &str = "io.containerd.accordion.v2";
 /// runs `containerd-shim-<name>-<version>`. The node has it in /usr/local/bin with our other binaries.
 pub const SHIM_BINARY: &str = "containerd-shim-accordion-v2";
 
+/// The containerd a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Version {
+    /// Debian trixie's containerd 1.7 (config schema 2, CRI plugin io.containerd.grpc.v1.cri).
+    #[value(name = "1.7")]
+    V1_7,
+    /// Debian sid's containerd 2.1 (config schema 3, CRI split into io.containerd.cri.v1.*).
+    #[value(name = "2.1")]
+    V2_1,
+}
+
+impl Version {
+    /// As written on the command line and in ACCORDION_CONTAINERD in the node.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V1_7 => "1.7",
+            Version::V2_1 => "2.1",
+        }
+    }
+
+    fn suite(self) -> &'static str {
+        match self {
+            Version::V1_7 => "trixie",
+            Version::V2_1 => "sid",
+        }
+    }
+
+    /// The sandbox image name this containerd's CRI plugin expects by default.
+    pub fn pause_image(self) -> &'static str {
+        match self {
+            Version::V1_7 => "registry.k8s.io/pause:3.8",
+            Version::V2_1 => "registry.k8s.io/pause:3.10",
+        }
+    }
+}
+
 /// Runs scripts/containerd-node.sh (cached; progress on stderr) and returns the root to pack at /.
-pub fn tree() -> XResult<PathBuf> {
+pub fn tree(version: Version) -> XResult<PathBuf> {
     let out = Command::new(root().join("scripts/containerd-node.sh"))
+        .args(["--suite", version.suite()])
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run scripts/containerd-node.sh: {e}"))?;
@@ -35,10 +69,19 @@ pub fn tree() -> XResult<PathBuf> {
     Ok(PathBuf::from(dir.trim()).join("root"))
 }
 
-/// /etc/containerd/config.toml: containerd 1.7's version 2 format, the CRI plugin with Debian's CNI
-/// plugin directory and two runtimes: runc, the default (cgroupfs: the node has no systemd) and the
-/// peer of benchmarks, and Accordion's shim. docs/install.md shows the same `accordion` table.
-pub fn config_toml() -> String {
+/// /etc/containerd/config.toml for `version`: the CRI plugin with Debian's CNI plugin directory and
+/// two runtimes: runc, the default (cgroupfs: the node has no systemd) and the peer of benchmarks,
+/// and Accordion's shim, whose table is the one `accordion install` writes for that schema
+/// (docs/install.md).
+pub fn config_toml(version: Version) -> String {
+    match version {
+        Version::V1_7 => config_v2(version.pause_image()),
+        Version::V2_1 => config_v3(version.pause_image()),
+    }
+}
+
+/// containerd 1.x's version 2 schema.
+fn config_v2(pause: &str) -> String {
     format!(
         r#"version = 2
 root = "/var/lib/containerd"
@@ -48,7 +91,7 @@ state = "/run/containerd"
   address = "/run/containerd/containerd.sock"
 
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{pause}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "/etc/cni/net.d"
@@ -61,6 +104,40 @@ state = "/run/containerd"
         BinaryName = "/usr/sbin/runc"
         SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_NAME}]
+      runtime_type = "{RUNTIME_TYPE}"
+      pod_annotations = ["accordion.dev/*"]
+"#
+    )
+}
+
+/// containerd 2.x's version 3 schema: images (sandbox image, snapshotter) and runtime (CNI,
+/// runtimes) are separate CRI plugins.
+fn config_v3(pause: &str) -> String {
+    format!(
+        r#"version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{pause}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+        SystemdCgroup = false
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{RUNTIME_NAME}]
       runtime_type = "{RUNTIME_TYPE}"
       pod_annotations = ["accordion.dev/*"]
 "#
@@ -313,25 +390,44 @@ mod tests {
 
     #[test]
     fn test_config_names_the_pause_image_and_debian_cni_dir() {
-        let c = config_toml();
+        let c = config_toml(Version::V1_7);
         assert!(c.contains("sandbox_image = \"registry.k8s.io/pause:3.8\""));
         assert!(c.contains("bin_dir = \"/usr/lib/cni\""));
         assert!(c.starts_with("version = 2\n"));
+        let c: toml::Table = config_toml(Version::V2_1).parse().unwrap();
+        assert_eq!(c["version"].as_integer(), Some(3));
+        let images = &c["plugins"]["io.containerd.cri.v1.images"];
+        assert_eq!(
+            images["pinned_images"]["sandbox"].as_str(),
+            Some("registry.k8s.io/pause:3.10")
+        );
+        let cni = &c["plugins"]["io.containerd.cri.v1.runtime"]["cni"];
+        assert_eq!(cni["bin_dirs"][0].as_str(), Some("/usr/lib/cni"));
     }
 
     #[test]
     fn test_config_registers_the_accordion_runtime_and_keeps_runc_the_default() {
-        let c: toml::Table = config_toml().parse().expect("config.toml is TOML");
-        let cri = &c["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
-        assert_eq!(cri["default_runtime_name"].as_str(), Some("runc"));
-        assert_eq!(
-            cri["runtimes"]["runc"]["runtime_type"].as_str(),
-            Some("io.containerd.runc.v2")
-        );
-        assert_eq!(
-            cri["runtimes"]["accordion"]["runtime_type"].as_str(),
-            Some("io.containerd.accordion.v2")
-        );
+        for (version, plugin) in [
+            (Version::V1_7, "io.containerd.grpc.v1.cri"),
+            (Version::V2_1, "io.containerd.cri.v1.runtime"),
+        ] {
+            let c: toml::Table = config_toml(version).parse().expect("config.toml is TOML");
+            let cri = &c["plugins"][plugin]["containerd"];
+            assert_eq!(cri["default_runtime_name"].as_str(), Some("runc"));
+            assert_eq!(
+                cri["runtimes"]["runc"]["runtime_type"].as_str(),
+                Some("io.containerd.runc.v2")
+            );
+            let accordion = &cri["runtimes"]["accordion"];
+            assert_eq!(
+                accordion["runtime_type"].as_str(),
+                Some("io.containerd.accordion.v2")
+            );
+            assert_eq!(
+                accordion["pod_annotations"][0].as_str(),
+                Some("accordion.dev/*")
+            );
+        }
     }
 
     #[test]

@@ -49,9 +49,9 @@ enum Cmd {
     Node(NodeArgs),
     /// Run every integration test (tests/*.rs of each crate) for aarch64 in one node.
     NodeTest {
-        /// Only test binaries whose name contains this.
-        #[arg(long)]
-        filter: Option<String>,
+        /// Only test binaries whose name contains one of these (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        filter: Vec<String>,
         #[command(flatten)]
         node: NodeOpts,
     },
@@ -100,12 +100,14 @@ pub struct NodeOpts {
     /// Add a host file to the node: HOST_PATH:NODE_PATH (NODE_PATH absolute).
     #[arg(long = "add", value_name = "HOST:NODE")]
     add: Vec<String>,
-    /// Run containerd 1.7 (Debian trixie: runc, CNI, CRI) around the command, with runtime
-    /// `accordion` (io.containerd.accordion.v2, our shim) beside runc and the images
-    /// localhost/busybox:latest, localhost/accordion-test:latest and registry.k8s.io/pause:3.8
-    /// imported (scripts/containerd-node.sh).
-    #[arg(long)]
-    containerd: bool,
+    /// Run containerd around the command: 1.7 (Debian trixie, the default) or 2.1 (Debian sid),
+    /// each with runc, CNI and CRI, runtime `accordion` (io.containerd.accordion.v2, our shim)
+    /// beside runc, and the images localhost/busybox:latest, localhost/accordion-test:latest and
+    /// the pause image that version expects imported (scripts/containerd-node.sh). The node's
+    /// ACCORDION_CONTAINERD says which.
+    #[arg(long, value_name = "VERSION", num_args = 0..=1, require_equals = true,
+          default_missing_value = "1.7")]
+    containerd: Option<containerd::Version>,
 }
 
 #[derive(Args)]
@@ -166,7 +168,7 @@ pub fn prepare_node(
     let bins = step("aarch64 build", || {
         cross::build(cross::Kind::Binaries, opts.release)
     })?;
-    if opts.containerd && !bins.iter().any(|a| a.name == containerd::SHIM_BINARY) {
+    if opts.containerd.is_some() && !bins.iter().any(|a| a.name == containerd::SHIM_BINARY) {
         return Err(format!(
             "--containerd: the aarch64 build made no {}",
             containerd::SHIM_BINARY
@@ -176,8 +178,13 @@ pub fn prepare_node(
     let kernels = step("kernels", assets::kernels)?;
     let busybox = assets::busybox()?;
     let mut trees = vec![(step("virtiofsd", assets::virtiofsd)?, String::new())];
-    if opts.containerd {
-        trees.push((step("containerd tree", containerd::tree)?, String::new()));
+    let mut env = forwarded_env();
+    if let Some(version) = opts.containerd {
+        let tree = step(&format!("containerd {} tree", version.name()), || {
+            containerd::tree(version)
+        })?;
+        trees.push((tree, String::new()));
+        env.push(("ACCORDION_CONTAINERD".into(), version.name().into()));
     }
     let spec = node::NodeSpec {
         smp: opts.smp,
@@ -187,7 +194,7 @@ pub fn prepare_node(
         tests,
         extra,
         trees,
-        env: forwarded_env(),
+        env,
         command,
         containerd: opts.containerd,
     };
@@ -197,7 +204,7 @@ pub fn prepare_node(
 /// Runs a node command, or on an ARM64 KVM host the command itself. Returns its exit status.
 pub fn run_in_node(spec: &node::NodeSpec, k: &assets::Kernels, busybox: &Path) -> XResult<i32> {
     if node::host_can_run_directly() {
-        if spec.containerd {
+        if spec.containerd.is_some() {
             return Err(
                 "--containerd needs the emulated node; on an ARM64 host use its own containerd"
                     .into(),
@@ -234,8 +241,8 @@ fn run(cmd: Cmd) -> XResult<i32> {
             let mut tests = step("aarch64 integration tests build", || {
                 cross::build(cross::Kind::IntegrationTests, opts.release)
             })?;
-            if let Some(f) = &filter {
-                tests.retain(|t| t.name.contains(f.as_str()));
+            if !filter.is_empty() {
+                tests.retain(|t| filter.iter().any(|f| t.name.contains(f.as_str())));
             }
             if tests.is_empty() {
                 return Err("no integration tests matched".into());
@@ -401,7 +408,7 @@ fn demo() -> XResult<i32> {
         timeout: 900,
         release: false,
         add: Vec::new(),
-        containerd: true,
+        containerd: Some(containerd::Version::V1_7),
     };
     println!(
         "== Accordion demo: a pod through containerd in the emulated ARM64 node; its microVM grows and shrinks its vCPUs; a sandbox grows and shrinks its memory"

@@ -45,7 +45,7 @@ pub struct NodeSpec {
     /// containerd around the command (`--containerd`): its config, a bind-mounted root where
     /// pivot_root(2) works, and containerd started before and stopped after the command. The
     /// binaries and images come in `trees` (crate::containerd::tree).
-    pub containerd: bool,
+    pub containerd: Option<containerd::Version>,
 }
 
 /// How a node run ended.
@@ -207,7 +207,7 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     assets::write_guest_initrd(k, busybox, &guest_initrd)?;
     w.file_from(&format!("{guest}/initrd.cpio"), 0o644, &guest_initrd)?;
     std::fs::remove_file(&guest_initrd)?;
-    if spec.containerd {
+    if spec.containerd.is_some() {
         // The installer image (make image), for the install tests: the same archive, from the
         // node's (debug) binaries.
         let archive = dest.with_file_name("accordion-installer.oci.tar");
@@ -256,8 +256,8 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
     }
     w.file("accordion/env", 0o644, env.as_bytes())?;
     let cmd: Vec<String> = spec.command.iter().map(|a| sh_quote(a)).collect();
-    let script = if spec.containerd {
-        add_containerd_files(&mut w, &mut mkdirs)?;
+    let script = if let Some(version) = spec.containerd {
+        add_containerd_files(&mut w, &mut mkdirs, version)?;
         containerd::wrap_command(&cmd.join(" "))
     } else {
         format!("exec {}\n", cmd.join(" "))
@@ -272,6 +272,7 @@ fn write_node_initrd(spec: &NodeSpec, k: &Kernels, busybox: &Path, dest: &Path) 
 fn add_containerd_files<W: Write>(
     w: &mut cpio::Writer<W>,
     mkdirs: &mut impl FnMut(&mut cpio::Writer<W>, &str) -> std::io::Result<()>,
+    version: containerd::Version,
 ) -> XResult<()> {
     for d in [
         "etc/containerd",
@@ -287,7 +288,7 @@ fn add_containerd_files<W: Write>(
     w.file(
         "etc/containerd/config.toml",
         0o644,
-        containerd::config_toml().as_bytes(),
+        containerd::config_toml(version).as_bytes(),
     )?;
     w.file(
         "etc/accordion/config.toml",
