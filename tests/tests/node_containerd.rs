@@ -106,6 +106,20 @@ fn test_a_container_ends_with_its_init_even_when_children_hold_its_stdout() {
             break Some(status);
         }
         if started.elapsed() > Duration::from_secs(120) {
+            // What was stuck, before anything is torn down: the shim's and virtiofsd's threads,
+            // the sandbox as the CLI sees it, the task, and containerd's last words.
+            eprintln!(
+                "ctr run did not return in 120 s:\n{}\n{}{}\n{}",
+                accordion_tests::containerd::diagnose_leftovers(),
+                text(&accordion(&["ps"]).stdout),
+                text(&ctr(&["task", "ls"]).stdout),
+                std::fs::read_to_string("/var/log/containerd.log")
+                    .map(|log| {
+                        let lines: Vec<&str> = log.lines().collect();
+                        lines[lines.len().saturating_sub(40)..].join("\n")
+                    })
+                    .unwrap_or_default()
+            );
             let _ = child.kill();
             break None;
         }
