@@ -103,6 +103,7 @@ DEFAULT_EXPECT: dict[str, Any] = {
     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
     "podLabels": {},
     "podAnnotations": {},
+    "metricsPort": None,
     "notes": ["runtimeClassName: accordion", "--subresource resize", '"cpu":"4"', "-- nproc",
               'requests: {cpu: "1", memory: 256Mi}', "nproc                               # 1\n",
               "cat /sys/devices/system/cpu/online  # 0-3", "rollout status daemonset/accordion"],
@@ -147,6 +148,9 @@ CASES = [
         updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
         podLabels={"example.com/tier": "node"},
         podAnnotations={"example.com/team": "platform"},
+        objects={"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "RuntimeClass",
+                 "Service"},
+        metricsPort=9100,
         notes=["runtimeClassName: microvm", "--subresource resize", "-- nproc", "# 0-3",
                "containerd.restart=none", "kubectl get nodes -l example.com/accordion-ready=true"],
     )),
@@ -198,6 +202,8 @@ BAD = [
     ("logLevel loud", {"logLevel": "loud"},
      'accordion: logLevel must be one of error, warn, info, debug, trace, got "loud"'),
     ("nodeLabel empty", {"nodeLabel": ""}, "accordion: nodeLabel must not be empty"),
+    ("metrics.port 0", {"metrics": {"port": 0}}, "accordion: metrics.port must be 1 to 65535, got 0"),
+    ("metrics.port 70000", {"metrics": {"port": 70000}}, "accordion: metrics.port must be 1 to 65535, got 70000"),
 ]
 
 
@@ -341,7 +347,10 @@ def check_render(ck: Checks, case: Case, docs: list[dict[str, Any]], notes: str)
     ck.eq("pod affinity", pod.get("affinity"), e["affinity"])
     ck.eq("pod imagePullSecrets", pod.get("imagePullSecrets"), e["imagePullSecrets"])
     containers = pod.get("containers") or []
-    ck.eq("one container, installer", [c.get("name") for c in containers], ["installer"])
+    port = e["metricsPort"]
+    ck.eq("containers: installer (and metrics when enabled)", [c.get("name") for c in containers],
+          ["installer"] + (["metrics"] if port else []))
+    check_metrics(ck, e, one, containers[1] if len(containers) > 1 else None)
     c = containers[0] if containers else {}
     ck.eq("installer image", c.get("image"), e["image"])
     ck.eq("installer imagePullPolicy", c.get("imagePullPolicy"), e["pullPolicy"])
@@ -367,6 +376,39 @@ def check_render(ck: Checks, case: Case, docs: list[dict[str, Any]], notes: str)
     # NOTES.txt
     for s in e["notes"]:
         ck.ok(f"NOTES has {s!r}", s in notes)
+
+
+def check_metrics(ck: Checks, e: dict[str, Any], one: dict[str, Any], m: dict[str, Any] | None) -> None:
+    """The metrics container and its Service, when metrics.enabled."""
+    port = e["metricsPort"]
+    svc = one.get("Service")
+    if not port:
+        ck.ok("no metrics container and no Service", m is None and svc is None)
+        return
+    m = m or {}
+    ck.eq("metrics image", m.get("image"), e["image"])
+    ck.eq("metrics command", m.get("command"),
+          ["/accordion/bin/accordion", "metrics", "--listen", f"0.0.0.0:{port}", "--proc", "/host/proc"])
+    ck.eq("metrics env", m.get("env"), [{"name": "ACCORDION_RUN_DIR", "value": "/host/run/accordion"}])
+    ck.eq("metrics ports", m.get("ports"), [{"name": "metrics", "containerPort": port, "protocol": "TCP"}])
+    ck.eq("metrics securityContext (root, no capabilities, read-only)", m.get("securityContext"),
+          {"runAsUser": 0, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+           "capabilities": {"drop": ["ALL"]}})
+    ck.eq("metrics host mount read-only", m.get("volumeMounts"),
+          [{"name": "host", "mountPath": "/host", "readOnly": True, "mountPropagation": "HostToContainer"}])
+    ck.eq("metrics resources", m.get("resources"),
+          {"requests": {"cpu": "5m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+    svc = svc or {}
+    ck.eq("metrics Service name", svc.get("metadata", {}).get("name"), f"{e['fullname']}-metrics")
+    spec = svc.get("spec") or {}
+    ck.eq("metrics Service headless", spec.get("clusterIP"), "None")
+    ck.eq("metrics Service port", spec.get("ports"),
+          [{"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}])
+    ds = one.get("DaemonSet", {})
+    labels = ((ds.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+    sel = spec.get("selector") or {}
+    ck.ok("metrics Service selects the installer pods", bool(sel) and all(labels.get(k) == v for k, v in sel.items()),
+          f"selector {sel}, labels {labels}")
 
 
 def check_lint(ck: Checks, values: dict[str, Any]) -> None:

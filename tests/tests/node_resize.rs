@@ -222,3 +222,143 @@ fn test_guest_dying_during_resize_is_an_error_within_the_timeout() {
     assert_eq!(s["state"], "dead", "{s:?}");
     stop("dies");
 }
+
+/// One sample of `accordion metrics` text: the value of the series written exactly as `series`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `GET /metrics` from `accordion metrics --listen` on 127.0.0.1:`port`, once it answers.
+fn fetch_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: node\r\n\r\n")
+                .expect("send the request");
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .expect("read the response");
+            return response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "accordion metrics --listen never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn test_metrics_agree_with_status_and_count_each_resize() {
+    if !can_run() {
+        return;
+    }
+    let _vm = one_vm();
+    let name = "metrics";
+    start_sandbox(name, "Image");
+    resize_to(name, 3, "0-2");
+    resize_to(name, 2, "0-1");
+    // A refused target is not a resize: it is not counted.
+    assert_code(&accordion(&["resize", name, "--vcpus", "9"]), 1);
+
+    let out = accordion(&["metrics"]);
+    assert_code(&out, 0);
+    let m = text(&out.stdout);
+    let status = sandbox_status(name);
+    let s = |series: &str| format!("{series}{{sandbox=\"{name}\"");
+    assert_eq!(
+        metric(&m, &format!("{},state=\"online\"}}", s("accordion_vcpus"))),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            &format!("{},state=\"possible\"}}", s("accordion_vcpus"))
+        ),
+        Some(8.0)
+    );
+    assert!(
+        status["vcpus"].starts_with("2 online in the guest, 2 plugged, 2 running, 8 possible"),
+        "{}",
+        status["vcpus"]
+    );
+    let configured = metric(
+        &m,
+        &format!("{},state=\"configured\"}}", s("accordion_memory_bytes")),
+    )
+    .expect("configured memory");
+    let status_mib: f64 = status["memory"]
+        .split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("status memory");
+    assert_eq!(configured, status_mib * 1048576.0);
+    assert_eq!(
+        metric(&m, &format!("{}}}", s("accordion_sandbox_up"))),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, &format!("{}}}", s("accordion_sandbox_running"))),
+        Some(1.0)
+    );
+    let resizes = |direction: &str| {
+        metric(
+            &m,
+            &format!(
+                "{},kind=\"vcpus\",direction=\"{direction}\",outcome=\"ok\"}}",
+                s("accordion_resize_duration_seconds_count")
+            ),
+        )
+    };
+    assert_eq!(
+        (resizes("grow"), resizes("shrink")),
+        (Some(1.0), Some(1.0)),
+        "{m}"
+    );
+    assert!(
+        metric(&m, &format!("{}}}", s("accordion_agent_rtt_seconds"))).is_some_and(|v| v > 0.0)
+    );
+    assert!(metric(
+        &m,
+        &format!(
+            "{},phase=\"agent_ready\"}}",
+            s("accordion_boot_phase_seconds")
+        )
+    )
+    .is_some_and(|v| v > 0.0));
+    // The VMM's guest RAM is shared memory; the guest has touched some of it.
+    let vmm_shmem = format!(
+        "{},process=\"vmm\",kind=\"shmem\"}}",
+        s("accordion_process_resident_memory_bytes")
+    );
+    assert!(metric(&m, &vmm_shmem).is_some_and(|v| v > 0.0), "{m}");
+
+    // Served over HTTP, the same families.
+    let port = 19464;
+    let mut server = std::process::Command::new("accordion")
+        .args(["metrics", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start accordion metrics --listen");
+    let response = fetch_metrics(port);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    assert!(response.contains("text/plain; version=0.0.4"), "{response}");
+    assert!(
+        response.contains(&format!("{},state=\"online\"}} 2", s("accordion_vcpus"))),
+        "{response}"
+    );
+    stop(name);
+    // A stopped sandbox is gone from the scrape.
+    let out = accordion(&["metrics"]);
+    assert!(!text(&out.stdout).contains(&format!("sandbox=\"{name}\"")));
+}

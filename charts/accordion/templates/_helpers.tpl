@@ -139,6 +139,11 @@ every render runs it. The bounds are those of docs/configuration.md.
 {{- if not .Values.runtimeClass.handler }}
 {{- fail "accordion: runtimeClass.handler must not be empty" }}
 {{- end }}
+{{- include "accordion.requireInt" (list "metrics.port" .Values.metrics.port) }}
+{{- $port := int64 .Values.metrics.port }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "accordion: metrics.port must be 1 to 65535, got %d" $port) }}
+{{- end }}
 {{- end }}
 
 {{/*

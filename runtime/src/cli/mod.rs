@@ -9,6 +9,7 @@ mod acpi_dump;
 mod check;
 mod exec;
 mod install;
+mod metrics;
 mod ps;
 mod resize;
 mod run;
@@ -36,6 +37,8 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// List sandboxes.
     Ps,
+    /// Every sandbox on this host as Prometheus metrics (printed, or served with --listen).
+    Metrics(metrics::MetricsArgs),
     /// Change a running sandbox's vCPUs (ACPI hotplug); returns once the guest has them online.
     Resize(resize::ResizeArgs),
     /// Show a sandbox: state, vCPUs, memory, uptime, agent, boot timings.
@@ -59,6 +62,7 @@ pub fn main() -> i32 {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => block_on("exec", exec::run(args)),
         Command::Ps => block_on("ps", ps::run()),
+        Command::Metrics(args) => block_on("metrics", metrics::run(args)),
         Command::Resize(args) => block_on("resize", resize::run(args)),
         Command::Status(args) => block_on("status", status::run(args)),
         Command::Stop(args) => block_on("stop", stop::run(args)),

@@ -189,8 +189,21 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
             })
         })
         .collect();
+    let resize_histograms = sandbox
+        .resize_stats()
+        .into_iter()
+        .map(|((kind, direction, outcome), h)| cpb::ResizeHistogram {
+            kind: kind.as_str().into(),
+            direction: direction.as_str().into(),
+            outcome: outcome.as_str().into(),
+            count: h.count,
+            sum_us: u64::try_from(h.sum.as_micros()).unwrap_or(u64::MAX),
+            bucket_counts: h.buckets.to_vec(),
+        })
+        .collect();
     let vm_memory = sandbox.vm_memory();
     let mut status = cpb::StatusResponse {
+        resize_histograms,
         recent_memory_resizes,
         memory_max_bytes: sandbox.max_memory_mib() << 20,
         memory_plugged_bytes: vm_memory.map_or(0, |m| m.plugged),
@@ -223,8 +236,10 @@ pub async fn status_of(sandbox: &Sandbox) -> cpb::StatusResponse {
         return status;
     }
     let agent = sandbox.agent().with_rpc_timeout(STATUS_AGENT_TIMEOUT);
+    let asked = std::time::Instant::now();
     match agent.guest_info().await {
         Ok(info) => {
+            status.agent_rtt_us = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
             status.memory_total_bytes = info.memory_total_bytes;
             status.memory_available_bytes = info.memory_available_bytes;
             status.uptime_ms = info.uptime.as_millis() as u64;

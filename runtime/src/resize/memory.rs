@@ -167,11 +167,14 @@ impl Resizer {
         let ticket = self.memory_latest.fetch_add(1, Ordering::SeqCst) + 1;
         let started = Instant::now();
         let _running = self.running.lock().await;
+        let current = sandbox.vm_memory().map_or(boot_mib * MIB, |m| m.target());
+        let direction = super::stats::Direction::of(current, target);
         let result = self
             .apply_memory(sandbox, target, base, ticket, started + timeout, timeout)
             .await;
         if !matches!(result, Err(MemoryResizeError::Superseded)) {
             self.memory_history.push(target, &result, started);
+            self.observe(super::stats::Kind::Memory, direction, &result, started);
         }
         result.map(|mut outcome| {
             outcome.latency = started.elapsed();

@@ -9,6 +9,7 @@
 
 pub mod memory;
 pub mod policy;
+pub mod stats;
 
 use crate::vmm_process::channel::SetVcpusRefusal;
 use crate::vmm_process::SetVcpusError;
@@ -151,12 +152,35 @@ pub struct Resizer {
     /// The same for memory resizes (a CPU resize does not supersede a memory one).
     memory_latest: AtomicU64,
     memory_history: History<u64, memory::MemoryOutcome>,
+    /// Every finished resize (CPU and memory), for `accordion metrics`.
+    stats: stats::ResizeStats,
 }
 
 impl Resizer {
     /// The last finished resizes, oldest first.
     pub fn history(&self) -> Vec<ResizeRecord> {
         self.history.all()
+    }
+
+    /// Every finished resize since the sandbox started, as histograms.
+    pub fn stats(&self) -> Vec<(stats::Key, stats::Histogram)> {
+        self.stats.snapshot()
+    }
+
+    /// Counts a finished resize (superseded ones are not: another request took over).
+    fn observe<O, E>(
+        &self,
+        kind: stats::Kind,
+        direction: stats::Direction,
+        result: &Result<O, E>,
+        started: Instant,
+    ) {
+        let outcome = match result {
+            Ok(_) => stats::Outcome::Ok,
+            Err(_) => stats::Outcome::Error,
+        };
+        self.stats
+            .observe((kind, direction, outcome), started.elapsed());
     }
 
     /// Resizes `sandbox` to `target` vCPUs, waiting up to `timeout` for the guest's
@@ -174,11 +198,19 @@ impl Resizer {
         let ticket = self.latest.fetch_add(1, Ordering::SeqCst) + 1;
         let started = Instant::now();
         let _running = self.running.lock().await;
+        let plugged = sandbox
+            .vcpu_states()
+            .iter()
+            .filter(|s| **s != VcpuState::Unplugged)
+            .count();
+        let direction =
+            stats::Direction::of(plugged, usize::try_from(target).unwrap_or(usize::MAX));
         let result = self
             .apply(sandbox, target, ticket, started + timeout, timeout)
             .await;
         if !matches!(result, Err(ResizeError::Superseded)) {
             self.history.push(target, &result, started);
+            self.observe(stats::Kind::Vcpus, direction, &result, started);
         }
         result.map(|mut outcome| {
             outcome.latency = started.elapsed();

@@ -526,6 +526,13 @@ impl Sandbox {
         self.resizer.history()
     }
 
+    /// Every finished resize (CPU and memory) since the sandbox started, as histograms.
+    pub fn resize_stats(
+        &self,
+    ) -> Vec<(crate::resize::stats::Key, crate::resize::stats::Histogram)> {
+        self.resizer.stats()
+    }
+
     /// Time from `Vm::start` to the guest's init writing the boot timer, if it did.
     pub fn guest_init_time(&self) -> Option<Duration> {
         self.vm().as_ref()?.boot_time()
