@@ -27,8 +27,8 @@ const MAX_INPUT: u64 = 10 << 20;
 pub const BOOTSTRAP_TASK_API: i32 = 3;
 /// The only transport the daemon serves.
 const PROTOCOL: &str = "ttrpc";
-/// containerd's ttrpc address, in the environment of the legacy protocol.
-const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
+/// containerd's ttrpc address, in the environment of the legacy protocol (and of the daemon).
+pub const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
 /// containerd's gRPC address, in the environment when the `-address` flag is missing.
 const GRPC_ADDRESS: &str = "GRPC_ADDRESS";
 
@@ -126,7 +126,7 @@ pub fn parse_start(
 fn runtime_options(extensions: &[Any]) -> Option<&Any> {
     extensions
         .iter()
-        .find(|any| any.type_url.rsplit('/').next() == Some(options::RUNTIME_OPTIONS_TYPE))
+        .find(|any| options::is_runtime_options(any))
 }
 
 /// `input` as `BootstrapParams`, or `None` when containerd used the legacy protocol. A runtime

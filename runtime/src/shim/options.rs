@@ -55,13 +55,18 @@ pub enum ConfigSource {
     Path(PathBuf),
 }
 
+/// Whether `any` holds our runtime options type (containerd writes bare type names, protobuf's
+/// `Any::pack` prefixed ones: only the last path segment counts).
+pub fn is_runtime_options(any: &Any) -> bool {
+    any.type_url.rsplit('/').next() == Some(RUNTIME_OPTIONS_TYPE)
+}
+
 /// Decodes containerd's runtime options into where the configuration comes from; touches no file.
 pub fn config_source(options: Option<&Any>) -> Result<ConfigSource, OptionsError> {
     let Some(any) = options.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
         return Ok(ConfigSource::Default);
     };
-    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
-    if type_name != RUNTIME_OPTIONS_TYPE {
+    if !is_runtime_options(any) {
         return Err(OptionsError::Type(any.type_url.clone()));
     }
     let options = RuntimeOptions::decode(any.value.as_slice())?;

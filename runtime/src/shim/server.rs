@@ -20,6 +20,7 @@ use containerd_shim::protos::ttrpc::asynchronous::transport::Listener;
 use containerd_shim::protos::ttrpc::asynchronous::{Client, Server, Service as TtrpcService};
 use containerd_shim::Flags;
 
+use super::bootstrap::TTRPC_ADDRESS;
 use super::service::Service;
 
 /// The service name containerd 2.x calls for a version 3 shim (the generated one).
@@ -34,7 +35,7 @@ const LIVE_SOCKET_WAIT: Duration = Duration::from_secs(1);
 pub enum ServerError {
     #[error("no socket to serve (containerd passes -socket)")]
     NoSocket,
-    #[error("TTRPC_ADDRESS is not set (containerd sets it for its shims)")]
+    #[error("{TTRPC_ADDRESS} is not set (containerd sets it for its shims)")]
     NoTtrpcAddress,
     #[error("cannot open containerd's log pipe")]
     Logger(#[source] containerd_shim::Error),
@@ -67,7 +68,7 @@ pub async fn serve(flags: &Flags) -> Result<(), ServerError> {
     }
     containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
         .map_err(ServerError::Logger)?;
-    let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| ServerError::NoTtrpcAddress)?;
+    let ttrpc_address = std::env::var(TTRPC_ADDRESS).map_err(|_| ServerError::NoTtrpcAddress)?;
     let Some(listener) = listen(&flags.socket).await? else {
         // A pod member: the pod's daemon answers on this socket already.
         detach()?;
