@@ -58,10 +58,16 @@ impl std::ops::AddAssign for Rss {
 
 pub async fn run(args: MetricsArgs) -> i32 {
     match args.listen {
-        None => {
-            print!("{}", render(&scrape(&args.proc).await));
-            0
-        }
+        None => match scrape(&args.proc).await {
+            Ok(samples) => {
+                print!("{}", render(&samples));
+                0
+            }
+            Err(e) => {
+                eprintln!("accordion metrics: {}", unreadable(&e));
+                1
+            }
+        },
         Some(addr) => match serve(addr, Arc::from(args.proc.as_path())).await {
             Ok(()) => 0,
             Err(e) => {
@@ -73,27 +79,12 @@ pub async fn run(args: MetricsArgs) -> i32 {
 }
 
 /// Every sandbox under the run root, asked in turn; host processes read under `proc`.
-pub async fn scrape(proc: &Path) -> Vec<Sample> {
-    let root = sandbox::run_root();
-    let mut names: Vec<String> = std::fs::read_dir(&root)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|e| e.path().is_dir())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
+pub async fn scrape(proc: &Path) -> std::io::Result<Vec<Sample>> {
+    let names = sandbox::names()?;
     let table = process_table(proc);
     let mut samples = Vec::with_capacity(names.len());
     for name in names {
-        let status = tokio::time::timeout(PER_SANDBOX, async {
-            ControlClient::connect_to(&name).await?.status().await
-        })
-        .await
-        .ok()
-        .and_then(Result::ok);
+        let status = ControlClient::status_within(&name, PER_SANDBOX).await;
         let mut rss = Vec::new();
         if let Some(s) = &status {
             rss.push(("shim", rss_of(proc, s.pid).unwrap_or_default()));
@@ -108,7 +99,12 @@ pub async fn scrape(proc: &Path) -> Vec<Sample> {
         }
         samples.push(Sample { name, status, rss });
     }
-    samples
+    Ok(samples)
+}
+
+/// The error of a run root that cannot be listed, naming it.
+fn unreadable(e: &std::io::Error) -> String {
+    format!("cannot read {}: {e}", sandbox::run_root().display())
 }
 
 /// pid → (comm, ppid) of every process, from `proc`/<pid>/stat.
@@ -429,16 +425,19 @@ async fn serve(addr: SocketAddr, proc: Arc<Path>) -> std::io::Result<()> {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let proc = Arc::clone(&proc);
                 async move {
-                    let response = if req.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(render(&scrape(&proc).await))))
-                    } else {
-                        Response::builder()
+                    if req.uri().path() != "/metrics" {
+                        return Response::builder()
                             .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")))
-                    };
-                    response
+                            .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")));
+                    }
+                    match scrape(&proc).await {
+                        Ok(samples) => Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(render(&samples)))),
+                        Err(e) => Response::builder()
+                            .status(StatusCode::INTERNAL_SERVER_ERROR)
+                            .body(Full::new(Bytes::from(format!("{}\n", unreadable(&e))))),
+                    }
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

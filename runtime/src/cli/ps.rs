@@ -9,31 +9,23 @@ use crate::sandbox::{self, owner};
 const PER_SANDBOX: Duration = Duration::from_secs(5);
 
 pub async fn run() -> i32 {
-    let root = sandbox::run_root();
-    let mut names: Vec<String> = match std::fs::read_dir(&root) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let names = match sandbox::names() {
+        Ok(names) => names,
         Err(e) => {
-            eprintln!("accordion ps: cannot read {}: {e}", root.display());
+            eprintln!(
+                "accordion ps: cannot read {}: {e}",
+                sandbox::run_root().display()
+            );
             return 1;
         }
     };
-    names.sort();
     println!(
         "{:<24} {:<13} {:>6} {:>9} {:>10} {:>8}",
         "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"
     );
     for name in names {
-        let status = tokio::time::timeout(PER_SANDBOX, async {
-            ControlClient::connect_to(&name).await?.status().await
-        })
-        .await;
-        match status {
-            Ok(Ok(s)) => println!(
+        match ControlClient::status_within(&name, PER_SANDBOX).await {
+            Some(s) => println!(
                 "{:<24} {:<13} {:>6} {:>8}M {:>9.1}s {:>8}",
                 s.name,
                 s.state,

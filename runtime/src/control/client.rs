@@ -79,6 +79,17 @@ impl ControlClient {
     }
 
     /// The sandbox's status.
+    /// Status of sandbox `name` if it answers within `limit` (listings give a sandbox that
+    /// does not answer a row of its own instead of waiting for it).
+    pub async fn status_within(name: &str, limit: Duration) -> Option<cpb::StatusResponse> {
+        tokio::time::timeout(limit, async {
+            Self::connect_to(name).await?.status().await
+        })
+        .await
+        .ok()?
+        .ok()
+    }
+
     pub async fn status(&self) -> Result<cpb::StatusResponse, ControlError> {
         let mut request = Request::new(cpb::StatusRequest {});
         request.set_timeout(CALL_TIMEOUT);

@@ -52,6 +52,22 @@ pub fn share_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/accordion/share"))
 }
 
+/// The names of the sandboxes under the run root, sorted; none when the run root does not exist.
+pub fn names() -> std::io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(run_root()) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The state directory of sandbox `name`.
 pub fn state_dir(name: &str) -> PathBuf {
     run_root().join(name)
